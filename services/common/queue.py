@@ -1,0 +1,160 @@
+"""The Redis Streams protocol between the gateway and the LLM workers.
+
+One stream of jobs (``RAG_LLM_STREAM``) read by one consumer group of workers
+(``RAG_LLM_GROUP``). Each job's answer comes back on a small stream of its own,
+``<stream>:events:<job id>``: ``token`` events while streaming, then exactly one
+``done`` or ``error``. Events carry the attempt that produced them, so a caller
+can tell a retried generation from the first one. A ``<stream>:answered:<job
+id>`` key written with NX makes sure only the first finished attempt answers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from redis.asyncio import Redis
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import ResponseError
+
+from services.common.settings import QueueSettings
+
+EventType = Literal["token", "done", "error"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """What the gateway hands to a worker: a chat prompt and the caller's deadline."""
+
+    messages: list[dict[str, str]]
+    deadline: float
+    stream: bool = False
+    max_tokens: int | None = None
+    request_id: str = ""
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    enqueued_at: float = field(default_factory=time.time)
+
+    def encode(self) -> dict[str, str]:
+        return {"job": json.dumps(asdict(self), separators=(",", ":"))}
+
+    @classmethod
+    def decode(cls, fields: dict[str, str]) -> Job:
+        data = json.loads(fields["job"])
+        return cls(**data)
+
+    def expired(self, now: float | None = None) -> bool:
+        return (now if now is not None else time.time()) >= self.deadline
+
+
+@dataclass(frozen=True)
+class Event:
+    type: EventType
+    attempt: int
+    data: dict[str, Any]
+
+    @classmethod
+    def decode(cls, fields: dict[str, str]) -> Event:
+        return cls(type=fields["type"], attempt=int(fields["attempt"]), data=json.loads(fields["data"]))  # type: ignore[arg-type]
+
+
+def make_redis(settings: QueueSettings) -> Redis:
+    """A client that fails fast: connect and read timeouts, so an outage is an error, not a hang."""
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_connect_timeout": 2.0,
+        "socket_timeout": 10.0,
+        "health_check_interval": 15,
+        "retry_on_timeout": False,
+    }
+    if settings.redis_sentinels:
+        hosts = []
+        for item in settings.redis_sentinels.split(","):
+            host, _, port = item.strip().rpartition(":")
+            hosts.append((host, int(port)))
+        url_options = Redis.from_url(settings.redis_url).connection_pool.connection_kwargs
+        sentinel = Sentinel(
+            hosts,
+            sentinel_kwargs={"socket_connect_timeout": 2.0, "socket_timeout": 2.0},
+            password=url_options.get("password"),
+            db=url_options.get("db", 0),
+            **options,
+        )
+        return sentinel.master_for(settings.redis_sentinel_master)
+    return Redis.from_url(settings.redis_url, **options)
+
+
+class JobQueue:
+    def __init__(self, redis: Redis, settings: QueueSettings) -> None:
+        self.redis = redis
+        self.stream = settings.llm_stream
+        self.group = settings.llm_group
+        self.dead_letter = settings.llm_dead_letter_stream
+        self.ttl = settings.llm_result_ttl_seconds
+
+    def events_key(self, job_id: str) -> str:
+        return f"{self.stream}:events:{job_id}"
+
+    def answered_key(self, job_id: str) -> str:
+        return f"{self.stream}:answered:{job_id}"
+
+    def tries_key(self) -> str:
+        return f"{self.stream}:tries"
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def depth(self) -> int:
+        """Jobs not yet acknowledged: the group's lag (never delivered) plus its pending entries."""
+        try:
+            groups = await self.redis.xinfo_groups(self.stream)
+        except ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return 0
+            raise
+        for group in groups:
+            if group["name"] != self.group:
+                continue
+            lag = group.get("lag")
+            if lag is None:  # lag is unknown after some deletions: count what is left by hand
+                rest = await self.redis.xrange(self.stream, f"({group['last-delivered-id']}", "+")
+                lag = len(rest)
+            return int(lag) + int(group["pending"])
+        return int(await self.redis.xlen(self.stream))
+
+    async def enqueue(self, job: Job) -> str:
+        message_id: str = await self.redis.xadd(self.stream, job.encode())  # type: ignore[arg-type]
+        return message_id
+
+    async def publish(self, job_id: str, event_type: EventType, attempt: int, data: dict[str, Any]) -> None:
+        key = self.events_key(job_id)
+        fields = {"type": event_type, "attempt": str(attempt), "data": json.dumps(data, separators=(",", ":"))}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(key, fields)  # type: ignore[arg-type]
+            pipe.expire(key, self.ttl)
+            await pipe.execute()
+
+    async def claim_answer(self, job_id: str, attempt: int) -> bool:
+        """True for the first attempt to finish; later ones must not answer again."""
+        return bool(await self.redis.set(self.answered_key(job_id), str(attempt), nx=True, ex=self.ttl))
+
+    async def events(self, job_id: str, *, block_ms: int = 1000) -> AsyncIterator[Event]:
+        """Follow a job's events from the first one, forever; the caller stops at done/error/deadline."""
+        key = self.events_key(job_id)
+        last = "0-0"
+        while True:
+            reply = await self.redis.xread({key: last}, block=block_ms, count=256)
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    yield Event.decode(fields)
+
+    async def discard(self, job_id: str) -> None:
+        await self.redis.delete(self.events_key(job_id))

@@ -1,0 +1,23 @@
+"""Runs an app factory under uvicorn: the body of every ``python -m services.<name>``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import uvicorn
+from fastapi import FastAPI
+
+from services.common.logging import configure_logging
+from services.common.settings import ServiceSettings
+
+
+def run(service: str, settings: ServiceSettings, factory: Callable[[], FastAPI]) -> None:
+    configure_logging(settings.log_level, settings.log_json, service)
+    uvicorn.run(
+        factory(),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )

@@ -1,0 +1,49 @@
+"""Settings shared by every service.
+
+Each service has one typed ``Settings`` class built from environment variables
+with the ``RAG_`` prefix. They are read once at start (in ``create_app`` or the
+worker's entry point) and passed down; nothing else reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class ServiceSettings(BaseSettings):
+    """Fields every service has: where it listens and how it logs."""
+
+    model_config = SettingsConfigDict(env_prefix="RAG_", extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Interface the HTTP server binds to.")
+    port: int = Field(0, ge=1, le=65535, description="HTTP port (each service sets its own default).")
+    log_level: LogLevel = "info"
+    log_json: bool = Field(True, description="JSON logs (true) or human-readable console logs (false).")
+
+
+class QueueSettings(BaseSettings):
+    """The Redis Stream between the gateway and the LLM workers (both read these)."""
+
+    model_config = SettingsConfigDict(env_prefix="RAG_", extra="ignore", frozen=True)
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the LLM job stream and results.")
+    redis_sentinels: str = Field(
+        "", description="Comma-separated host:port of Redis Sentinels; when set, RAG_REDIS_URL's host is ignored."
+    )
+    redis_sentinel_master: str = Field("ragpod", description="Name of the primary the Sentinels watch.")
+    llm_stream: str = Field("rag:llm:jobs", min_length=1, description="Stream of LLM jobs.")
+    llm_group: str = Field("rag-llm-workers", min_length=1, description="Consumer group of the LLM workers.")
+    llm_dead_letter_stream: str = Field("rag:llm:dead", min_length=1, description="Where jobs go after too many tries.")
+    llm_result_ttl_seconds: int = Field(300, ge=1, description="How long a job's result events are kept.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("RAG_REDIS_URL must start with redis://, rediss:// or unix://")
+        return value

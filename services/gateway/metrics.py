@@ -1,0 +1,11 @@
+"""Series of the gateway (HTTP series live in services.common.metrics)."""
+
+from prometheus_client import Counter, Histogram
+
+REJECTED = Counter("rag_gateway_rejected_total", "Requests turned away before any work.", ["reason"])
+ASK_STAGE_SECONDS = Histogram(
+    "rag_gateway_ask_stage_seconds",
+    "Time per stage of /v1/ask as the gateway sees it.",
+    ["stage"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+)

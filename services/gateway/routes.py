@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import structlog
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, StreamingResponse
+
+from services.common.errors import InvalidInput, RagError
+from services.common.http import ServiceClient
+from services.common.queue import JobQueue
+from services.gateway.config import Settings
+from services.gateway.pipeline import Prepared, follow, prepare, raise_for_error, timings
+from services.gateway.schemas import AskRequest, AskResponse, DocumentsRequest, DocumentsResponse
+from services.gateway.security import Guard
+
+log = structlog.get_logger(__name__)
+router = APIRouter()
+INDEX_HTML = Path(__file__).with_name("static") / "index.html"
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_retriever(request: Request) -> ServiceClient:
+    client: ServiceClient = request.app.state.retriever
+    return client
+
+
+def get_queue(request: Request) -> JobQueue:
+    queue: JobQueue = request.app.state.queue
+    return queue
+
+
+def guard(request: Request) -> None:
+    checker: Guard = request.app.state.guard
+    checker.check(request)
+
+
+def request_id(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("request_id", ""))
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RetrieverDep = Annotated[ServiceClient, Depends(get_retriever)]
+QueueDep = Annotated[JobQueue, Depends(get_queue)]
+RequestIdDep = Annotated[str, Depends(request_id)]
+
+
+@router.get("/", include_in_schema=False)
+async def index() -> HTMLResponse:
+    return HTMLResponse(INDEX_HTML.read_text(encoding="utf-8"))
+
+
+@router.post("/v1/documents", response_model=DocumentsResponse, dependencies=[Depends(guard)])
+async def add_documents(
+    body: DocumentsRequest, settings: SettingsDep, retriever: RetrieverDep, rid: RequestIdDep
+) -> DocumentsResponse:
+    if len(body.documents) > settings.max_documents_per_request:
+        raise InvalidInput(f"documents: at most {settings.max_documents_per_request} documents per request")
+    for index, doc in enumerate(body.documents):
+        if len(doc.text) > settings.max_document_chars:
+            raise InvalidInput(f"documents.{index}.text: longer than {settings.max_document_chars} characters")
+    result = await retriever.post("/v1/documents", body.model_dump(), request_id=rid)
+    return DocumentsResponse.model_validate(result)
+
+
+def _check_ask(body: AskRequest, settings: Settings) -> None:
+    if body.top_k > settings.top_k_max:
+        raise InvalidInput(f"top_k: must be between 1 and {settings.top_k_max}")
+    if len(body.question) > settings.max_question_chars:
+        raise InvalidInput(f"question: longer than {settings.max_question_chars} characters")
+
+
+@router.post(
+    "/v1/ask",
+    response_model=AskResponse,
+    dependencies=[Depends(guard)],
+    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream is true"}},
+)
+async def ask(
+    body: AskRequest, settings: SettingsDep, retriever: RetrieverDep, queue: QueueDep, rid: RequestIdDep
+) -> Any:
+    _check_ask(body, settings)
+    prepared = await prepare(body, settings, retriever, queue, rid)
+    if body.stream:
+        return StreamingResponse(
+            _sse(queue, prepared),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    async for event in follow(queue, prepared):
+        if event.type in ("done", "error"):
+            raise_for_error(event)
+            return AskResponse(
+                answer=str(event.data["answer"]),
+                sources=prepared.sources,
+                timings=timings(prepared, event),
+                model=str(event.data.get("model", "")),
+            )
+    raise RuntimeError("job events ended without an answer")
+
+
+def _event(name: str, data: dict[str, Any]) -> str:
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def _sse(queue: JobQueue, prepared: Prepared) -> AsyncIterator[str]:
+    """token events in order; ``reset`` if a retry restarts the answer; then ``done`` (or ``error``)."""
+    attempt = 0
+    try:
+        async for event in follow(queue, prepared):
+            if event.type == "token":
+                if event.attempt > attempt:  # a retry started over: the client drops what it has shown
+                    if attempt:
+                        yield _event("reset", {"attempt": event.attempt})
+                    attempt = event.attempt
+                if event.attempt == attempt:
+                    yield _event("token", {"text": event.data["text"]})
+            elif event.type == "done":
+                yield _event(
+                    "done",
+                    {
+                        "answer": event.data["answer"],
+                        "sources": [s.model_dump() for s in prepared.sources],
+                        "timings": timings(prepared, event).model_dump(),
+                        "model": event.data.get("model", ""),
+                    },
+                )
+            else:
+                yield _event("error", {"error": "generation_failed", "detail": event.data.get("detail", "")})
+    except RagError as exc:
+        yield _event("error", {"error": exc.error, "detail": exc.detail})

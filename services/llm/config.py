@@ -1,0 +1,39 @@
+"""Settings of the LLM worker and of the project's CPU model server."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from services.common.settings import QueueSettings, ServiceSettings
+
+
+class Settings(ServiceSettings, QueueSettings):
+    port: int = Field(8003, ge=1, le=65535, description="Side port for /healthz, /readyz and /metrics.")
+    llm_backend: Literal["local", "openai"] = Field(
+        "local", description="local: in-process transformers engine; openai: an OpenAI-compatible server."
+    )
+    llm_model_path: str = Field(
+        "", description="GGUF file or model directory for the local engine; empty means packaged SmolLM2-135M."
+    )
+    llm_device: Literal["auto", "cpu", "cuda"] = "auto"
+    llm_model_cache_dir: str = Field(
+        "data/models", description="Where a GGUF model is kept converted for fast reloads; empty disables."
+    )
+    llm_openai_url: str = Field("http://127.0.0.1:8004/v1", description="Base URL of the OpenAI-compatible server.")
+    llm_openai_api_key: str = Field("", description="Bearer token for the OpenAI-compatible server.")
+    llm_model_name: str = Field("smollm2-135m-instruct", description="Model name sent to / served by the server.")
+    llm_max_new_tokens: int = Field(128, ge=1, le=8192)
+    llm_temperature: float = Field(0.0, ge=0.0, le=2.0)
+    llm_concurrency: int = Field(
+        4, ge=1, le=256, description="Jobs in flight per worker, handed to the engine together."
+    )
+    llm_max_tries: int = Field(3, ge=1, le=100, description="Deliveries of a job before it is dead-lettered.")
+    llm_visibility_timeout_seconds: float = Field(
+        60.0, gt=0, description="Idle time after which another worker claims a job."
+    )
+    llm_drain_seconds: float = Field(30.0, ge=0, description="How long SIGTERM waits for jobs in flight.")
+    llm_batch_wait_ms: float = Field(10.0, ge=0, le=1000, description="Local engine: how long a batch waits to fill.")
+    llm_serve_port: int = Field(8004, ge=1, le=65535, description="Port of `python -m services.llm.serve`.")
+    llm_request_timeout_seconds: float = Field(300.0, gt=0, description="Timeout of one call to the model server.")

@@ -1,0 +1,62 @@
+"""The one small interface every generation engine offers the worker.
+
+``local``: the in-process transformers engine (``services.llm.local``).
+``openai``: any OpenAI-compatible server (``services.llm.openai``): vLLM's own
+server on a GPU, or ``python -m services.llm.serve`` on a CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from services.llm.config import Settings
+
+TokenCallback = Callable[[str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    messages: list[dict[str, str]]
+    max_tokens: int
+    temperature: float = 0.0
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    completion_tokens: int
+    prompt_tokens: int
+    finish_reason: Literal["stop", "length"]
+
+
+class EngineError(Exception):
+    """A failed generation. ``retryable``: another try may succeed (the server was down, say)."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class Engine(Protocol):
+    model_name: str
+    device: str
+
+    async def start(self) -> None: ...
+
+    async def ready(self) -> bool: ...
+
+    async def generate(self, request: GenerationRequest, on_token: TokenCallback | None = None) -> Generation: ...
+
+    async def close(self) -> None: ...
+
+
+def build_engine(settings: Settings) -> Engine:
+    if settings.llm_backend == "openai":
+        from services.llm.openai import OpenAIEngine
+
+        return OpenAIEngine(settings)
+    from services.llm.local import LocalEngine
+
+    return LocalEngine(settings)

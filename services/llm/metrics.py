@@ -1,0 +1,27 @@
+"""Series of the LLM worker and model server (HTTP and GPU series live in services.common.metrics)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+QUEUE_DEPTH = Gauge("rag_llm_queue_depth", "LLM jobs not yet acknowledged: consumer-group lag plus pending.")
+QUEUE_WAIT = Histogram(
+    "rag_llm_queue_wait_seconds",
+    "Time a job waited in the queue before a worker started it.",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+)
+GENERATION_SECONDS = Histogram(
+    "rag_llm_generation_seconds",
+    "Time to generate one answer.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300),
+)
+TOKENS_GENERATED = Counter("rag_llm_tokens_generated_total", "Completion tokens generated.")
+JOBS_ANSWERED = Counter("rag_llm_jobs_answered_total", "Jobs answered.")
+JOBS_DROPPED_DEADLINE = Counter(
+    "rag_llm_jobs_dropped_deadline_total", "Jobs dropped without generating because their deadline had passed."
+)
+JOBS_RETRIED = Counter("rag_llm_jobs_retried_total", "Jobs put back on the queue after a failed try.")
+JOBS_DEAD_LETTERED = Counter("rag_llm_jobs_dead_lettered_total", "Jobs moved to the dead-letter stream.")
+JOBS_RECLAIMED = Counter("rag_llm_jobs_reclaimed_total", "Jobs claimed from a worker that stopped answering.")
+JOBS_IN_FLIGHT = Gauge("rag_llm_jobs_in_flight", "Jobs this worker is generating now.")
+ENGINE_BATCH_SIZE = Histogram(
+    "rag_llm_engine_batch_size", "Sequences generated together by the local engine.", buckets=(1, 2, 4, 8, 16, 32, 64)
+)

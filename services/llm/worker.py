@@ -1,0 +1,269 @@
+"""The LLM worker: reads jobs from the consumer group, has them generated, answers, acknowledges.
+
+Shaped like arq's and rq's worker loops: each turn checks the stop flag, takes
+at most as many jobs as it has free slots (stale jobs of dead workers first,
+then new ones, with a blocking read), and runs each as a task. In-flight jobs
+are re-claimed by this worker every third of the visibility timeout, so only a
+worker that has really stopped loses its jobs to the others.
+
+Tries are counted per job in ``<stream>:tries``. A failed try that may succeed
+again is put back at the end of the queue; after ``RAG_LLM_MAX_TRIES`` the job
+goes to the dead-letter stream and its caller hears about it at once. A job
+whose deadline has passed is dropped without being generated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from typing import Any
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from services.common.queue import Job, JobQueue
+from services.llm.config import Settings
+from services.llm.engine import Engine, EngineError, GenerationRequest
+from services.llm.metrics import (
+    GENERATION_SECONDS,
+    JOBS_ANSWERED,
+    JOBS_DEAD_LETTERED,
+    JOBS_DROPPED_DEADLINE,
+    JOBS_IN_FLIGHT,
+    JOBS_RECLAIMED,
+    JOBS_RETRIED,
+    QUEUE_DEPTH,
+    QUEUE_WAIT,
+    TOKENS_GENERATED,
+)
+
+log = structlog.get_logger(__name__)
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Worker:
+    def __init__(self, settings: Settings, engine: Engine, redis: Redis, name: str | None = None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.redis = redis
+        self.queue = JobQueue(redis, settings)
+        self.name = name or consumer_name()
+        self.visibility_ms = int(settings.llm_visibility_timeout_seconds * 1000)
+        self._stop = asyncio.Event()
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self.redis_ok = False
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def request_stop(self) -> None:
+        if not self._stop.is_set():
+            log.info("worker_stopping", in_flight=len(self._inflight))
+            self._stop.set()
+
+    async def run(self) -> None:
+        """Until asked to stop; then drains in-flight jobs for at most RAG_LLM_DRAIN_SECONDS."""
+        side_tasks = [
+            asyncio.create_task(self._keep_claims(), name="keep-claims"),
+            asyncio.create_task(self._watch_depth(), name="watch-depth"),
+        ]
+        log.info("worker_started", consumer=self.name, stream=self.queue.stream, group=self.queue.group)
+        try:
+            while not self._stop.is_set():
+                try:
+                    await self._turn()
+                    self.redis_ok = True
+                except RedisError as exc:
+                    self.redis_ok = False
+                    log.warning("worker_redis_error", error=str(exc))
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), 1.0)
+        finally:
+            await self._drain()
+            for task in side_tasks:
+                task.cancel()
+            await asyncio.gather(*side_tasks, return_exceptions=True)
+            with contextlib.suppress(RedisError):
+                await self._leave_group()
+            log.info("worker_stopped", consumer=self.name)
+
+    async def _turn(self) -> None:
+        await self.queue.ensure_group()
+        free = self.settings.llm_concurrency - len(self._inflight)
+        if free <= 0:
+            await asyncio.wait(list(self._inflight.values()), timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            return
+        _, claimed, _ = await self.redis.xautoclaim(
+            self.queue.stream, self.queue.group, self.name, self.visibility_ms, "0-0", count=free
+        )
+        messages: list[tuple[str, dict[str, str]]] = [(mid, fields) for mid, fields in claimed if fields]
+        JOBS_RECLAIMED.inc(len(messages))
+        if not messages:
+            reply = await self.redis.xreadgroup(
+                self.queue.group, self.name, {self.queue.stream: ">"}, count=free, block=1000
+            )
+            for _, entries in reply or []:
+                messages.extend(entries)
+        for message_id, fields in messages:
+            if self._stop.is_set():
+                break  # not started: left pending, claimed by another worker
+            task = asyncio.create_task(self._handle(message_id, fields), name=f"job-{message_id}")
+            self._inflight[message_id] = task
+            JOBS_IN_FLIGHT.set(len(self._inflight))
+            task.add_done_callback(lambda _t, mid=message_id: self._forget(mid))
+
+    def _forget(self, message_id: str) -> None:
+        self._inflight.pop(message_id, None)
+        JOBS_IN_FLIGHT.set(len(self._inflight))
+
+    async def _drain(self) -> None:
+        if not self._inflight:
+            return
+        log.info("worker_draining", in_flight=len(self._inflight), seconds=self.settings.llm_drain_seconds)
+        _, unfinished = await asyncio.wait(list(self._inflight.values()), timeout=self.settings.llm_drain_seconds)
+        for task in unfinished:
+            task.cancel()
+        await asyncio.gather(*unfinished, return_exceptions=True)
+        if unfinished:
+            log.warning("worker_drain_timeout", abandoned=len(unfinished))
+
+    async def _leave_group(self) -> None:
+        """A clean exit with nothing pending removes this consumer from the group."""
+        pending = await self.redis.xpending_range(
+            self.queue.stream, self.queue.group, min="-", max="+", count=1, consumername=self.name
+        )
+        if not pending:
+            await self.redis.xgroup_delconsumer(self.queue.stream, self.queue.group, self.name)
+
+    async def _keep_claims(self) -> None:
+        """Resets the idle time of jobs still in flight, so live work is never taken away."""
+        interval = max(self.settings.llm_visibility_timeout_seconds / 3, 0.1)
+        while True:
+            await asyncio.sleep(interval)
+            ids = list(self._inflight)
+            if not ids:
+                continue
+            try:
+                await self.redis.xclaim(self.queue.stream, self.queue.group, self.name, 0, ids, justid=True)
+            except RedisError as exc:
+                log.warning("keep_claims_failed", error=str(exc))
+
+    async def _watch_depth(self) -> None:
+        while True:
+            with contextlib.suppress(RedisError):
+                QUEUE_DEPTH.set(await self.queue.depth())
+            await asyncio.sleep(2.0)
+
+    async def _ack(self, message_id: str, job_id: str | None) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self.queue.stream, self.queue.group, message_id)
+            pipe.xdel(self.queue.stream, message_id)
+            if job_id:
+                pipe.hdel(self.queue.tries_key(), job_id)
+            await pipe.execute()
+
+    async def _dead_letter(
+        self, message_id: str, fields: dict[str, str], job_id: str | None, error: str, tries: int
+    ) -> None:
+        entry = {**fields, "error": error, "tries": str(tries), "failed_at": str(time.time()), "consumer": self.name}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.settings.llm_dead_letter_stream, entry)  # type: ignore[arg-type]
+            pipe.xack(self.queue.stream, self.queue.group, message_id)
+            pipe.xdel(self.queue.stream, message_id)
+            if job_id:
+                pipe.hdel(self.queue.tries_key(), job_id)
+            await pipe.execute()
+        JOBS_DEAD_LETTERED.inc()
+        log.error("job_dead_lettered", job_id=job_id, error=error, tries=tries)
+        if job_id:
+            await self.queue.publish(job_id, "error", tries, {"error": "generation_failed", "detail": error})
+
+    async def _retry_later(self, message_id: str, fields: dict[str, str], job_id: str, error: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.queue.stream, fields)  # type: ignore[arg-type]
+            pipe.hset(f"{self.queue.stream}:errors", job_id, error)
+            pipe.expire(f"{self.queue.stream}:errors", self.settings.llm_result_ttl_seconds)
+            pipe.xack(self.queue.stream, self.queue.group, message_id)
+            pipe.xdel(self.queue.stream, message_id)
+            await pipe.execute()
+        JOBS_RETRIED.inc()
+        log.warning("job_retry", job_id=job_id, error=error)
+
+    async def _handle(self, message_id: str, fields: dict[str, str]) -> None:
+        try:
+            job = Job.decode(fields)
+        except (KeyError, TypeError, ValueError) as exc:
+            await self._dead_letter(message_id, fields, None, f"malformed job: {exc}", 1)
+            return
+        with structlog.contextvars.bound_contextvars(request_id=job.request_id, job_id=job.id):
+            try:
+                await self._process(message_id, fields, job)
+            except RedisError as exc:
+                # Not acknowledged: the job stays pending and is claimed again after the visibility timeout.
+                log.warning("job_redis_error", error=str(exc))
+
+    async def _process(self, message_id: str, fields: dict[str, str], job: Job) -> None:
+        tries = int(await self.redis.hincrby(self.queue.tries_key(), job.id, 1))
+        if tries > self.settings.llm_max_tries:
+            last = await self.redis.hget(f"{self.queue.stream}:errors", job.id)
+            error = str(last) if last else f"the job was lost by {tries - 1} workers"
+            await self._dead_letter(message_id, fields, job.id, f"gave up after {tries - 1} tries: {error}", tries - 1)
+            return
+        started = time.time()
+        if job.expired(started):
+            JOBS_DROPPED_DEADLINE.inc()
+            log.info("job_expired", waited_s=round(started - job.enqueued_at, 3))
+            await self._ack(message_id, job.id)
+            return
+        QUEUE_WAIT.observe(max(started - job.enqueued_at, 0.0))
+        request = GenerationRequest(
+            messages=job.messages,
+            max_tokens=job.max_tokens or self.settings.llm_max_new_tokens,
+            temperature=self.settings.llm_temperature,
+        )
+
+        async def on_token(text: str) -> None:
+            await self.queue.publish(job.id, "token", tries, {"text": text})
+
+        try:
+            async with asyncio.timeout(max(job.deadline - time.time(), 0.001)):
+                generation = await self.engine.generate(request, on_token if job.stream else None)
+        except TimeoutError:
+            JOBS_DROPPED_DEADLINE.inc()
+            log.info("job_deadline_during_generation")
+            await self._ack(message_id, job.id)
+            return
+        except EngineError as exc:
+            if exc.retryable and tries < self.settings.llm_max_tries:
+                await self._retry_later(message_id, fields, job.id, str(exc))
+            else:
+                await self._dead_letter(message_id, fields, job.id, str(exc), tries)
+            return
+        generate_s = time.time() - started
+        GENERATION_SECONDS.observe(generate_s)
+        TOKENS_GENERATED.inc(generation.completion_tokens)
+        if await self.queue.claim_answer(job.id, tries):
+            result: dict[str, Any] = {
+                "answer": generation.text,
+                "completion_tokens": generation.completion_tokens,
+                "prompt_tokens": generation.prompt_tokens,
+                "finish_reason": generation.finish_reason,
+                "model": self.engine.model_name,
+                "queue_ms": max(started - job.enqueued_at, 0.0) * 1000,
+                "generate_ms": generate_s * 1000,
+                "worker": self.name,
+            }
+            await self.queue.publish(job.id, "done", tries, result)
+            JOBS_ANSWERED.inc()
+            log.info("job_answered", tokens=generation.completion_tokens, generate_ms=round(generate_s * 1000, 1))
+        else:
+            log.info("job_already_answered")
+        await self._ack(message_id, job.id)
