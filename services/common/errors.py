@@ -80,8 +80,9 @@ class GenerationFailed(RagError):
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
-    return ".".join(parts) or "body"
+    where, *rest = loc or ("body",)
+    parts = [str(p) for p in rest] if where in ("body", "query", "path", "header") else [str(where), *map(str, rest)]
+    return ".".join(parts) or str(where)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, list[dict[str, str]]]:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 FilterValue = str | int | bool
 
@@ -15,26 +15,31 @@ def not_blank(value: str) -> str:
     return value
 
 
+NonBlankStr = Annotated[str, AfterValidator(not_blank)]
+
+
 class Document(BaseModel):
-    id: str = Field(..., min_length=1, max_length=512, description="Stable id: sending it again replaces the document.")
-    text: str = Field(..., min_length=1, description="The document's text.")
+    id: NonBlankStr = Field(
+        ..., min_length=1, max_length=512, description="Stable id: sending it again replaces the document."
+    )
+    text: NonBlankStr = Field(..., min_length=1, description="The document's text.")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Returned with every source from this document.")
 
-    _id_not_blank = field_validator("id")(not_blank)
     _text_not_blank = field_validator("text")(not_blank)
 
 
 class DocumentsRequest(BaseModel):
     documents: list[Document] = Field(..., min_length=1, description="Documents to index.")
 
-    @model_validator(mode="after")
-    def _unique_ids(self) -> DocumentsRequest:
+    @field_validator("documents")
+    @classmethod
+    def _unique_ids(cls, documents: list[Document]) -> list[Document]:
         seen: set[str] = set()
-        for doc in self.documents:
+        for doc in documents:
             if doc.id in seen:
-                raise ValueError(f"documents: id {doc.id!r} appears more than once")
+                raise ValueError(f"id {doc.id!r} appears more than once")
             seen.add(doc.id)
-        return self
+        return documents
 
 
 class DocumentsResponse(BaseModel):
@@ -43,11 +48,9 @@ class DocumentsResponse(BaseModel):
 
 
 class SearchRequest(BaseModel):
-    query: str = Field(..., min_length=1)
+    query: NonBlankStr = Field(..., min_length=1)
     top_k: int = Field(5, ge=1, le=100)
     filters: dict[str, FilterValue] | None = Field(None, description="Metadata fields that must equal these values.")
-
-    _query_not_blank = field_validator("query")(not_blank)
 
 
 class Source(BaseModel):

@@ -1,19 +1,17 @@
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
-from services.common.schemas import DocumentsRequest, DocumentsResponse, FilterValue, Source, not_blank
+from services.common.schemas import DocumentsRequest, DocumentsResponse, FilterValue, NonBlankStr, Source
 
 __all__ = ["AskRequest", "AskResponse", "DocumentsRequest", "DocumentsResponse", "Source", "Timings"]
 
 
 class AskRequest(BaseModel):
-    question: str = Field(..., min_length=1, description="The question, in plain text.")
+    question: NonBlankStr = Field(..., min_length=1, description="The question, in plain text.")
     top_k: int = Field(5, ge=1, description="How many chunks to retrieve as context.")
     filters: dict[str, FilterValue] | None = Field(None, description="Metadata fields that sources must match.")
     stream: bool = Field(False, description="Answer as server-sent events, token by token.")
-
-    _question_not_blank = field_validator("question")(not_blank)
 
 
 class Timings(BaseModel):

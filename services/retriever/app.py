@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+import httpx
 from fastapi import FastAPI
 
 from services.common.app import add_common_routes
@@ -16,13 +17,18 @@ from services.retriever.routes import router
 from services.retriever.store import VectorStore
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, embedding_transport: httpx.AsyncBaseTransport | None = None
+) -> FastAPI:
+    """``embedding_transport`` lets tests put the embedding service in the same process."""
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.store = await asyncio.to_thread(VectorStore, settings)
-        app.state.embedding = ServiceClient("embedding", settings.embedding_url, settings.upstream_timeout_seconds)
+        app.state.embedding = ServiceClient(
+            "embedding", settings.embedding_url, settings.upstream_timeout_seconds, transport=embedding_transport
+        )
         try:
             yield
         finally:
