@@ -85,12 +85,18 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     return ".".join(parts) or str(where)
 
 
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, list[dict[str, str]]]:
-    fields = []
+    """One entry per field; the alternatives of a union are folded into one message."""
+    by_field: dict[str, list[str]] = {}
     for err in exc.errors():
-        field = _field_path(tuple(err.get("loc", ())))
-        msg = str(err.get("msg", "invalid value"))
-        fields.append({"field": field, "message": msg})
+        loc = tuple(err.get("loc", ()))
+        while len(loc) > 1 and str(loc[-1]).split("[")[0] in _UNION_TAGS:
+            loc = loc[:-1]
+        by_field.setdefault(_field_path(loc), []).append(str(err.get("msg", "invalid value")))
+    fields = [{"field": f, "message": " or ".join(dict.fromkeys(msgs))} for f, msgs in by_field.items()]
     detail = "; ".join(f"{f['field']}: {f['message']}" for f in fields) or "invalid request"
     return detail, fields
 

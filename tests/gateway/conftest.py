@@ -1,0 +1,75 @@
+"""An in-process gateway on a real Redis, with a worker (scripted engine) and a stand-in retriever."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from services.common.http import ServiceClient
+from services.gateway.app import create_app
+from services.gateway.config import Settings
+from services.llm.config import Settings as LlmSettings
+from services.llm.worker import Worker
+from tests.fixtures.engines import ScriptedEngine
+from tests.fixtures.redis import RedisServer
+
+HITS = [
+    {"document_id": "zorblax", "chunk": 0, "score": 0.9, "text": "The Zorblax was first sold in 1987.", "metadata": {}},
+    {"document_id": "other", "chunk": 2, "score": 0.4, "text": "Unrelated.", "metadata": {"k": "v"}},
+]
+
+
+@dataclass
+class RetrieverDouble:
+    requests: list[httpx.Request] = field(default_factory=list)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if request.url.path == "/v1/search":
+            top_k = json.loads(request.content)["top_k"]
+            return httpx.Response(200, json={"hits": HITS[:top_k], "embed_ms": 3.0, "search_ms": 2.0})
+        if request.url.path == "/v1/documents":
+            docs = json.loads(request.content)["documents"]
+            return httpx.Response(200, json={"indexed": len(docs), "chunks": len(docs)})
+        return httpx.Response(200, json={"status": "ok"})
+
+
+@dataclass
+class Gateway:
+    client: httpx.AsyncClient
+    retriever: RetrieverDouble
+    engine: ScriptedEngine
+    redis: Redis
+
+
+@pytest.fixture
+async def gateway(redis_server: RedisServer, redis_client: Redis) -> AsyncIterator[Gateway]:
+    settings = Settings(redis_url=redis_server.url, top_k_max=10, max_question_chars=300, max_documents_per_request=3)
+    app = create_app(settings)
+    retriever = RetrieverDouble()
+    engine = ScriptedEngine()
+    async with app.router.lifespan_context(app):
+        await app.state.retriever.aclose()
+        app.state.retriever = ServiceClient(
+            "retriever", "http://retriever", 5, transport=httpx.MockTransport(retriever)
+        )
+        worker_redis = Redis.from_url(redis_server.url, decode_responses=True)
+        worker = Worker(LlmSettings(redis_url=redis_server.url), engine, worker_redis, name="test-worker")
+        task = asyncio.create_task(worker.run())
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=30) as client:
+            yield Gateway(client, retriever, engine, redis_client)
+        worker.request_stop()
+        await asyncio.wait_for(task, 10)
+        await worker_redis.aclose()
+
+
+def body(response: httpx.Response) -> Any:
+    return response.json()
