@@ -24,7 +24,11 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
 
     async def load(app: FastAPI) -> None:
         try:
-            model = embedder or await asyncio.to_thread(Embedder, settings.embedding_model, settings.embedding_device)
+            model = (
+                embedder
+                if embedder is not None
+                else await asyncio.to_thread(Embedder, settings.embedding_model, settings.embedding_device)
+            )
         except Exception as exc:
             app.state.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("embedding_model_failed", model=settings.embedding_model or "packaged")

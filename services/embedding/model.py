@@ -49,7 +49,10 @@ class Embedder:
         self.name = DEFAULT_MODEL_NAME if not model_path else model_path.rstrip("/").rsplit("/", 1)[-1]
         self.device = pick_device(device)
         self._model: Any = SentenceTransformer(self.model_path, device=self.device)
-        self.dimension = int(self._model.get_embedding_dimension())
+        dimension = self._model.get_embedding_dimension()
+        if dimension is None:
+            raise RuntimeError(f"{self.model_path} does not say its embedding dimension")
+        self.dimension = int(dimension)
 
     def encode(self, texts: list[str], batch_size: int = 64) -> list[list[float]]:
         vectors = self._model.encode(

@@ -107,7 +107,7 @@ class VectorStore:
         if filters:
             query_filter = models.Filter(
                 must=[
-                    models.FieldCondition(key=f"metadata.{key}", match=models.MatchValue(value=value))  # type: ignore[arg-type]
+                    models.FieldCondition(key=f"metadata.{key}", match=models.MatchValue(value=value))
                     for key, value in filters.items()
                 ]
             )
