@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import pytest
 
-from services.devstack import Stack, free_port, ready, start_service, wait_until
-from tests.fixtures.models import MODEL_CACHE
+from services.devstack import Stack, ready, start_service, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -26,32 +23,6 @@ DISTRACTORS = [
     {"id": "tides", "text": "Ocean tides follow the pull of the moon, with two high tides on most days."},
 ]
 QUESTION = "In which year was the Quillfeather Vantor first sold?"
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    data = tmp_path_factory.mktemp("stack")
-    ports = {name: free_port() for name in ("gateway", "embedding", "retriever", "llm")}
-    stack = Stack(
-        ports=ports,
-        redis_port=free_port(),
-        data_dir=data,
-        log_dir=data / "logs",
-        extra_env={
-            "RAG_LLM_MODEL_CACHE_DIR": str(MODEL_CACHE),
-            "RAG_LLM_MAX_NEW_TOKENS": "48",
-            "RAG_UPSTREAM_TIMEOUT_SECONDS": "20",
-        },
-    )
-    stack.start(ready_timeout=240)
-    yield stack
-    stack.stop()
-
-
-@pytest.fixture(scope="module")
-def gateway(stack: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=f"http://127.0.0.1:{stack.ports['gateway']}", timeout=180) as client:
-        yield client
 
 
 def points(stack: Stack) -> int:
