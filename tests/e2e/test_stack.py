@@ -58,7 +58,7 @@ def test_index_and_ask_a_fact_only_the_documents_know(stack: Stack, gateway: htt
 
 def test_reindexing_the_same_documents_keeps_the_chunk_count(stack: Stack, gateway: httpx.Client) -> None:
     before = points(stack)
-    assert before == 4
+    assert before >= 4  # other tests of this folder may have indexed more
     again = gateway.post("/v1/documents", json={"documents": [FACT, *DISTRACTORS]})
     assert again.json() == {"indexed": 4, "chunks": 4}
     assert points(stack) == before
@@ -82,6 +82,7 @@ def test_every_service_serves_health_and_metrics(stack: Stack) -> None:
 def test_a_dependency_down_is_a_clear_503_and_recovery_is_automatic(
     stack: Stack, gateway: httpx.Client, service: str
 ) -> None:
+    before = points(stack)
     proc = stack.proc(service)
     proc.stop()
     stack.procs.remove(proc)
@@ -100,4 +101,4 @@ def test_a_dependency_down_is_a_clear_503_and_recovery_is_automatic(
     response = ask(gateway)
     assert response.status_code == 200, response.text
     assert response.json()["sources"][0]["document_id"] == "quillfeather-vantor"
-    assert points(stack) == 4
+    assert points(stack) == before  # the failed /v1/documents wrote nothing

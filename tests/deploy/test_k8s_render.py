@@ -1,0 +1,194 @@
+"""Every overlay renders, and every object it renders is valid for the API that will receive it."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections import Counter
+
+import kubernetes_validate
+import kubernetes_validate.utils
+import pytest
+import ragpod_k8s_manifests as k8s
+from cloudcoil.models.keda.v1alpha1 import ScaledObject, TriggerAuthentication
+from cloudcoil.models.prometheus_operator.v1 import PodMonitor, ServiceMonitor
+from kubernetes_validate.utils import SchemaNotFoundError
+
+# Custom resources, checked against the models generated from their CRDs.
+CRD_MODELS = {
+    ("keda.sh/v1alpha1", "ScaledObject"): ScaledObject,
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): TriggerAuthentication,
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): ServiceMonitor,
+    ("monitoring.coreos.com/v1", "PodMonitor"): PodMonitor,
+}
+CLUSTER_SCOPED = {"Namespace", "PriorityClass"}
+# Secrets created by the operator of the cluster, not shipped (README: Secrets).
+EXTERNAL_SECRETS = {"redis-auth", "gateway-api-keys", "qdrant-auth"}
+
+
+@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+def test_overlay_renders_with_kustomize(renders, overlay):
+    render = renders[overlay]
+    ids = Counter((o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in render.objects)
+    assert [i for i, n in ids.items() if n > 1] == []
+    assert render.find("Deployment", "gateway") is not None
+    assert render.find("Deployment", "llm") is not None
+
+
+@pytest.fixture(scope="module")
+def cached_schemas():
+    """kubernetes-validate reads and parses its schema files on every call: read each once."""
+    with pytest.MonkeyPatch.context() as patch:
+        cached = functools.lru_cache(maxsize=None)(kubernetes_validate.utils.schema_contents)
+        patch.setattr(kubernetes_validate.utils, "schema_contents", cached)
+        yield
+
+
+@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+def test_every_object_validates_against_the_kubernetes_or_crd_schema(renders, overlay, cached_schemas):
+    problems = []
+    for obj in renders[overlay].objects:
+        ref = f"{obj['kind']}/{obj['metadata']['name']}"
+        model = CRD_MODELS.get((obj["apiVersion"], obj["kind"]))
+        if model is not None:
+            try:
+                parsed = model.model_validate(obj)
+            except ValueError as exc:
+                problems.append(f"{ref}: {exc}")
+                continue
+            # The models accept unknown fields and drop them: a typo shows as a difference.
+            if parsed.model_dump(by_alias=True, exclude_unset=True, mode="json") != obj:
+                problems.append(f"{ref}: fields the {obj['kind']} CRD does not know")
+            continue
+        try:
+            kubernetes_validate.validate(obj, k8s.KUBERNETES_VERSION, strict=True)
+        except SchemaNotFoundError:
+            problems.append(
+                f"{ref}: {obj['apiVersion']} is neither a Kubernetes {k8s.KUBERNETES_VERSION} kind nor a known CRD"
+            )
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            problems.append(f"{ref}: {path}: {exc.message}")
+    assert problems == []
+
+
+def test_the_crd_check_catches_an_unknown_field(renders):
+    scaled = renders["gpu-cluster"].get("ScaledObject", "llm")
+    typo = {**scaled, "spec": {**scaled["spec"], "maxReplicas": 8}}
+    dumped = ScaledObject.model_validate(typo).model_dump(by_alias=True, exclude_unset=True, mode="json")
+    assert dumped != typo
+
+
+@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+def test_namespaced_objects_name_their_namespace(renders, overlay):
+    missing = [
+        f"{o['kind']}/{o['metadata']['name']}"
+        for o in renders[overlay].objects
+        if o["kind"] not in CLUSTER_SCOPED and not o["metadata"].get("namespace")
+    ]
+    assert missing == []
+    app = [o for o in renders[overlay].objects if o["kind"] in ("Deployment", "StatefulSet", "Service")]
+    assert {o["metadata"]["namespace"] for o in app} <= {k8s.NAMESPACE, "rag-headroom"}
+
+
+@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+def test_every_reference_resolves_within_the_render(renders, overlay):
+    render = renders[overlay]
+    names = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in render.objects}
+    unresolved = []
+    for workload in render.workloads():
+        namespace = workload["metadata"]["namespace"]
+        spec = k8s.pod_template(workload)["spec"]
+        wanted = [("ServiceAccount", namespace, spec["serviceAccountName"])]
+        if "priorityClassName" in spec:
+            wanted.append(("PriorityClass", None, spec["priorityClassName"]))
+        for volume in spec.get("volumes", []):
+            if "configMap" in volume:
+                wanted.append(("ConfigMap", namespace, volume["configMap"]["name"]))
+            if "persistentVolumeClaim" in volume:
+                wanted.append(("PersistentVolumeClaim", namespace, volume["persistentVolumeClaim"]["claimName"]))
+        secrets = []
+        for container in k8s.all_containers(spec):
+            for source in container.get("envFrom", []):
+                if "configMapRef" in source:
+                    wanted.append(("ConfigMap", namespace, source["configMapRef"]["name"]))
+                if "secretRef" in source:
+                    secrets.append(source["secretRef"]["name"])
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {})
+                if "configMapKeyRef" in ref:
+                    wanted.append(("ConfigMap", namespace, ref["configMapKeyRef"]["name"]))
+                if "secretKeyRef" in ref:
+                    secrets.append(ref["secretKeyRef"]["name"])
+        unresolved += [w for w in wanted if w not in names]
+        unresolved += [("Secret", namespace, s) for s in secrets if s not in EXTERNAL_SECRETS]
+    assert unresolved == []
+
+
+@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+def test_images_are_pinned(renders, overlay):
+    unpinned = []
+    for workload in renders[overlay].workloads():
+        for container in k8s.all_containers(k8s.pod_template(workload)["spec"]):
+            image = container["image"]
+            tag = image.rpartition(":")[2] if ":" in image.rpartition("/")[2] else ""
+            if not tag or tag == "latest":
+                unpinned.append(image)
+    assert unpinned == []
+
+
+# The values every environment shares with docker-compose (its tests compare them).
+CANONICAL = {
+    "RAG_HOST": "0.0.0.0",
+    "RAG_LOG_LEVEL": "info",
+    "RAG_LLM_STREAM": "rag:llm:jobs",
+    "RAG_LLM_GROUP": "rag-llm-workers",
+    "RAG_LLM_DEAD_LETTER_STREAM": "rag:llm:dead",
+    "RAG_MAX_QUEUE_DEPTH": "64",
+    "RAG_ASK_TIMEOUT_SECONDS": "120",
+    "RAG_LLM_BACKEND": "openai",
+    "RAG_LLM_OPENAI_URL": "http://127.0.0.1:8004/v1",
+    "RAG_LLM_MAX_TRIES": "3",
+    "RAG_LLM_VISIBILITY_TIMEOUT_SECONDS": "60",
+    "RAG_LLM_DRAIN_SECONDS": "30",
+    "RAG_QDRANT_COLLECTION": "ragpod_chunks",
+    "RAG_EMBEDDING_DEVICE": "auto",
+}
+PORTS = {"gateway": "8000", "embedding": "8001", "retriever": "8002", "llm": "8003"}
+
+
+@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+def test_service_configmaps_hold_the_shared_settings(renders, overlay):
+    render = renders[overlay]
+    for service, port in PORTS.items():
+        data = render.get("ConfigMap", f"{service}-config")["data"]
+        assert data["RAG_PORT"] == port
+        assert all(key.startswith("RAG_") for key in data)
+        assert {k: v for k, v in data.items() if k in CANONICAL} == {k: v for k, v in CANONICAL.items() if k in data}
+    gateway = render.get("ConfigMap", "gateway-config")["data"]
+    assert gateway["RAG_RETRIEVER_URL"] == "http://retriever:8002"
+    retriever = render.get("ConfigMap", "retriever-config")["data"]
+    assert retriever["RAG_EMBEDDING_URL"] == "http://embedding:8001"
+    assert retriever["RAG_QDRANT_URL"] == "http://qdrant:6333"
+    llm = render.get("ConfigMap", "llm-config")["data"]
+    gpu = overlay in k8s.GPU_OVERLAYS
+    assert llm["RAG_LLM_CONCURRENCY"] == ("16" if gpu else "4")
+    assert (llm["RAG_LLM_MODEL_NAME"] == "smollm2-135m-instruct") is not gpu
+    for name in ("gateway-config", "llm-config"):
+        data = render.get("ConfigMap", name)["data"]
+        assert data["RAG_REDIS_SENTINEL_MASTER"] == "ragpod"
+        assert len(data["RAG_REDIS_SENTINELS"].split(",")) == 3
+
+
+def test_configmap_keys_are_settings_the_services_read(renders):
+    """Every RAG_* key is a field of a service's Settings (env name = RAG_ + field, upper-cased)."""
+    settings = importlib.import_module("services.common.settings")
+    fields = set(settings.ServiceSettings.model_fields) | set(settings.QueueSettings.model_fields)
+    for service in PORTS:
+        fields |= set(importlib.import_module(f"services.{service}.config").Settings.model_fields)
+    known = {f"RAG_{name.upper()}" for name in fields}
+    used = set()
+    for render in renders.values():
+        for name in ("gateway-config", "embedding-config", "retriever-config", "llm-config"):
+            used |= set(render.get("ConfigMap", name)["data"])
+    assert used - known == set()
