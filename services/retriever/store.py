@@ -132,6 +132,24 @@ class VectorStore:
             if p.payload is not None
         ]
 
+    async def scroll(self, offset: str | None, limit: int) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+        """One page of stored points (id, payload), in id order, and the offset of the next page."""
+
+        def scroll() -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+            if not self._client.collection_exists(self.collection):
+                return [], None
+            records, next_offset = self._client.scroll(
+                self.collection, limit=limit, offset=offset, with_payload=True, with_vectors=False
+            )
+            page = [(str(r.id), dict(r.payload or {})) for r in records]
+            return page, None if next_offset is None else str(next_offset)
+
+        return await self._call(scroll)
+
+    async def upsert(self, ids: list[str], vectors: list[list[float]], payloads: list[dict[str, Any]]) -> None:
+        points = [models.PointStruct(id=i, vector=v, payload=p) for i, v, p in zip(ids, vectors, payloads, strict=True)]
+        await self._call(lambda: self._client.upsert(self.collection, points=points, wait=True))
+
     async def count(self) -> int:
         def count() -> int:
             if not self._client.collection_exists(self.collection):
