@@ -144,7 +144,6 @@ CANONICAL = {
     "RAG_LLM_STREAM": "rag:llm:jobs",
     "RAG_LLM_GROUP": "rag-llm-workers",
     "RAG_LLM_DEAD_LETTER_STREAM": "rag:llm:dead",
-    "RAG_MAX_QUEUE_DEPTH": "64",
     "RAG_ASK_TIMEOUT_SECONDS": "120",
     "RAG_LLM_BACKEND": "openai",
     "RAG_LLM_OPENAI_URL": "http://127.0.0.1:8004/v1",
@@ -173,11 +172,22 @@ def test_service_configmaps_hold_the_shared_settings(renders, overlay):
     llm = render.get("ConfigMap", "llm-config")["data"]
     gpu = overlay in k8s.GPU_OVERLAYS
     assert llm["RAG_LLM_CONCURRENCY"] == ("16" if gpu else "4")
+
     assert (llm["RAG_LLM_MODEL_NAME"] == "smollm2-135m-instruct") is not gpu
     for name in ("gateway-config", "llm-config"):
         data = render.get("ConfigMap", name)["data"]
         assert data["RAG_REDIS_SENTINEL_MASTER"] == "ragpod"
         assert len(data["RAG_REDIS_SENTINELS"].split(",")) == 3
+
+
+@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+def test_queue_limit_leaves_room_for_every_worker_at_full_scale(renders, overlay):
+    """Backpressure must not cap the LLM below its KEDA maximum: the limit covers all jobs in flight and more."""
+    render = renders[overlay]
+    limit = int(render.get("ConfigMap", "gateway-config")["data"]["RAG_MAX_QUEUE_DEPTH"])
+    concurrency = int(render.get("ConfigMap", "llm-config")["data"]["RAG_LLM_CONCURRENCY"])
+    max_replicas = int(render.get("ScaledObject", "llm")["spec"]["maxReplicaCount"])
+    assert limit > max_replicas * concurrency
 
 
 def test_configmap_keys_are_settings_the_services_read(renders):
