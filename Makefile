@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH_INDEX ?=
 TORCH_PIP_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: install run test test-fast lint bench compose-smoke clean
+.PHONY: install system-deps run test test-fast lint bench compose-smoke clean
 
 install: $(STAMP)
 
@@ -23,7 +23,10 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/ragpod run
 
-test: install
+system-deps:
+	scripts/system-deps.sh
+
+test: install system-deps
 	$(BIN)/pytest
 
 test-fast: install
