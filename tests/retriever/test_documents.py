@@ -29,6 +29,8 @@ class EmbeddingDouble:
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if self.down:
             raise httpx.ConnectError("connection refused", request=request)
+        if request.method == "GET":  # /readyz
+            return httpx.Response(200, json={"status": "ok"})
         self.calls += 1
         texts = json.loads(request.content)["texts"]
         vectors = self.embedder.encode(texts)
@@ -160,3 +162,17 @@ def test_embedding_down_is_503_naming_it_and_loses_nothing(client: TestClient, e
     hits = client.post("/v1/search", json={"query": "indexed", "top_k": 1}).json()["hits"]
     assert hits[0]["text"] == "Already indexed."
     assert index(client, {"id": "keep", "text": "A new version."}).json() == {"indexed": 1, "chunks": 1}
+
+
+def test_qdrant_server_down_is_503_naming_it(embedding: EmbeddingDouble) -> None:
+    from services.devstack import free_port
+
+    settings = Settings(qdrant_url=f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    with TestClient(create_app(settings, embedding_transport=httpx.MockTransport(embedding))) as client:
+        search = client.post("/v1/search", json={"query": "anything"})
+        assert search.status_code == 503
+        assert search.json() == {"error": "upstream_unavailable", "detail": "qdrant is unavailable"}
+        indexed = index(client, {"id": "a", "text": "alpha"})
+        assert indexed.status_code == 503 and indexed.json()["detail"] == "qdrant is unavailable"
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["qdrant"] == "qdrant is unavailable"
