@@ -19,5 +19,5 @@ def run(service: str, settings: ServiceSettings, factory: Callable[[], FastAPI])
         port=settings.port,
         log_level="warning",
         access_log=False,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
     )

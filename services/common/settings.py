@@ -24,6 +24,9 @@ class ServiceSettings(BaseSettings):
     port: int = Field(0, ge=1, le=65535, description="HTTP port (each service sets its own default).")
     log_level: LogLevel = "info"
     log_json: bool = Field(True, description="JSON logs (true) or human-readable console logs (false).")
+    shutdown_grace_seconds: float = Field(
+        20.0, ge=0, description="On SIGTERM, how long requests in flight may finish (below the pod's grace period)."
+    )
 
 
 class QueueSettings(BaseSettings):
