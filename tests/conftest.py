@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.fixtures.redis", "tests.fixtures.models"]
+pytest_plugins = ["tests.fixtures.redis", "tests.fixtures.models", "tests.fixtures.llm"]

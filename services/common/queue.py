@@ -5,7 +5,8 @@ One stream of jobs (``RAG_LLM_STREAM``) read by one consumer group of workers
 ``<stream>:events:<job id>``: ``token`` events while streaming, then exactly one
 ``done`` or ``error``. Events carry the attempt that produced them, so a caller
 can tell a retried generation from the first one. A ``<stream>:answered:<job
-id>`` key written with NX makes sure only the first finished attempt answers.
+id>`` key written with NX, in the same script that publishes ``done``, makes
+sure only the first finished attempt answers.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from services.common.settings import QueueSettings
@@ -62,13 +66,20 @@ class Event:
 
 
 def make_redis(settings: QueueSettings) -> Redis:
-    """A client that fails fast: connect and read timeouts, so an outage is an error, not a hang."""
+    """A client that fails fast: connect and read timeouts, so an outage is an error, not a hang.
+
+    A command that meets a broken connection is sent once more, at once, on a new
+    one: after Redis restarts, every pooled connection is stale and would
+    otherwise fail one command each. While Redis is down the second try is
+    refused as quickly as the first. Timeouts are not tried again, so a Redis
+    that accepts but does not answer costs one ``socket_timeout``, not two.
+    """
     options: dict[str, Any] = {
         "decode_responses": True,
         "socket_connect_timeout": 2.0,
         "socket_timeout": 10.0,
         "health_check_interval": 15,
-        "retry_on_timeout": False,
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     }
     if settings.redis_sentinels:
         hosts = []
@@ -87,9 +98,20 @@ def make_redis(settings: QueueSettings) -> Redis:
     return Redis.from_url(settings.redis_url, **options)
 
 
+_ANSWER = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  return 0
+end
+redis.call('XADD', KEYS[2], '*', 'type', 'done', 'attempt', ARGV[1], 'data', ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+
 class JobQueue:
     def __init__(self, redis: Redis, settings: QueueSettings) -> None:
         self.redis = redis
+        self._answer = redis.register_script(_ANSWER)
         self.stream = settings.llm_stream
         self.group = settings.llm_group
         self.dead_letter = settings.llm_dead_letter_stream
@@ -141,9 +163,17 @@ class JobQueue:
             pipe.expire(key, self.ttl)
             await pipe.execute()
 
-    async def claim_answer(self, job_id: str, attempt: int) -> bool:
-        """True for the first attempt to finish; later ones must not answer again."""
-        return bool(await self.redis.set(self.answered_key(job_id), str(attempt), nx=True, ex=self.ttl))
+    async def answer(self, job_id: str, attempt: int, data: dict[str, Any]) -> bool:
+        """Claims the answer (``SET NX``) and publishes ``done`` in one atomic step; False if already answered.
+
+        One script, so a worker that dies between the two cannot leave a job
+        claimed but unanswered, and the answer costs one round trip. Run twice
+        (a retried call whose reply was lost), the second run finds the claim
+        and publishes nothing: ``done`` is written once.
+        """
+        payload = json.dumps(data, separators=(",", ":"))
+        keys = [self.answered_key(job_id), self.events_key(job_id)]
+        return bool(await self._answer(keys=keys, args=[str(attempt), self.ttl, payload]))
 
     async def events(self, job_id: str, *, block_ms: int = 1000) -> AsyncIterator[Event]:
         """Follow a job's events from the first one, forever; the caller stops at done/error/deadline."""

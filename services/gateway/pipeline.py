@@ -89,7 +89,7 @@ async def follow(queue: JobQueue, prepared: Prepared) -> AsyncIterator[Event]:
             except TimeoutError:
                 REJECTED.labels("deadline").inc()
                 raise DeadlineExceeded(
-                    f"no answer within the deadline of {int(job.deadline - job.enqueued_at)} s; "
+                    f"no answer within the deadline of {round(job.deadline - job.enqueued_at, 1):g} s; "
                     "the job was dropped and will not be generated"
                 ) from None
     finally:

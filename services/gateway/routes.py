@@ -123,6 +123,11 @@ async def _sse(queue: JobQueue, prepared: Prepared) -> AsyncIterator[str]:
                 if event.attempt == attempt:
                     yield _event("token", {"text": event.data["text"]})
             elif event.type == "done":
+                if event.attempt != attempt:  # another attempt than the one shown won: show its answer whole
+                    if attempt:
+                        yield _event("reset", {"attempt": event.attempt})
+                    if event.data["answer"]:
+                        yield _event("token", {"text": event.data["answer"]})
                 yield _event(
                     "done",
                     {

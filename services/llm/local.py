@@ -182,10 +182,14 @@ class LocalEngine:
         loop = asyncio.get_running_loop()
         pending = _Pending(request, asyncio.Queue(), loop.create_future(), loop, streaming=on_token is not None)
         await self._queue.put(pending)
-        if on_token is not None:
-            while (delta := await pending.tokens.get()) is not _DONE:
-                await on_token(str(delta))
-        return await pending.future
+        try:
+            if on_token is not None:
+                while (delta := await pending.tokens.get()) is not _DONE:
+                    await on_token(str(delta))
+            return await pending.future
+        except BaseException:
+            pending.done = True  # the caller is gone (cancelled, deadline): its row stops decoding
+            raise
 
     async def close(self) -> None:
         if self._loop_task is not None:
@@ -210,7 +214,7 @@ class LocalEngine:
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._take_batch()
+            batch = [item for item in await self._take_batch() if not item.done]
             # Sequences decode together only with the same sampling temperature.
             groups: dict[float, list[_Pending]] = {}
             for item in batch:

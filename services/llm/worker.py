@@ -2,7 +2,9 @@
 
 Shaped like arq's and rq's worker loops: each turn checks the stop flag, takes
 at most as many jobs as it has free slots (stale jobs of dead workers first,
-then new ones, with a blocking read), and runs each as a task. In-flight jobs
+looked for every third of the visibility timeout or every second, then new
+ones, with a blocking read), and runs each as a task. Jobs read after a stop
+was asked for are put back on the queue at once, not left pending. In-flight jobs
 are re-claimed by this worker every third of the visibility timeout, so only a
 worker that has really stopped loses its jobs to the others.
 
@@ -56,8 +58,13 @@ class Worker:
         self.queue = JobQueue(redis, settings)
         self.name = name or consumer_name()
         self.visibility_ms = int(settings.llm_visibility_timeout_seconds * 1000)
+        # Stale jobs are looked for this often, not on every read: a claim only becomes possible after a
+        # whole visibility timeout anyway, and a job that just arrived should not wait behind an XAUTOCLAIM.
+        self.reclaim_interval = min(settings.llm_visibility_timeout_seconds / 3, 1.0)
+        self._next_reclaim = 0.0
         self._stop = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._group_ready = False
         self.redis_ok = False
 
     @property
@@ -83,6 +90,7 @@ class Worker:
                     self.redis_ok = True
                 except RedisError as exc:
                     self.redis_ok = False
+                    self._group_ready = False  # Redis may have come back empty: create the group again
                     log.warning("worker_redis_error", error=str(exc))
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._stop.wait(), 1.0)
@@ -96,29 +104,49 @@ class Worker:
             log.info("worker_stopped", consumer=self.name)
 
     async def _turn(self) -> None:
-        await self.queue.ensure_group()
+        if not self._group_ready:
+            await self.queue.ensure_group()
+            self._group_ready = True
         free = self.settings.llm_concurrency - len(self._inflight)
         if free <= 0:
             await asyncio.wait(list(self._inflight.values()), timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
             return
-        _, claimed, _ = await self.redis.xautoclaim(
-            self.queue.stream, self.queue.group, self.name, self.visibility_ms, "0-0", count=free
-        )
-        messages: list[tuple[str, dict[str, str]]] = [(mid, fields) for mid, fields in claimed if fields]
-        JOBS_RECLAIMED.inc(len(messages))
+        messages: list[tuple[str, dict[str, str]]] = []
+        now = time.monotonic()
+        if now >= self._next_reclaim:
+            _, claimed, _ = await self.redis.xautoclaim(
+                self.queue.stream, self.queue.group, self.name, self.visibility_ms, "0-0", count=free
+            )
+            messages = [(mid, fields) for mid, fields in claimed if fields]
+            JOBS_RECLAIMED.inc(len(messages))
+            # A full claim may have left more behind: look again on the next turn.
+            self._next_reclaim = now if len(messages) >= free else now + self.reclaim_interval
         if not messages:
             reply = await self.redis.xreadgroup(
                 self.queue.group, self.name, {self.queue.stream: ">"}, count=free, block=1000
             )
             for _, entries in reply or []:
                 messages.extend(entries)
-        for message_id, fields in messages:
+        for index, (message_id, fields) in enumerate(messages):
             if self._stop.is_set():
-                break  # not started: left pending, claimed by another worker
+                await self._hand_back(messages[index:])
+                break
+            if message_id in self._inflight:
+                continue  # our own job, re-claimed while it was slow: it is still running here
             task = asyncio.create_task(self._handle(message_id, fields), name=f"job-{message_id}")
             self._inflight[message_id] = task
             JOBS_IN_FLIGHT.set(len(self._inflight))
             task.add_done_callback(lambda _t, mid=message_id: self._forget(mid))
+
+    async def _hand_back(self, messages: list[tuple[str, dict[str, str]]]) -> None:
+        """Jobs read but not started when the stop came: back at the end of the queue for the others, now."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for message_id, fields in messages:
+                pipe.xadd(self.queue.stream, fields)  # type: ignore[arg-type]
+                pipe.xack(self.queue.stream, self.queue.group, message_id)
+                pipe.xdel(self.queue.stream, message_id)
+            await pipe.execute()
+        log.info("jobs_handed_back", count=len(messages))
 
     def _forget(self, message_id: str) -> None:
         self._inflight.pop(message_id, None)
@@ -233,35 +261,42 @@ class Worker:
         async def on_token(text: str) -> None:
             await self.queue.publish(job.id, "token", tries, {"text": text})
 
+        deadline = asyncio.timeout(max(job.deadline - time.time(), 0.001))
         try:
-            async with asyncio.timeout(max(job.deadline - time.time(), 0.001)):
+            async with deadline:
                 generation = await self.engine.generate(request, on_token if job.stream else None)
-        except TimeoutError:
-            JOBS_DROPPED_DEADLINE.inc()
-            log.info("job_deadline_during_generation")
-            await self._ack(message_id, job.id)
-            return
-        except EngineError as exc:
-            if exc.retryable and tries < self.settings.llm_max_tries:
-                await self._retry_later(message_id, fields, job.id, str(exc))
+        except RedisError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, TimeoutError) and deadline.expired():
+                JOBS_DROPPED_DEADLINE.inc()
+                log.info("job_deadline_during_generation")
+                await self._ack(message_id, job.id)
+                return
+            if isinstance(exc, EngineError):
+                error, retryable = str(exc), exc.retryable
+            else:  # not an EngineError: a bug or a malformed answer; counted as a try like any failure
+                log.exception("engine_unexpected_error")
+                error, retryable = f"{type(exc).__name__}: {exc}", True
+            if retryable and tries < self.settings.llm_max_tries:
+                await self._retry_later(message_id, fields, job.id, error)
             else:
-                await self._dead_letter(message_id, fields, job.id, str(exc), tries)
+                await self._dead_letter(message_id, fields, job.id, error, tries)
             return
         generate_s = time.time() - started
         GENERATION_SECONDS.observe(generate_s)
         TOKENS_GENERATED.inc(generation.completion_tokens)
-        if await self.queue.claim_answer(job.id, tries):
-            result: dict[str, Any] = {
-                "answer": generation.text,
-                "completion_tokens": generation.completion_tokens,
-                "prompt_tokens": generation.prompt_tokens,
-                "finish_reason": generation.finish_reason,
-                "model": self.engine.model_name,
-                "queue_ms": max(started - job.enqueued_at, 0.0) * 1000,
-                "generate_ms": generate_s * 1000,
-                "worker": self.name,
-            }
-            await self.queue.publish(job.id, "done", tries, result)
+        result: dict[str, Any] = {
+            "answer": generation.text,
+            "completion_tokens": generation.completion_tokens,
+            "prompt_tokens": generation.prompt_tokens,
+            "finish_reason": generation.finish_reason,
+            "model": self.engine.model_name,
+            "queue_ms": max(started - job.enqueued_at, 0.0) * 1000,
+            "generate_ms": generate_s * 1000,
+            "worker": self.name,
+        }
+        if await self.queue.answer(job.id, tries, result):
             JOBS_ANSWERED.inc()
             log.info("job_answered", tokens=generation.completion_tokens, generate_ms=round(generate_s * 1000, 1))
         else:

@@ -1,0 +1,328 @@
+"""The worker against a real Redis, with the scripted engine: deadlines, retries, dead letters, one answer, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+from redis.asyncio import Redis
+
+from services.common.queue import Job, JobQueue
+from services.common.schemas import SearchResponse
+from services.gateway.pipeline import Prepared
+from services.gateway.routes import _sse
+from services.llm.config import Settings
+from services.llm.engine import Generation, GenerationRequest, TokenCallback
+from services.llm.worker import Worker
+from tests.fixtures.engines import ScriptedEngine
+from tests.fixtures.llm import all_events, events_until_end, parse_sse, wait_for
+from tests.fixtures.llm import queue_is_empty as _queue_is_empty
+from tests.fixtures.redis import RedisServer
+
+STREAM = "t:worker"
+
+
+def make_settings(redis_server: RedisServer, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "redis_url": redis_server.url,
+        "llm_stream": STREAM,
+        "llm_group": f"{STREAM}:workers",
+        "llm_dead_letter_stream": f"{STREAM}:dead",
+        "llm_concurrency": 2,
+        "llm_max_tries": 3,
+        "llm_visibility_timeout_seconds": 30.0,
+        "llm_drain_seconds": 10.0,
+    }
+    return Settings(**{**values, **overrides})
+
+
+def metric(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+def make_job(question: str = "what is a zorblax?", *, ttl: float = 30.0, stream: bool = False) -> Job:
+    return Job(messages=[{"role": "user", "content": question}], deadline=time.time() + ttl, stream=stream)
+
+
+async def queue_is_empty(redis: Redis, settings: Settings) -> bool:
+    return await _queue_is_empty(redis, settings.llm_stream, settings.llm_group)
+
+
+class Running:
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.task = asyncio.create_task(worker.run())
+
+    async def stop(self) -> None:
+        self.worker.request_stop()
+        await asyncio.wait_for(self.task, 15.0)
+
+
+@pytest.fixture
+async def running(redis_client: Redis) -> AsyncIterator[list[Running]]:
+    """Workers started by a test, stopped at its end whatever happened."""
+    workers: list[Running] = []
+    yield workers
+    for item in workers:
+        if not item.task.done():
+            await item.stop()
+
+
+def start(running: list[Running], settings: Settings, engine: Any, redis: Redis, name: str) -> Running:
+    item = Running(Worker(settings, engine, redis, name=name))
+    running.append(item)
+    return item
+
+
+async def test_expired_job_is_dropped_without_generating(
+    redis_server: RedisServer, redis_client: Redis, running: list[Running]
+) -> None:
+    settings = make_settings(redis_server)
+    queue = JobQueue(redis_client, settings)
+    engine = ScriptedEngine()
+    dropped = metric("rag_llm_jobs_dropped_deadline_total")
+    expired = make_job(ttl=-1.0)
+    live = make_job("still wanted")
+    await queue.ensure_group()
+    await queue.enqueue(expired)
+    await queue.enqueue(live)
+    start(running, settings, engine, redis_client, "w1")
+
+    done = await events_until_end(queue, live.id)
+    assert done[-1].type == "done"
+    await wait_for(lambda: queue_is_empty(redis_client, settings))
+    # Only the live job reached the engine; the expired one was acknowledged, never answered.
+    assert [call.messages[-1]["content"] for call in engine.calls] == ["still wanted"]
+    assert metric("rag_llm_jobs_dropped_deadline_total") == dropped + 1
+    assert await redis_client.exists(queue.events_key(expired.id)) == 0
+    assert await redis_client.hlen(queue.tries_key()) == 0
+
+
+async def test_deadline_passing_during_generation_stops_it(
+    redis_server: RedisServer, redis_client: Redis, running: list[Running]
+) -> None:
+    settings = make_settings(redis_server)
+    queue = JobQueue(redis_client, settings)
+    engine = ScriptedEngine(delay=0.3)  # five words: 1.5 s, far past the deadline
+    dropped = metric("rag_llm_jobs_dropped_deadline_total")
+    job = make_job(ttl=0.5)
+    await queue.ensure_group()
+    await queue.enqueue(job)
+    start(running, settings, engine, redis_client, "w1")
+
+    await wait_for(lambda: queue_is_empty(redis_client, settings))
+    assert len(engine.calls) == 1
+    assert metric("rag_llm_jobs_dropped_deadline_total") == dropped + 1
+    assert await all_events(redis_client, queue, job.id) == []
+
+
+@pytest.mark.parametrize(("retryable", "calls"), [(True, 3), (False, 1)], ids=["retryable", "permanent"])
+async def test_failing_job_is_dead_lettered_and_its_caller_told(
+    redis_server: RedisServer, redis_client: Redis, running: list[Running], retryable: bool, calls: int
+) -> None:
+    settings = make_settings(redis_server, llm_max_tries=3)
+    queue = JobQueue(redis_client, settings)
+    engine = ScriptedEngine(fail_times=100, retryable=retryable)
+    retried = metric("rag_llm_jobs_retried_total")
+    dead = metric("rag_llm_jobs_dead_lettered_total")
+    job = make_job()
+    await queue.ensure_group()
+    await queue.enqueue(job)
+    start(running, settings, engine, redis_client, "w1")
+
+    events = await events_until_end(queue, job.id)
+    assert [e.type for e in events] == ["error"]
+    assert events[0].data == {"error": "generation_failed", "detail": f"scripted failure {calls}"}
+    assert len(engine.calls) == calls
+
+    entries = await redis_client.xrange(settings.llm_dead_letter_stream)
+    assert len(entries) == 1
+    fields = entries[0][1]
+    assert Job.decode(fields).id == job.id
+    assert fields["error"] == f"scripted failure {calls}"
+    assert fields["tries"] == str(calls)
+    await wait_for(lambda: queue_is_empty(redis_client, settings))
+    assert await redis_client.hlen(queue.tries_key()) == 0
+    assert metric("rag_llm_jobs_retried_total") == retried + calls - 1
+    assert metric("rag_llm_jobs_dead_lettered_total") == dead + 1
+
+
+async def test_retryable_failure_then_success_answers_once(
+    redis_server: RedisServer, redis_client: Redis, running: list[Running]
+) -> None:
+    settings = make_settings(redis_server)
+    queue = JobQueue(redis_client, settings)
+    engine = ScriptedEngine(fail_times=1, retryable=True)
+    job = make_job("second time lucky", stream=True)
+    await queue.ensure_group()
+    await queue.enqueue(job)
+    start(running, settings, engine, redis_client, "w1")
+
+    events = await events_until_end(queue, job.id)
+    assert events[-1].type == "done"
+    assert events[-1].attempt == 2
+    assert events[-1].data["answer"] == "answer to: second time lucky"
+    assert {e.attempt for e in events} == {2}  # the failed first try published nothing
+    assert len(engine.calls) == 2
+    await wait_for(lambda: queue_is_empty(redis_client, settings))
+    assert await redis_client.xlen(settings.llm_dead_letter_stream) == 0
+
+
+class SaysOtherwise(ScriptedEngine):
+    """Answers another text than ScriptedEngine, so a test can tell whose tokens it sees."""
+
+    async def generate(self, request: GenerationRequest, on_token: TokenCallback | None = None) -> Generation:
+        content = request.messages[-1]["content"] + "\nfrom the second worker"
+        changed = GenerationRequest([*request.messages[:-1], {"role": "user", "content": content}], request.max_tokens)
+        return await super().generate(changed, on_token)
+
+
+async def test_two_workers_finishing_one_job_answer_it_once(redis_server: RedisServer, redis_client: Redis) -> None:
+    settings = make_settings(redis_server)
+    queue = JobQueue(redis_client, settings)
+    first, second = ScriptedEngine(delay=0.01), SaysOtherwise(delay=0.05)
+    job = make_job("who answers?", stream=True)
+    await queue.ensure_group()
+    await queue.enqueue(job)
+    reply = await redis_client.xreadgroup(settings.llm_group, "a", {settings.llm_stream: ">"}, count=1)
+    message_id, fields = reply[0][1][0]
+
+    # The job's first worker looked dead, so another claimed it; both generate, both finish.
+    worker_a = Worker(settings, first, redis_client, name="a")
+    worker_b = Worker(settings, second, redis_client, name="b")
+    await asyncio.gather(worker_a._handle(message_id, fields), worker_b._handle(message_id, fields))
+
+    assert len(first.calls) == len(second.calls) == 1
+    events = await all_events(redis_client, queue, job.id)
+    dones = [e for e in events if e.type == "done"]
+    assert len(dones) == 1  # claim_answer: only the first to finish answers
+    assert {e.attempt for e in events if e.type == "token"} == {1, 2}
+    assert dones[0].data["answer"] in ("answer to: who answers?", "answer to: from the second worker")
+    assert await queue_is_empty(redis_client, settings)
+
+    # The caller's stream shows one attempt's tokens, and they join to the answer it gets.
+    prepared = Prepared(job=job, sources=[], search=SearchResponse(hits=[], embed_ms=1, search_ms=1), started=0.0)
+    streamed = parse_sse(await asyncio.wait_for(_collect(_sse(queue, prepared)), 5))
+    shown: list[str] = []
+    for name, data in streamed:
+        if name == "reset":
+            shown.clear()
+        elif name == "token":
+            shown.append(data["text"])
+    assert streamed[-1][0] == "done"
+    assert "".join(shown).strip() == streamed[-1][1]["answer"] == dones[0].data["answer"]
+
+
+async def _collect(chunks: AsyncIterator[str]) -> str:
+    return "".join([chunk async for chunk in chunks])
+
+
+class Counting(ScriptedEngine):
+    """Records how many generations run at once."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(delay=delay)
+        self.now = 0
+        self.most = 0
+
+    async def generate(self, request: GenerationRequest, on_token: TokenCallback | None = None) -> Generation:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            return await super().generate(request, on_token)
+        finally:
+            self.now -= 1
+
+
+async def test_jobs_in_flight_are_bounded_and_handed_over_together(
+    redis_server: RedisServer, redis_client: Redis, running: list[Running]
+) -> None:
+    settings = make_settings(redis_server, llm_concurrency=3)
+    queue = JobQueue(redis_client, settings)
+    engine = Counting(delay=0.02)
+    jobs = [make_job(f"question {i}") for i in range(7)]
+    await queue.ensure_group()
+    for job in jobs:
+        await queue.enqueue(job)
+    start(running, settings, engine, redis_client, "w1")
+
+    for job in jobs:
+        assert (await events_until_end(queue, job.id))[-1].type == "done"
+    assert engine.most == 3  # never more than RAG_LLM_CONCURRENCY, and that many together
+    assert len(engine.calls) == 7
+
+
+async def test_stop_drains_jobs_in_flight_then_leaves_the_group(
+    redis_server: RedisServer, redis_client: Redis, running: list[Running]
+) -> None:
+    settings = make_settings(redis_server, llm_concurrency=2, llm_drain_seconds=10.0)
+    queue = JobQueue(redis_client, settings)
+    engine = ScriptedEngine(delay=0.1)  # about half a second per job
+    jobs = [make_job("first"), make_job("second")]
+    await queue.ensure_group()
+    for job in jobs:
+        await queue.enqueue(job)
+    item = start(running, settings, engine, redis_client, "w1")
+    await wait_for(lambda: _true(len(engine.calls) == 2))
+
+    await item.stop()
+    for job in jobs:  # finished and answered after the stop, not abandoned
+        assert [e.type for e in await all_events(redis_client, queue, job.id)][-1] == "done"
+    assert await queue_is_empty(redis_client, settings)
+    assert await redis_client.xinfo_consumers(settings.llm_stream, settings.llm_group) == []
+
+
+async def test_drain_timeout_leaves_the_job_for_another_worker(
+    redis_server: RedisServer, redis_client: Redis, running: list[Running]
+) -> None:
+    settings = make_settings(redis_server, llm_drain_seconds=0.1, llm_visibility_timeout_seconds=0.5)
+    queue = JobQueue(redis_client, settings)
+    slow = ScriptedEngine(delay=1.0)
+    job = make_job("too slow to drain")
+    await queue.ensure_group()
+    await queue.enqueue(job)
+    item = start(running, settings, slow, redis_client, "slow")
+    await asyncio.wait_for(slow.started.wait(), 5)
+    await item.stop()
+
+    pending = await redis_client.xpending_range(settings.llm_stream, settings.llm_group, "-", "+", 10)
+    assert [p["consumer"] for p in pending] == ["slow"]  # not acknowledged: someone else will claim it
+    reclaimed = metric("rag_llm_jobs_reclaimed_total")
+    fast = ScriptedEngine()
+    start(running, settings, fast, redis_client, "fast")
+    events = await events_until_end(queue, job.id)
+    assert events[-1].type == "done"
+    assert events[-1].data["worker"] == "fast"
+    assert events[-1].attempt == 2  # the abandoned try counted
+    assert metric("rag_llm_jobs_reclaimed_total") == reclaimed + 1
+    await wait_for(lambda: queue_is_empty(redis_client, settings))
+
+
+async def test_jobs_read_after_the_stop_are_handed_back(
+    redis_server: RedisServer, redis_client: Redis, running: list[Running]
+) -> None:
+    settings = make_settings(redis_server)
+    queue = JobQueue(redis_client, settings)
+    stopping = ScriptedEngine()
+    job = make_job("read while stopping")
+    await queue.ensure_group()
+    await queue.enqueue(job)
+    worker = Worker(settings, stopping, redis_client, name="stopping")
+    worker.request_stop()
+    await worker._turn()  # reads the job, sees the stop, gives it back
+
+    assert stopping.calls == []
+    summary = await redis_client.xpending(settings.llm_stream, settings.llm_group)
+    assert summary["pending"] == 0 and await redis_client.xlen(settings.llm_stream) == 1
+    other = ScriptedEngine()
+    start(running, settings, other, redis_client, "other")
+    events = await events_until_end(queue, job.id)
+    assert events[-1].type == "done" and events[-1].data["worker"] == "other"
+
+
+async def _true(value: bool) -> bool:
+    return value

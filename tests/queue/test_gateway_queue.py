@@ -1,0 +1,178 @@
+"""The gateway's side of the queue, in process on a real Redis: backpressure, outages, deadlines, errors, streaming.
+
+The retriever is a stand-in (httpx.MockTransport; it has its own tests) and the
+worker runs in process with the scripted engine. test_processes.py does the
+same things again with every service as a real process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from redis.asyncio import Redis
+
+from services.common.http import ServiceClient
+from services.common.queue import Job, JobQueue
+from services.devstack import free_port
+from services.gateway.app import create_app
+from services.gateway.config import Settings
+from services.llm.config import Settings as LlmSettings
+from services.llm.worker import Worker
+from tests.fixtures.engines import ScriptedEngine
+from tests.fixtures.llm import parse_sse
+from tests.fixtures.redis import RedisServer
+
+STREAM = "t:gateway"
+QUEUE = {"llm_stream": STREAM, "llm_group": f"{STREAM}:workers", "llm_dead_letter_stream": f"{STREAM}:dead"}
+HIT = {"document_id": "zorblax.md", "chunk": 0, "score": 0.9, "text": "The Zorblax was sold in 1987.", "metadata": {}}
+ASK = {"question": "When was the Zorblax sold?", "top_k": 1}
+
+
+class Retriever:
+    def __init__(self) -> None:
+        self.searches = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.searches += 1
+        return httpx.Response(200, json={"hits": [HIT], "embed_ms": 1.0, "search_ms": 1.0})
+
+
+@asynccontextmanager
+async def gateway(
+    redis_url: str, engine: ScriptedEngine | None = None, **overrides: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, Retriever]]:
+    """The gateway app with its lifespan, a stand-in retriever and, given an engine, a worker."""
+    settings = Settings(redis_url=redis_url, **{**QUEUE, **overrides})
+    app = create_app(settings)
+    retriever = Retriever()
+    async with app.router.lifespan_context(app):
+        await app.state.retriever.aclose()
+        app.state.retriever = ServiceClient(
+            "retriever", "http://retriever", 5, transport=httpx.MockTransport(retriever)
+        )
+        worker, task, worker_redis = None, None, None
+        if engine is not None:
+            worker_redis = Redis.from_url(redis_url, decode_responses=True)
+            worker = Worker(LlmSettings(redis_url=redis_url, **QUEUE), engine, worker_redis, name="in-process")
+            task = asyncio.create_task(worker.run())
+        try:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=30) as client:
+                yield client, retriever
+        finally:
+            if worker is not None and task is not None and worker_redis is not None:
+                worker.request_stop()
+                await asyncio.wait_for(task, 10)
+                await worker_redis.aclose()
+
+
+async def timed(call: Callable[[], Any]) -> tuple[httpx.Response, float]:
+    started = time.perf_counter()
+    response = await call()
+    return response, time.perf_counter() - started
+
+
+async def test_full_queue_is_503_with_retry_after_before_any_work(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    queue = JobQueue(redis_client, Settings(**QUEUE))
+    await queue.ensure_group()
+    for _ in range(3):  # nobody reads them: the queue is full
+        await queue.enqueue(Job(messages=[{"role": "user", "content": "x"}], deadline=time.time() + 60))
+    async with gateway(redis_server.url, max_queue_depth=3, retry_after_seconds=7) as (client, retriever):
+        response, seconds = await timed(lambda: client.post("/v1/ask", json=ASK))
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "7"
+        assert response.json()["error"] == "queue_full"
+        assert "3 jobs" in response.json()["detail"]
+        assert seconds < 2.0
+        # Turned away before retrieval and before enqueueing.
+        assert retriever.searches == 0
+        assert await redis_client.xlen(STREAM) == 3
+        streamed = await client.post("/v1/ask", json={**ASK, "stream": True})
+        assert streamed.status_code == 503 and streamed.headers["retry-after"] == "7"
+
+
+async def test_queue_below_the_limit_is_served(redis_server: RedisServer, redis_client: Redis) -> None:
+    queue = JobQueue(redis_client, Settings(**QUEUE))
+    await queue.ensure_group()
+    await queue.enqueue(Job(messages=[{"role": "user", "content": "x"}], deadline=time.time() - 1))  # expired
+    async with gateway(redis_server.url, ScriptedEngine(), max_queue_depth=2) as (client, _):
+        response = await client.post("/v1/ask", json=ASK)
+        assert response.status_code == 200, response.text
+
+
+async def test_redis_down_is_a_quick_503_that_says_so() -> None:
+    nothing_there = f"redis://127.0.0.1:{free_port()}/0"
+    async with gateway(nothing_there) as (client, retriever):
+        for payload in (ASK, {**ASK, "stream": True}):
+            response, seconds = await timed(lambda p=payload: client.post("/v1/ask", json=p))
+            assert response.status_code == 503
+            assert response.json() == {
+                "error": "upstream_unavailable",
+                "detail": "the job queue (redis) is unavailable",
+            }
+            assert seconds < 3.0
+        assert retriever.searches == 0
+        assert (await client.get("/readyz")).status_code == 503
+
+
+async def test_no_answer_by_the_deadline_is_504_that_says_so(redis_server: RedisServer, redis_client: Redis) -> None:
+    async with gateway(redis_server.url, ask_timeout_seconds=1.0) as (client, _):  # no worker: nobody answers
+        response, seconds = await timed(lambda: client.post("/v1/ask", json=ASK))
+        assert response.status_code == 504
+        assert response.json()["error"] == "deadline_exceeded"
+        assert "deadline of 1 s" in response.json()["detail"]
+        assert 0.9 < seconds < 3.0
+        streamed = await client.post("/v1/ask", json={**ASK, "stream": True})
+        assert parse_sse(streamed.text)[-1] == (
+            "error",
+            {
+                "error": "deadline_exceeded",
+                "detail": "no answer within the deadline of 1 s; the job was dropped and will not be generated",
+            },
+        )
+    # The job left behind is past its deadline: a worker drops it without generating.
+    engine = ScriptedEngine()
+    settings = LlmSettings(**QUEUE)
+    await JobQueue(redis_client, settings).ensure_group()
+    async with gateway(redis_server.url, engine):
+        for _ in range(100):
+            pending = await redis_client.xpending(settings.llm_stream, settings.llm_group)
+            if await redis_client.xlen(STREAM) == 0 and pending["pending"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await redis_client.xlen(STREAM) == 0
+        assert engine.calls == []
+
+
+async def test_failed_generation_is_an_error_for_the_caller(redis_server: RedisServer, redis_client: Redis) -> None:
+    async with gateway(redis_server.url, ScriptedEngine(fail_times=100, retryable=False)) as (client, _):
+        response = await client.post("/v1/ask", json=ASK)
+        assert response.status_code == 502
+        assert response.json() == {"error": "generation_failed", "detail": "scripted failure 1"}
+        streamed = await client.post("/v1/ask", json={**ASK, "stream": True})
+        assert parse_sse(streamed.text) == [("error", {"error": "generation_failed", "detail": "scripted failure 2"})]
+    assert await redis_client.xlen(f"{STREAM}:dead") == 2
+
+
+async def test_streaming_events_arrive_in_order_and_join_to_the_answer(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    async with gateway(redis_server.url, ScriptedEngine(delay=0.01)) as (client, _):
+        response = await client.post("/v1/ask", json={**ASK, "stream": True})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(response.text)
+    names = [name for name, _ in events]
+    assert names == ["token"] * (len(events) - 1) + ["done"]
+    done = events[-1][1]
+    assert "".join(data["text"] for _, data in events[:-1]) == done["answer"]
+    assert done["answer"] == "answer to: Question: When was the Zorblax sold?"
+    assert done["sources"] == [HIT]
+    assert set(done["timings"]) == {"embed_ms", "search_ms", "queue_ms", "generate_ms", "total_ms"}
