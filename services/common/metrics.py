@@ -31,7 +31,7 @@ GPU_UTILIZATION = Gauge("rag_gpu_utilization_ratio", "GPU utilisation, 0..1.", [
 GPU_MEMORY_USED = Gauge("rag_gpu_memory_used_bytes", "GPU memory in use.", ["gpu"])
 GPU_MEMORY_TOTAL = Gauge("rag_gpu_memory_total_bytes", "GPU memory in all.", ["gpu"])
 
-UNMEASURED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+UNMEASURED_PATHS = frozenset({"/healthz", "/readyz", "/health", "/metrics"})
 
 
 class MetricsMiddleware:

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -28,6 +28,9 @@ from redis.exceptions import ResponseError
 from services.common.settings import QueueSettings
 
 EventType = Literal["token", "done", "error"]
+# redis-py's replies as this module reads them (decode_responses=True).
+StreamEntries = list[tuple[str, dict[str, str]]]
+StreamReply = list[tuple[str, StreamEntries]] | None
 
 
 @dataclass(frozen=True)
@@ -87,14 +90,15 @@ def make_redis(settings: QueueSettings) -> Redis:
             host, _, port = item.strip().rpartition(":")
             hosts.append((host, int(port)))
         url_options = Redis.from_url(settings.redis_url).connection_pool.connection_kwargs
-        sentinel = Sentinel(
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
             hosts,
             sentinel_kwargs={"socket_connect_timeout": 2.0, "socket_timeout": 2.0},
             password=url_options.get("password"),
             db=url_options.get("db", 0),
             **options,
         )
-        return sentinel.master_for(settings.redis_sentinel_master)
+        master: Redis = sentinel.master_for(settings.redis_sentinel_master)
+        return master
     return Redis.from_url(settings.redis_url, **options)
 
 
@@ -146,14 +150,14 @@ class JobQueue:
                 continue
             lag = group.get("lag")
             if lag is None:  # lag is unknown after some deletions: count what is left by hand
-                rest = await self.redis.xrange(self.stream, f"({group['last-delivered-id']}", "+")
+                rest = cast(StreamEntries, await self.redis.xrange(self.stream, f"({group['last-delivered-id']}", "+"))
                 lag = len(rest)
             return int(lag) + int(group["pending"])
         return int(await self.redis.xlen(self.stream))
 
     async def enqueue(self, job: Job) -> str:
-        message_id: str = await self.redis.xadd(self.stream, job.encode())  # type: ignore[arg-type]
-        return message_id
+        message_id = await self.redis.xadd(self.stream, job.encode())  # type: ignore[arg-type]
+        return str(message_id)
 
     async def publish(self, job_id: str, event_type: EventType, attempt: int, data: dict[str, Any]) -> None:
         key = self.events_key(job_id)
@@ -180,7 +184,7 @@ class JobQueue:
         key = self.events_key(job_id)
         last = "0-0"
         while True:
-            reply = await self.redis.xread({key: last}, block=block_ms, count=256)
+            reply = cast(StreamReply, await self.redis.xread({key: last}, block=block_ms, count=256))
             for _, entries in reply or []:
                 for entry_id, fields in entries:
                     last = entry_id

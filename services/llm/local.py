@@ -68,8 +68,8 @@ def load_model(settings: Settings, device: str) -> tuple[Any, Any]:
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=dtype)
     if gguf_file and cached is not None:
         _save_cache(model, tokenizer, cached)
-    model.to(device)
-    model.eval()
+    model.to(device)  # type: ignore[arg-type]  # transformers types .to() for dtypes only
+    model.eval()  # type: ignore[no-untyped-call]
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from services.common.queue import Job, JobQueue
+from services.common.queue import Job, JobQueue, StreamReply
 from services.llm.config import Settings
 from services.llm.engine import Engine, EngineError, GenerationRequest
 from services.llm.metrics import (
@@ -122,8 +123,11 @@ class Worker:
             # A full claim may have left more behind: look again on the next turn.
             self._next_reclaim = now if len(messages) >= free else now + self.reclaim_interval
         if not messages:
-            reply = await self.redis.xreadgroup(
-                self.queue.group, self.name, {self.queue.stream: ">"}, count=free, block=1000
+            reply = cast(
+                StreamReply,
+                await self.redis.xreadgroup(
+                    self.queue.group, self.name, {self.queue.stream: ">"}, count=free, block=1000
+                ),
             )
             for _, entries in reply or []:
                 messages.extend(entries)
@@ -136,7 +140,7 @@ class Worker:
             task = asyncio.create_task(self._handle(message_id, fields), name=f"job-{message_id}")
             self._inflight[message_id] = task
             JOBS_IN_FLIGHT.set(len(self._inflight))
-            task.add_done_callback(lambda _t, mid=message_id: self._forget(mid))
+            task.add_done_callback(functools.partial(self._forget, message_id))
 
     async def _hand_back(self, messages: list[tuple[str, dict[str, str]]]) -> None:
         """Jobs read but not started when the stop came: back at the end of the queue for the others, now."""
@@ -148,7 +152,7 @@ class Worker:
             await pipe.execute()
         log.info("jobs_handed_back", count=len(messages))
 
-    def _forget(self, message_id: str) -> None:
+    def _forget(self, message_id: str, _task: object = None) -> None:
         self._inflight.pop(message_id, None)
         JOBS_IN_FLIGHT.set(len(self._inflight))
 
@@ -180,7 +184,7 @@ class Worker:
             if not ids:
                 continue
             try:
-                await self.redis.xclaim(self.queue.stream, self.queue.group, self.name, 0, ids, justid=True)
+                await self.redis.xclaim(self.queue.stream, self.queue.group, self.name, 0, list[Any](ids), justid=True)
             except RedisError as exc:
                 log.warning("keep_claims_failed", error=str(exc))
 
