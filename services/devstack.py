@@ -205,9 +205,9 @@ def main(data_dir: Path = ROOT / "data") -> int:
         )
         print(
             f"\n  curl -s -X POST {gateway}/v1/ask -H 'Content-Type: application/json' \\\n"
-            '       -d \'{"question": "Which signal scales the LLM workers?"}\'\n'
+            '       -d \'{"question": "What does KEDA scale the LLM workers on?"}\'\n'
         )
-        print("  .venv/bin/ragpod ask 'How does ragpod share GPUs between embedding pods?'\n")
+        print("  .venv/bin/ragpod ask 'How many embedding pods share one GPU with time-slicing?'\n")
         print("Ctrl-C stops every process.", flush=True)
         while not stopping:
             dead = [p for p in stack.procs if not p.alive()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from services.common.settings import QueueSettings, ServiceSettings
+from services.gateway.prompt import SYSTEM
 
 
 class Settings(ServiceSettings, QueueSettings):
@@ -21,3 +22,4 @@ class Settings(ServiceSettings, QueueSettings):
     rate_limit_per_minute: int = Field(0, ge=0, description="Requests per minute per client; 0 disables.")
     retry_after_seconds: int = Field(2, ge=1, description="Retry-After sent with a 503 for a full queue.")
     max_context_chars: int = Field(6000, ge=100, description="Characters of retrieved text put into the prompt.")
+    system_prompt: str = Field(SYSTEM, min_length=1, description="The system message put before the sources.")

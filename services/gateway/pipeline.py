@@ -65,7 +65,7 @@ async def prepare(
     payload: dict[str, Any] = {"query": body.question, "top_k": body.top_k, "filters": body.filters}
     search = SearchResponse.model_validate(await retriever.post("/v1/search", payload, request_id=request_id))
     ASK_STAGE_SECONDS.labels("retrieve").observe(time.perf_counter() - started)
-    messages = build_messages(body.question, search.hits, settings.max_context_chars)
+    messages = build_messages(body.question, search.hits, settings.max_context_chars, settings.system_prompt)
     job = Job(messages=messages, deadline=deadline, stream=body.stream, request_id=request_id)
     with redis_errors():
         await queue.enqueue(job)

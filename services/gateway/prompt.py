@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from services.common.schemas import Source
 
+# Plain on purpose: the packaged 135M model copes with this and loses the thread when asked to cite
+# ([1] markers); a larger production model can be told to cite through RAG_SYSTEM_PROMPT.
 SYSTEM = (
-    "You are a helpful assistant. Answer the question using only the numbered sources. "
-    "Cite the sources you use like [1]. If the sources do not contain the answer, say that you do not know."
+    "You are a helpful assistant. Answer the question in one or two sentences, using only the sources below. "
+    "If the sources do not contain the answer, say that you do not know."
 )
 
 
-def build_messages(question: str, sources: list[Source], max_context_chars: int) -> list[dict[str, str]]:
+def build_messages(
+    question: str, sources: list[Source], max_context_chars: int, system: str = SYSTEM
+) -> list[dict[str, str]]:
     blocks: list[str] = []
     used = 0
     for number, source in enumerate(sources, start=1):
@@ -21,4 +25,4 @@ def build_messages(question: str, sources: list[Source], max_context_chars: int)
         used += len(text)
     context = "\n\n".join(blocks) if blocks else "(no sources were found)"
     user = f"Sources:\n{context}\n\nQuestion: {question.strip()}"
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]

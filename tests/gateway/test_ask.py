@@ -25,7 +25,7 @@ async def test_the_prompt_carries_the_chunks_marked_with_their_sources(gateway: 
     await gateway.client.post("/v1/ask", json={"question": "When?", "top_k": 2})
     (request,) = gateway.engine.calls
     system, user = request.messages
-    assert system["role"] == "system" and "only the numbered sources" in system["content"]
+    assert system["role"] == "system" and "using only the sources" in system["content"]
     assert "[1] (source: zorblax, chunk 0)\nThe Zorblax was first sold in 1987." in user["content"]
     assert "[2] (source: other, chunk 2)" in user["content"]
     assert user["content"].endswith("Question: When?")
