@@ -114,6 +114,20 @@ def eventually(url: str, promql: str, timeout: float = 30) -> list[dict[str, Any
         time.sleep(1)
 
 
+def drive_traffic(stack: Stack) -> None:
+    """Requests over a few scrapes, so rate() has points to work with."""
+    gateway = f"http://127.0.0.1:{stack.ports['gateway']}"
+    retriever = f"http://127.0.0.1:{stack.ports['retriever']}"
+    with httpx.Client(timeout=30) as client:
+        for _ in range(3):
+            for _ in range(10):
+                assert client.post(f"{gateway}/v1/ask", json={"question": " "}).status_code == 422
+                assert (
+                    client.post(f"{retriever}/v1/search", json={"query": "moon tides", "top_k": 2}).status_code == 200
+                )
+            time.sleep(1.5)
+
+
 def test_every_hpa_pods_metric_has_an_adapter_rule(
     manifests: list[dict[str, Any]], adapter_rules: dict[str, dict[str, Any]]
 ) -> None:
@@ -131,17 +145,8 @@ def test_every_hpa_pods_metric_has_an_adapter_rule(
 def test_prometheus_evaluates_the_hpa_queries_on_the_services_own_series(
     stack: Stack, prometheus: str, adapter_rules: dict[str, dict[str, Any]]
 ) -> None:
-    gateway = f"http://127.0.0.1:{stack.ports['gateway']}"
-    retriever = f"http://127.0.0.1:{stack.ports['retriever']}"
     wait_until(lambda: len(query(prometheus, "up == 1")) == len(stack.ports), 30, "first scrape of every service")
-    with httpx.Client(timeout=30) as client:
-        for _ in range(3):  # traffic over a few scrapes, so rate() has points to work with
-            for _ in range(10):
-                assert client.post(f"{gateway}/v1/ask", json={"question": " "}).status_code == 422
-                assert (
-                    client.post(f"{retriever}/v1/search", json={"query": "moon tides", "top_k": 2}).status_code == 200
-                )
-            time.sleep(1.5)
+    drive_traffic(stack)
 
     rate = eventually(prometheus, expand(adapter_rules["rag_http_requests_per_second"], "gateway-0"))
     assert [r["metric"]["pod"] for r in rate] == ["gateway-0"]
@@ -156,3 +161,43 @@ def test_prometheus_evaluates_the_hpa_queries_on_the_services_own_series(
 
     depth = eventually(prometheus, f'max(rag_llm_queue_depth{{namespace="{NAMESPACE}"}})')
     assert float(depth[0]["value"][1]) >= 0
+
+
+DASHBOARD = ROOT / "deploy" / "compose" / "grafana" / "provisioning" / "dashboards" / "ragpod.json"
+GPU_ONLY = {"rag_gpu_utilization_ratio", "rag_gpu_memory_used_bytes", "rag_gpu_memory_total_bytes"}
+
+
+def dashboard_queries() -> list[str]:
+    import json
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def exported_names(stack: Stack) -> set[str]:
+    """Every series name the services declare (from the TYPE lines, so series not yet used count too)."""
+    suffixes = {"histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count")}
+    names: set[str] = set()
+    for port in stack.ports.values():
+        for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text.splitlines():
+            if line.startswith("# TYPE "):
+                _, _, name, kind = line.split(" ", 3)
+                names.update(name + suffix for suffix in suffixes.get(kind, ("",)))
+    return names
+
+
+def test_the_dashboard_names_only_series_the_services_export(stack: Stack) -> None:
+    exported = exported_names(stack)
+    assert exported >= GPU_ONLY  # declared everywhere, set only where a GPU is present
+    used = {name for expr in dashboard_queries() for name in re.findall(r"\brag_[a-z0-9_]+", expr)}
+    assert used and used <= exported, used - exported
+
+
+def test_prometheus_evaluates_every_dashboard_query(stack: Stack, prometheus: str) -> None:
+    wait_until(lambda: len(query(prometheus, "up == 1")) == len(stack.ports), 30, "first scrape of every service")
+    drive_traffic(stack)
+    answered = 0
+    for expr in dashboard_queries():
+        result = query(prometheus, expr.replace("$__rate_interval", "1m"))  # asserts Prometheus accepted it
+        answered += bool(result)
+    assert answered >= len(dashboard_queries()) // 2  # most panels have data once the stack has served requests
