@@ -202,3 +202,20 @@ def test_configmap_keys_are_settings_the_services_read(renders):
         for name in ("gateway-config", "embedding-config", "retriever-config", "llm-config"):
             used |= set(render.get("ConfigMap", name)["data"])
     assert used - known == set()
+
+
+def test_every_ragpod_command_names_a_module_that_exists(renders):
+    """A container that runs ``python -m services...`` runs code this repository has."""
+    import importlib.util
+
+    commands = set()
+    for render in renders.values():
+        for kind in k8s.POD_KINDS:
+            for workload in render.all(kind):
+                for container in k8s.all_containers(k8s.pod_template(workload)["spec"]):
+                    command = list(container.get("command", [])) + list(container.get("args", []))
+                    if command[:2] == ["python", "-m"] and command[2].startswith("services"):
+                        commands.add(command[2])
+    assert {"services.llm.serve", "services.retriever.reindex"} <= commands
+    missing = [module for module in sorted(commands) if importlib.util.find_spec(module) is None]
+    assert missing == []
