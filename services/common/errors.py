@@ -27,11 +27,6 @@ class RagError(Exception):
         self.headers = dict(headers or {})
 
 
-class BadRequest(RagError):
-    status_code = 400
-    error = "bad_request"
-
-
 class Unauthorized(RagError):
     status_code = 401
     error = "unauthorized"

@@ -141,9 +141,6 @@ class _BatchStreamer:
     def end(self) -> None:
         pass
 
-    def all_done(self) -> bool:
-        return all(item.done for item in self.items)
-
 
 class LocalEngine:
     def __init__(self, settings: Settings) -> None:

@@ -66,7 +66,6 @@ class Worker:
         self._stop = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._group_ready = False
-        self.redis_ok = False
 
     @property
     def stopping(self) -> bool:
@@ -88,9 +87,7 @@ class Worker:
             while not self._stop.is_set():
                 try:
                     await self._turn()
-                    self.redis_ok = True
                 except RedisError as exc:
-                    self.redis_ok = False
                     self._group_ready = False  # Redis may have come back empty: create the group again
                     log.warning("worker_redis_error", error=str(exc))
                     with contextlib.suppress(asyncio.TimeoutError):
@@ -207,7 +204,7 @@ class Worker:
     ) -> None:
         entry = {**fields, "error": error, "tries": str(tries), "failed_at": str(time.time()), "consumer": self.name}
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.settings.llm_dead_letter_stream, entry)  # type: ignore[arg-type]
+            pipe.xadd(self.queue.dead_letter, entry)  # type: ignore[arg-type]
             pipe.xack(self.queue.stream, self.queue.group, message_id)
             pipe.xdel(self.queue.stream, message_id)
             if job_id:

@@ -88,7 +88,7 @@ class VectorStore:
         Upsert first, delete after: a failure in between leaves the old tail,
         never a hole, and a retry finishes the job.
         """
-        points = [models.PointStruct(id=i, vector=v, payload=p) for i, v, p in zip(ids, vectors, payloads, strict=True)]
+        points = _points(ids, vectors, payloads)
 
         def write() -> None:
             self._client.upsert(self.collection, points=points, wait=True)
@@ -147,7 +147,7 @@ class VectorStore:
         return await self._call(scroll)
 
     async def upsert(self, ids: list[str], vectors: list[list[float]], payloads: list[dict[str, Any]]) -> None:
-        points = [models.PointStruct(id=i, vector=v, payload=p) for i, v, p in zip(ids, vectors, payloads, strict=True)]
+        points = _points(ids, vectors, payloads)
         await self._call(lambda: self._client.upsert(self.collection, points=points, wait=True))
 
     async def count(self) -> int:
@@ -160,3 +160,7 @@ class VectorStore:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _points(ids: list[str], vectors: list[list[float]], payloads: list[dict[str, Any]]) -> list[models.PointStruct]:
+    return [models.PointStruct(id=i, vector=v, payload=p) for i, v, p in zip(ids, vectors, payloads, strict=True)]
