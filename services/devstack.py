@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,13 +106,13 @@ def start_service(name: str, env: Mapping[str, str], log_dir: Path | None) -> Pr
     return spawn(name, [sys.executable, "-m", f"services.{name}"], env, log_dir)
 
 
-def wait_until(check: object, timeout: float, what: str, proc: Proc | None = None) -> None:
+def wait_until(check: Callable[[], object], timeout: float, what: str, proc: Proc | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and not proc.alive():
             raise RuntimeError(f"{what}: process exited with {proc.popen.returncode}\n{proc.log_tail()}")
         try:
-            if check():  # type: ignore[operator]
+            if check():
                 return
         except (httpx.HTTPError, OSError):
             pass
