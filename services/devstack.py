@@ -9,6 +9,7 @@ started. The same helpers start the processes of the end-to-end tests.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -156,7 +157,7 @@ class Stack:
                 self.procs.append(start_service(name, self.env_for(name), self.log_dir))
             for proc in self.procs:
                 if proc.name in self.ports:
-                    wait_until(lambda port=self.ports[proc.name]: ready(port), ready_timeout, proc.name, proc)
+                    wait_until(functools.partial(ready, self.ports[proc.name]), ready_timeout, proc.name, proc)
         except BaseException:
             self.stop()
             raise
