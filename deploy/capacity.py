@@ -1,13 +1,17 @@
 """Check that the GPU workloads of a kustomize overlay fit its GPU quota and GPU node pools.
 
-    python deploy/capacity.py                               # every overlay in deploy/k8s/overlays
-    python deploy/capacity.py deploy/k8s/overlays/mig       # one or more overlay directories
-    kubectl kustomize deploy/k8s/overlays/mig | python deploy/capacity.py -
+    python -m deploy.capacity                               # every overlay in deploy/k8s/overlays
+    python -m deploy.capacity deploy/k8s/overlays/mig       # one or more overlay directories
+    kubectl kustomize deploy/k8s/overlays/mig | python -m deploy.capacity -
+
+(from the repository root: ``deploy`` is a package, shared with the manifest tests).
 
 For every workload that asks for a GPU (Deployment, StatefulSet, Job, CronJob)
 the check takes the most pods it can have at once: the maximum of its
 HorizontalPodAutoscaler or KEDA ScaledObject (else its own replicas or
-parallelism), plus the pods a rolling update may surge. It multiplies them by
+parallelism), plus the pods a rolling update may surge, plus, for the quota,
+the pods that may still be terminating while their replacements are created
+(a terminating pod counts against the quota until it is gone). It multiplies them by
 the GPU units one pod requests, in the units the NVIDIA device plugin
 advertises on the nodes: whole GPUs (nvidia.com/gpu), time-slices (replicas
 per GPU, renamed nvidia.com/gpu.shared with renameByDefault) or MIG instances
@@ -38,8 +42,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
-import subprocess
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -49,7 +51,16 @@ from typing import Any
 
 import yaml
 
-K8S_DIR = Path(__file__).resolve().parent / "k8s"
+from deploy.manifests import (
+    ManifestError,
+    Obj,
+    Taint,
+    load,
+    node_admits,
+    overlays,
+    render,
+)
+
 PLAN_CONFIGMAP = "gpu-capacity-plan"
 PLAN_KEY = "node-pools.yaml"
 DEVICE_PLUGIN_CONFIGMAP = "ragpod-device-plugin-config"
@@ -58,34 +69,13 @@ MIG_KEY = "config.yaml"
 GPU_PREFIX = "nvidia.com/"
 WHOLE_GPU = "nvidia.com/gpu"
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job", "CronJob")
-BLOCKING_EFFECTS = ("NoSchedule", "NoExecute")
-
-Obj = dict[str, Any]
 
 
-class CapacityError(Exception):
+class CapacityError(ManifestError):
     """The manifests cannot be read as a capacity problem (not: they do not fit)."""
 
 
 # --- reading the render -------------------------------------------------------------------------
-
-
-def render(overlay: Path) -> list[Obj]:
-    """The objects ``kubectl kustomize`` renders for an overlay directory."""
-    kubectl = os.environ.get("KUBECTL", "kubectl")
-    try:
-        done = subprocess.run(
-            [kubectl, "kustomize", str(overlay)], check=False, capture_output=True, text=True, timeout=120
-        )
-    except FileNotFoundError as exc:
-        raise CapacityError(f"{kubectl} not found: kubectl renders the overlays (set KUBECTL)") from exc
-    if done.returncode != 0:
-        raise CapacityError(f"kubectl kustomize {overlay} failed: {done.stderr.strip()}")
-    return load(done.stdout)
-
-
-def load(text: str) -> list[Obj]:
-    return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
 def _name(obj: Obj) -> str:
@@ -104,22 +94,6 @@ def _configmap(objects: Iterable[Obj], name: str) -> Obj | None:
 
 
 # --- node pools ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Taint:
-    key: str
-    value: str
-    effect: str
-
-    @classmethod
-    def parse(cls, text: str) -> Taint:
-        """``key=value:Effect`` or ``key:Effect``, as ``kubectl taint`` writes them."""
-        spec, sep, effect = text.rpartition(":")
-        if not sep or not spec:
-            raise CapacityError(f"taint {text!r} is not key[=value]:Effect")
-        key, _, value = spec.partition("=")
-        return cls(key, value, effect)
 
 
 @dataclass(frozen=True)
@@ -257,10 +231,16 @@ class Workload:
     kind: str
     namespace: str
     name: str
-    pods: int
+    pods: int  # running or starting at once: the scaler's maximum plus a rollout's surge
     per_pod: dict[str, int]
     priority: int
     template: Obj
+    terminating: int = 0  # stopping at the same time, still counted by the quota
+
+    @property
+    def counted(self) -> int:
+        """Pods the namespace quota counts at once: a terminating pod holds its quota until it is gone."""
+        return self.pods + self.terminating
 
     @property
     def ref(self) -> str:
@@ -305,14 +285,47 @@ def pod_gpu_units(pod_spec: Mapping[str, Any]) -> dict[str, int]:
     return {name: max(running.get(name, 0), init_peak.get(name, 0)) for name in set(running) | set(init_peak)}
 
 
-def _surge(deployment: Obj, pods: int) -> int:
+def _rolling(deployment: Obj, pods: int, name: str, default: str, round_up: bool) -> int:
     strategy = deployment["spec"].get("strategy") or {}
     if strategy.get("type", "RollingUpdate") != "RollingUpdate":
         return 0
-    surge = (strategy.get("rollingUpdate") or {}).get("maxSurge", "25%")
-    if isinstance(surge, str) and surge.endswith("%"):
-        return math.ceil(pods * int(surge[:-1]) / 100)
-    return int(surge)
+    value = (strategy.get("rollingUpdate") or {}).get(name, default)
+    if isinstance(value, str) and value.endswith("%"):
+        share = pods * int(value[:-1]) / 100
+        return math.ceil(share) if round_up else math.floor(share)
+    return int(value)
+
+
+def _surge(deployment: Obj, pods: int) -> int:
+    """Pods a rolling update may add above the replicas (maxSurge rounds up)."""
+    return _rolling(deployment, pods, "maxSurge", "25%", round_up=True)
+
+
+def _terminating(deployment: Obj, pods: int) -> int:
+    """Pods of a Deployment that may be terminating while their replacements are created.
+
+    The Deployment controller does not wait for a deleted pod to be gone: in a
+    rollout it replaces up to maxUnavailable + maxSurge pods a step, and a pod
+    evicted from a drained node (one at a time under the PodDisruptionBudget)
+    is replaced at once. Each terminating pod still counts against the quota
+    for up to its grace period, so a quota sized to the maximum refuses the
+    replacement. At least one (an eviction happens with any strategy), none
+    for a pod with no grace period.
+    """
+    grace = deployment["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+    if int(grace) == 0:
+        return 0  # deleted from the API at once: nothing is left to count
+    if (deployment["spec"].get("strategy") or {}).get("type", "RollingUpdate") != "RollingUpdate":
+        return 1
+    unavailable = _rolling(deployment, pods, "maxUnavailable", "25%", round_up=False)
+    return max(1, unavailable + _surge(deployment, pods))
+
+
+def _job_terminating(job: Mapping[str, Any], parallelism: int) -> int:
+    """A Job replaces a failed pod only once it is gone with podReplacementPolicy Failed
+    (the default with a podFailurePolicy); else while it terminates."""
+    policy = job.get("podReplacementPolicy") or ("Failed" if job.get("podFailurePolicy") else "TerminatingOrFailed")
+    return 0 if policy == "Failed" else parallelism
 
 
 def _scalers(objects: Sequence[Obj]) -> dict[tuple[str, str, str], list[tuple[str, int]]]:
@@ -348,17 +361,23 @@ def read_workloads(objects: Sequence[Obj]) -> tuple[list[Workload], list[str]]:
             if policy == "Allow":
                 errors.append(f"{_namespace(obj)}/CronJob/{_name(obj)}: concurrencyPolicy Allow lets Jobs pile up")
             pods = int(job.get("parallelism", 1)) * (2 if policy == "Replace" else 1)
+            terminating = _job_terminating(job, int(job.get("parallelism", 1)))
         elif kind == "Job":
             template = spec["template"]
             pods = int(spec.get("parallelism", 1))
+            terminating = _job_terminating(spec, pods)
         else:
             template = spec["template"]
             scaled = scalers.get((_namespace(obj), kind, _name(obj)), [])
             if len(scaled) > 1:
                 errors.append(f"{_namespace(obj)}/{kind}/{_name(obj)}: scaled by {', '.join(s for s, _ in scaled)}")
-            pods = max((most for _, most in scaled), default=int(spec.get("replicas", 1)))
+            replicas = max((most for _, most in scaled), default=int(spec.get("replicas", 1)))
+            pods = replicas
+            # A StatefulSet recreates a pod only after the old one is gone.
+            terminating = 0
             if kind == "Deployment":
-                pods += _surge(obj, pods)
+                pods += _surge(obj, replicas)
+                terminating = _terminating(obj, replicas)
         per_pod = pod_gpu_units(template["spec"])
         if not per_pod:
             continue
@@ -366,67 +385,16 @@ def read_workloads(objects: Sequence[Obj]) -> tuple[list[Workload], list[str]]:
         if class_name and class_name not in priorities:
             errors.append(f"{_namespace(obj)}/{kind}/{_name(obj)}: PriorityClass {class_name} is not in the render")
         priority = priorities.get(class_name, 0) if class_name else 0
-        workloads.append(Workload(kind, _namespace(obj), _name(obj), pods, per_pod, priority, template))
+        workloads.append(Workload(kind, _namespace(obj), _name(obj), pods, per_pod, priority, template, terminating))
     return workloads, errors
 
 
 # --- matching pods to pools ---------------------------------------------------------------------
 
 
-def _expression_holds(expression: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
-    key, operator = expression["key"], expression["operator"]
-    values = [str(v) for v in expression.get("values") or []]
-    if operator == "In":
-        return key in labels and labels[key] in values
-    if operator == "NotIn":
-        return key not in labels or labels[key] not in values
-    if operator == "Exists":
-        return key in labels
-    if operator == "DoesNotExist":
-        return key not in labels
-    if operator in ("Gt", "Lt"):
-        if key not in labels:
-            return False
-        left, right = int(labels[key]), int(values[0])
-        return left > right if operator == "Gt" else left < right
-    raise CapacityError(f"unknown node selector operator {operator}")
-
-
-def _tolerates(tolerations: Sequence[Mapping[str, Any]], taint: Taint) -> bool:
-    for toleration in tolerations:
-        effect = toleration.get("effect")
-        if effect and effect != taint.effect:
-            continue
-        operator = toleration.get("operator", "Equal")
-        key = toleration.get("key")
-        if not key:
-            if operator == "Exists":
-                return True
-            continue
-        if key != taint.key:
-            continue
-        if operator == "Exists" or str(toleration.get("value", "")) == taint.value:
-            return True
-    return False
-
-
 def admits(pool: Pool, template: Obj) -> bool:
     """Whether a pool's nodes may take a pod of this template (GPU resources aside)."""
-    spec = template["spec"]
-    for key, value in (spec.get("nodeSelector") or {}).items():
-        if pool.labels.get(key) != str(value):
-            return False
-    required = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
-        "requiredDuringSchedulingIgnoredDuringExecution"
-    )
-    if required:
-        terms = required.get("nodeSelectorTerms") or []
-        if not any(
-            all(_expression_holds(e, pool.labels) for e in term.get("matchExpressions") or []) for term in terms
-        ):
-            return False
-    tolerations = spec.get("tolerations") or []
-    return all(_tolerates(tolerations, t) for t in pool.taints if t.effect in BLOCKING_EFFECTS)
+    return node_admits(pool.labels, pool.taints, template["spec"])
 
 
 # --- the check ----------------------------------------------------------------------------------
@@ -492,19 +460,21 @@ def check(objects: Sequence[Obj], name: str = "render") -> Report:
             fits = [p for p in pools if resource in p.offers and admits(p, workload.template)]
             eligible[(workload.ref, resource)] = fits
             where = ", ".join(p.name for p in fits) or "no pool"
+            stopping = f" (+{workload.terminating} terminating)" if workload.terminating else ""
             report.lines.append(
-                f"{workload.ref}: {workload.pods} pods x {units} {resource} = {workload.pods * units}"
+                f"{workload.ref}: {workload.pods} pods{stopping} x {units} {resource} = {workload.counted * units}"
                 f" (priority {workload.priority}; pools: {where})"
             )
             if not fits:
                 report.errors.append(f"{workload.ref} needs {resource}, which no pool that admits it offers")
 
-    # The namespace quota covers everything the namespace may hold at once.
+    # The namespace quota covers everything the namespace may hold at once,
+    # pods still terminating included: quota is checked when a pod is created.
     quotas = _quotas(objects)
     demand: dict[tuple[str, str], int] = defaultdict(int)
     for workload in workloads:
         for resource, units in workload.per_pod.items():
-            demand[(workload.namespace, resource)] += workload.pods * units
+            demand[(workload.namespace, resource)] += workload.counted * units
     for (namespace, resource), needed in sorted(demand.items()):
         hard = quotas.get(namespace, {}).get(resource)
         if hard is None:
@@ -515,6 +485,8 @@ def check(objects: Sequence[Obj], name: str = "render") -> Report:
             report.errors.append(f"{namespace}: the workloads may need {needed} {resource}, the quota allows {hard}")
 
     # The pools hold every group of workloads that run together (Hall's condition).
+    # Terminating pods are left out here: a replacement that finds its GPU still
+    # held waits Pending for the grace period, it is not refused.
     by_resource: dict[str, list[Workload]] = defaultdict(list)
     for workload in workloads:
         for resource in workload.per_pod:
@@ -536,10 +508,6 @@ def check(objects: Sequence[Obj], name: str = "render") -> Report:
     return report
 
 
-def overlays(root: Path = K8S_DIR / "overlays") -> list[Path]:
-    return sorted(p for p in root.iterdir() if (p / "kustomization.yaml").is_file())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("targets", nargs="*", help="overlay directories, or - for a render on stdin")
@@ -552,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report = check(load(sys.stdin.read()), "stdin")
             else:
                 report = check(render(Path(target)), Path(target).name)
-        except CapacityError as exc:
+        except ManifestError as exc:
             report = Report(target, errors=[str(exc)])
         print(report.text())
         failed += not report.ok

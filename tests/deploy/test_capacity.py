@@ -1,4 +1,4 @@
-"""deploy/capacity.py: the GPU workloads of every overlay fit its quota and node pools, and a broken one fails."""
+"""deploy.capacity: the GPU workloads of every overlay fit its quota and node pools, and a broken one fails."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import ragpod_deploy_capacity as capacity
-import ragpod_k8s_manifests as k8s
 import yaml
 
-CLI = k8s.REPO / "deploy" / "capacity.py"
+from deploy import capacity
+from tests.fixtures import k8s_manifests as k8s
+
+CLI = [sys.executable, "-m", "deploy.capacity"]
 OVERCOMMITTED = Path(__file__).parent / "fixtures" / "overcommitted"
 
 
@@ -52,20 +53,20 @@ def test_capacity_check_passes_on_every_overlay(renders, overlay):
 
 def test_capacity_cli_fails_on_a_deliberately_overcommitted_overlay():
     good = subprocess.run(
-        [sys.executable, str(CLI), str(k8s.K8S / "overlays" / "gpu-cluster")], capture_output=True, text=True
+        [*CLI, str(k8s.K8S / "overlays" / "gpu-cluster")], capture_output=True, text=True, cwd=k8s.REPO
     )
     assert good.returncode == 0, good.stdout + good.stderr
     assert good.stdout.startswith("gpu-cluster: OK")
-    bad = subprocess.run([sys.executable, str(CLI), str(OVERCOMMITTED)], capture_output=True, text=True)
+    bad = subprocess.run([*CLI, str(OVERCOMMITTED)], capture_output=True, text=True, cwd=k8s.REPO)
     assert bad.returncode == 1
     assert "overcommitted: FAIL" in bad.stdout
-    assert "the workloads may need 22 nvidia.com/gpu, the quota allows 18" in bad.stdout
+    assert "the workloads may need 24 nvidia.com/gpu, the quota allows 20" in bad.stdout
     assert "rag-production/Deployment/llm may need 12 nvidia.com/gpu; pools gpu-a100 offer 8" in bad.stdout
 
 
 def test_capacity_cli_reads_a_render_on_stdin(renders):
     text = yaml.safe_dump_all(renders["mig"].objects)
-    done = subprocess.run([sys.executable, str(CLI), "-"], input=text, capture_output=True, text=True)
+    done = subprocess.run([*CLI, "-"], input=text, capture_output=True, text=True, cwd=k8s.REPO)
     assert done.returncode == 0 and "stdin: OK" in done.stdout
     assert "nvidia.com/mig-1g.10gb 7/node (7 per GPU)" in done.stdout
 
@@ -120,7 +121,7 @@ def test_a_rolling_update_surge_counts_against_the_quota(renders):
     llm = find(objects, "Deployment", "llm")
     llm["spec"]["strategy"]["rollingUpdate"] = {"maxSurge": 1, "maxUnavailable": 0}
     errors = capacity.check(objects).errors
-    assert any("may need 19 nvidia.com/gpu, the quota allows 18" in e for e in errors)
+    assert any("may need 21 nvidia.com/gpu, the quota allows 20" in e for e in errors)
 
 
 def test_workloads_sharing_a_pool_must_fit_together(renders):
@@ -150,7 +151,7 @@ def test_a_gpu_resource_outside_the_quota_fails(renders):
     del find(objects, "ResourceQuota", "gpu-quota", k8s.NAMESPACE)["spec"]["hard"]["requests.nvidia.com/gpu.shared"]
     errors = capacity.check(objects).errors
     assert errors == [
-        "rag-production: 10 nvidia.com/gpu.shared with no ResourceQuota on requests.nvidia.com/gpu.shared"
+        "rag-production: 11 nvidia.com/gpu.shared with no ResourceQuota on requests.nvidia.com/gpu.shared"
     ]
 
 

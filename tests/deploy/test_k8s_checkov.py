@@ -7,7 +7,8 @@ import re
 import subprocess
 
 import pytest
-import ragpod_k8s_manifests as k8s
+
+from tests.fixtures import k8s_manifests as k8s
 
 SKIP = re.compile(r"^CKV2?_K8S_\d+=[^=]{20,}$")
 

@@ -9,10 +9,11 @@ from collections import Counter
 import kubernetes_validate
 import kubernetes_validate.utils
 import pytest
-import ragpod_k8s_manifests as k8s
 from cloudcoil.models.keda.v1alpha1 import ScaledObject, TriggerAuthentication
 from cloudcoil.models.prometheus_operator.v1 import PodMonitor, ServiceMonitor
 from kubernetes_validate.utils import SchemaNotFoundError
+
+from tests.fixtures import k8s_manifests as k8s
 
 # Custom resources, checked against the models generated from their CRDs.
 CRD_MODELS = {

@@ -11,9 +11,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import ragpod_k8s_manifests as k8s
 import yaml
-from ragpod_k8s_manifests import gpu_resources, label_selector_matches, pod_template, quantity, resources
+
+from tests.fixtures import k8s_manifests as k8s
+from tests.fixtures.k8s_manifests import gpu_resources, label_selector_matches, pod_template, quantity, resources
 
 GPU = pytest.mark.parametrize("overlay", k8s.GPU_OVERLAYS)
 ALL = pytest.mark.parametrize("overlay", k8s.OVERLAYS)
