@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from services.common.settings import QueueSettings, ServiceSettings
 from services.gateway.prompt import SYSTEM
@@ -23,3 +23,18 @@ class Settings(ServiceSettings, QueueSettings):
     retry_after_seconds: int = Field(2, ge=1, description="Retry-After sent with a 503 for a full queue.")
     max_context_chars: int = Field(6000, ge=100, description="Characters of retrieved text put into the prompt.")
     system_prompt: str = Field(SYSTEM, min_length=1, description="The system message put before the sources.")
+    min_relevance: float = Field(
+        0.25,
+        description="Sources whose score (dense cosine similarity to the question) is below this are not given to the "
+        "model; when none is left the question is answered as not covered, without a job.",
+    )
+    min_support: float = Field(
+        0.6, description="Support (0..1) every answer sentence needs for the answer to count as grounded."
+    )
+
+    @field_validator("min_relevance", "min_support")
+    @classmethod
+    def _unit_interval(cls, value: float, info: ValidationInfo) -> float:
+        if not 0.0 <= value <= 1.0:  # also refuses NaN
+            raise ValueError(f"RAG_{str(info.field_name).upper()} must be between 0 and 1, got {value}")
+        return value

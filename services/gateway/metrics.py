@@ -9,3 +9,11 @@ ASK_STAGE_SECONDS = Histogram(
     ["stage"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
 )
+UNANSWERED = Counter(
+    "rag_ask_unanswered",
+    "Questions answered as not covered by the documents: no source reached RAG_MIN_RELEVANCE, no job was queued.",
+)
+UNGROUNDED = Counter(
+    "rag_ask_ungrounded",
+    "Generated answers with at least one sentence below RAG_MIN_SUPPORT (grounded: false).",
+)

@@ -12,17 +12,28 @@ SYSTEM = (
 )
 
 
-def build_messages(
-    question: str, sources: list[Source], max_context_chars: int, system: str = SYSTEM
-) -> list[dict[str, str]]:
-    blocks: list[str] = []
+def context_texts(sources: list[Source], max_context_chars: int) -> list[str]:
+    """The text of each source as the prompt carries it: ``max_context_chars`` in all, sources in order."""
+    texts: list[str] = []
     used = 0
-    for number, source in enumerate(sources, start=1):
+    for source in sources:
         text = source.text[: max(max_context_chars - used, 0)]
         if not text:
             break
-        blocks.append(f"[{number}] (source: {source.document_id}, chunk {source.chunk})\n{text}")
+        texts.append(text)
         used += len(text)
+    return texts
+
+
+def build_messages(
+    question: str, sources: list[Source], max_context_chars: int, system: str = SYSTEM
+) -> list[dict[str, str]]:
+    blocks = [
+        f"[{number}] (source: {source.document_id}, chunk {source.chunk})\n{text}"
+        for number, (source, text) in enumerate(
+            zip(sources, context_texts(sources, max_context_chars), strict=False), start=1
+        )
+    ]
     context = "\n\n".join(blocks) if blocks else "(no sources were found)"
     user = f"Sources:\n{context}\n\nQuestion: {question.strip()}"
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]

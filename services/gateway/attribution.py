@@ -1,0 +1,147 @@
+"""Which source supports each sentence of an answer.
+
+The answer and the sources it was written from are cut into sentences; every
+distinct sentence is embedded in one batched call, and each answer sentence is
+attributed to the source holding its most similar sentence (cosine similarity,
+the ``support``). An answer is grounded when every sentence reaches
+``RAG_MIN_SUPPORT``. ``[n]`` markers the model wrote are compared with that: a
+marker naming no source, or a source that does not support the sentence
+(support below the threshold), is reported in ``citation_warnings``.
+
+Plain Python on purpose: the gateway carries no numpy or torch, and a few
+hundred 384-dimensional dot products take well under a millisecond.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from services.gateway.schemas import Citation, CitationWarning
+
+Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
+
+_MARKER = re.compile(r"\[\s*(\d+(?:\s*[,;]\s*\d+)*)\s*\]")
+_LEADING_MARKERS = re.compile(r"^(?:\s*\[\s*\d+(?:\s*[,;]\s*\d+)*\s*\])+")
+# A sentence ends at . ! ? (then closing quotes or brackets, then [n] markers) followed by white space.
+_END = re.compile(r"[.!?]+[\"'”’)]*(?:\s*\[\s*\d+(?:\s*[,;]\s*\d+)*\s*\])*\s+")
+_ABBREVIATION = re.compile(r"(?:^|[\s(])(?:e\.g|i\.e|etc|vs|cf|dr|mr|mrs|ms|fig|approx|[a-z])$", re.IGNORECASE)
+# Only enumerators (and markers) so far: "1." or "1. [1] 2." does not end a sentence.
+_ENUMERATION = re.compile(r"^(?:\s*(?:\d{1,3}[.)]|\[\s*\d+(?:\s*[,;]\s*\d+)*\s*\]))*\s*\d{1,3}$")
+_LIST_PREFIX = re.compile(r"^\s*(?:#{1,6}\s+|[-*•]\s+|>\s*)")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of ``text``: cut at line breaks and sentence ends, markers kept with their sentence.
+
+    An enumerator ("1."), an initial ("J.") or a common abbreviation does not end a
+    sentence; ``[n]`` markers written just after a full stop belong to the sentence
+    before them.
+    """
+    sentences: list[str] = []
+    for line in text.splitlines():
+        start = 0
+        for match in _END.finditer(line):
+            core = line[start : match.start()]
+            if _ABBREVIATION.search(core) or _ENUMERATION.match(core):
+                continue
+            sentences.append(line[start : match.end()].strip())
+            start = match.end()
+        sentences.append(line[start:].strip())
+    merged: list[str] = []
+    for sentence in sentences:
+        lead = _LEADING_MARKERS.match(sentence)
+        if lead and merged:
+            merged[-1] = f"{merged[-1]} {lead.group(0).strip()}"
+            sentence = sentence[lead.end() :].strip()
+        if sentence:
+            merged.append(sentence)
+    return [s for s in merged if any(ch.isalnum() for ch in _MARKER.sub("", s))]
+
+
+def markers(sentence: str) -> list[int]:
+    """The source numbers of the ``[n]`` / ``[n, m]`` markers in ``sentence``, in order, once each."""
+    found: list[int] = []
+    for match in _MARKER.finditer(sentence):
+        for part in re.split(r"[,;]", match.group(1)):
+            number = int(part)
+            if number not in found:
+                found.append(number)
+    return found
+
+
+def embedding_text(sentence: str) -> str:
+    """What is embedded for a sentence: without markers, bullets or heading marks."""
+    return _LIST_PREFIX.sub("", _MARKER.sub("", sentence)).strip()
+
+
+def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+    return dot / norm if norm else 0.0
+
+
+@dataclass
+class Attribution:
+    citations: list[Citation] = field(default_factory=list)
+    grounded: bool = False
+    warnings: list[CitationWarning] = field(default_factory=list)
+
+
+async def attribute(answer: str, sources: Sequence[str], embed: Embed, min_support: float) -> Attribution:
+    """Attribute each sentence of ``answer`` to one of ``sources`` (texts as the model saw them, in order).
+
+    ``embed`` is called once, with every distinct sentence of the answer and the
+    sources; nothing is called when the answer has no sentence or there is no source.
+    """
+    answer_sentences = split_sentences(answer)
+    source_sentences = [
+        (number, text)
+        for number, source in enumerate(sources, start=1)
+        for text in (embedding_text(s) for s in split_sentences(source))
+        if text
+    ]
+    if not answer_sentences or not source_sentences:
+        return Attribution()
+    texts: list[str] = []
+    index: dict[str, int] = {}
+    for text in [embedding_text(s) for s in answer_sentences] + [t for _, t in source_sentences]:
+        if text and text not in index:
+            index[text] = len(texts)
+            texts.append(text)
+    vectors = await embed(texts)
+    if len(vectors) != len(texts):
+        raise ValueError(f"embedding returned {len(vectors)} vectors for {len(texts)} texts")
+
+    citations: list[Citation] = []
+    warnings: list[CitationWarning] = []
+    for sentence in answer_sentences:
+        text = embedding_text(sentence)
+        # Per source, the best similarity of this sentence to one of its sentences.
+        per_source = [0.0] * len(sources)
+        if text and any(ch.isalpha() for ch in text):
+            vector = vectors[index[text]]
+            for number, source_text in source_sentences:
+                similarity = _cosine(vector, vectors[index[source_text]])
+                per_source[number - 1] = max(per_source[number - 1], similarity)
+        best = max(range(len(sources)), key=lambda i: per_source[i])
+        support = round(max(per_source[best], 0.0), 4)
+        citations.append(Citation(sentence=sentence, source=best + 1, support=support))
+        for marker in markers(sentence):
+            if not 1 <= marker <= len(sources):
+                detail = f"[{marker}] names no source: the answer had {len(sources)}"
+                warnings.append(
+                    CitationWarning(sentence=sentence, marker=marker, source=best + 1, support=0.0, detail=detail)
+                )
+            elif per_source[marker - 1] < min_support:
+                marked = round(max(per_source[marker - 1], 0.0), 4)
+                detail = f"source [{marker}] does not support this sentence (support {marked:.2f})"
+                if marker != best + 1:
+                    detail += f"; the best source is [{best + 1}] (support {support:.2f})"
+                warnings.append(
+                    CitationWarning(sentence=sentence, marker=marker, source=best + 1, support=marked, detail=detail)
+                )
+    grounded = all(c.support >= min_support for c in citations)
+    return Attribution(citations=citations, grounded=grounded, warnings=warnings)
