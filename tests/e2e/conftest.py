@@ -7,7 +7,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from services.devstack import Stack, free_port
+from ragpod.processes import free_port
+from ragpod.supervisor import Stack
 from tests.fixtures.models import MODEL_CACHE
 
 

@@ -20,7 +20,8 @@ import httpx
 import pytest
 import yaml
 
-from services.devstack import Proc, Stack, free_port, spawn, wait_until
+from ragpod.processes import Proc, free_port, spawn, wait_until
+from ragpod.supervisor import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]

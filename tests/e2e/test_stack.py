@@ -5,7 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from services.devstack import Stack, ready, start_service, wait_until
+from ragpod.processes import ready, wait_until
+from ragpod.supervisor import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -34,10 +35,17 @@ def ask(gateway: httpx.Client) -> httpx.Response:
     return gateway.post("/v1/ask", json={"question": QUESTION, "top_k": 3})
 
 
-def test_index_and_ask_a_fact_only_the_documents_know(stack: Stack, gateway: httpx.Client) -> None:
-    indexed = gateway.post("/v1/documents", json={"documents": [FACT, *DISTRACTORS]})
-    assert indexed.status_code == 200, indexed.text
-    assert indexed.json() == {"indexed": 4, "chunks": 4}
+@pytest.fixture(scope="module")
+def indexed(stack: Stack, gateway: httpx.Client) -> dict[str, int]:
+    """The fact and its distractors, indexed once for the tests of this module."""
+    response = gateway.post("/v1/documents", json={"documents": [FACT, *DISTRACTORS]})
+    assert response.status_code == 200, response.text
+    result: dict[str, int] = response.json()
+    return result
+
+
+def test_index_and_ask_a_fact_only_the_documents_know(indexed: dict[str, int], gateway: httpx.Client) -> None:
+    assert indexed == {"indexed": 4, "chunks": 4}
 
     response = ask(gateway)
     assert response.status_code == 200, response.text
@@ -49,16 +57,16 @@ def test_index_and_ask_a_fact_only_the_documents_know(stack: Stack, gateway: htt
     # Greedy decoding over the retrieved chunk: the model repeats the year it could only have read there.
     assert "2011" in body["answer"], body["answer"]
     assert body["model"] == "smollm2-135m-instruct"
+    # Every stage was measured, and the stages fit inside the whole (how fast is bench/'s business).
     t = body["timings"]
-    parts = t["embed_ms"] + t["search_ms"] + t["queue_ms"] + t["generate_ms"]
-    assert all(t[k] > 0 for k in ("embed_ms", "search_ms", "generate_ms")) and t["queue_ms"] >= 0
-    assert parts <= t["total_ms"]
-    assert t["generate_ms"] > 0.5 * t["total_ms"]  # the model, not the plumbing, takes the time
+    assert all(t[k] > 0 for k in ("embed_ms", "search_ms", "generate_ms", "total_ms"))
+    assert t["embed_ms"] + t["search_ms"] + t["queue_ms"] + t["generate_ms"] <= t["total_ms"]
 
 
-def test_reindexing_the_same_documents_keeps_the_chunk_count(stack: Stack, gateway: httpx.Client) -> None:
+def test_reindexing_the_same_documents_keeps_the_chunk_count(
+    indexed: dict[str, int], stack: Stack, gateway: httpx.Client
+) -> None:
     before = points(stack)
-    assert before >= 4  # other tests of this folder may have indexed more
     again = gateway.post("/v1/documents", json={"documents": [FACT, *DISTRACTORS]})
     assert again.json() == {"indexed": 4, "chunks": 4}
     assert points(stack) == before
@@ -80,12 +88,13 @@ def test_every_service_serves_health_and_metrics(stack: Stack) -> None:
 
 @pytest.mark.parametrize("service", ["embedding", "retriever"])
 def test_a_dependency_down_is_a_clear_503_and_recovery_is_automatic(
-    stack: Stack, gateway: httpx.Client, service: str
+    indexed: dict[str, int], stack: Stack, gateway: httpx.Client, service: str
 ) -> None:
     before = points(stack)
+    others = {p.name: p.pid for p in stack.procs if p.name != service}
     proc = stack.proc(service)
     proc.stop()
-    stack.procs.remove(proc)
+    assert not proc.alive()
     try:
         response = ask(gateway)
         assert response.status_code == 503
@@ -94,10 +103,11 @@ def test_a_dependency_down_is_a_clear_503_and_recovery_is_automatic(
         documents = gateway.post("/v1/documents", json={"documents": [FACT]})
         assert documents.status_code == 503
     finally:
-        restarted = start_service(service, stack.env_for(service), stack.log_dir)
-        stack.procs.append(restarted)
+        restarted = stack.start_one(service)
+        # Raises unless the service answers /readyz with 200 in time.
         wait_until(lambda: ready(stack.ports[service]), 120, service, restarted)
     # Nothing else was restarted: the others reconnect on their own.
+    assert {p.name: p.pid for p in stack.procs if p.name != service} == others
     response = ask(gateway)
     assert response.status_code == 200, response.text
     assert response.json()["sources"][0]["document_id"] == "quillfeather-vantor"

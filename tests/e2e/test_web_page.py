@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from services.devstack import Stack
+from ragpod.supervisor import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

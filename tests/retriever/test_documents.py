@@ -165,7 +165,7 @@ def test_embedding_down_is_503_naming_it_and_loses_nothing(client: TestClient, e
 
 
 def test_qdrant_server_down_is_503_naming_it(embedding: EmbeddingDouble) -> None:
-    from services.devstack import free_port
+    from ragpod.processes import free_port
 
     settings = Settings(qdrant_url=f"http://127.0.0.1:{free_port()}")  # nothing listens there
     with TestClient(create_app(settings, embedding_transport=httpx.MockTransport(embedding))) as client:

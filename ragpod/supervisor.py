@@ -1,0 +1,268 @@
+"""The whole stack as local processes: ``make run`` / ``ragpod run``.
+
+Starts a Redis server (see :mod:`ragpod.redis_server`) and the four services with
+``python -m services.<name>``, waits until each is ready, indexes the demo corpus and prints how to ask.
+Then it watches them the way a cluster would: a service that dies is started again after a backoff
+(1 s, doubling, at most 30 s) and the console says so, while the others keep serving; a service that
+fails ``max_restarts`` times in a row (each within a minute of its start) stops the stack. Ctrl-C stops
+every process it started, in order. The end-to-end tests start their stacks with the same :class:`Stack`.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import httpx
+
+from ragpod.documents import read_documents
+from ragpod.processes import ROOT, Child, port_open, ready, start_service, wait_until
+from ragpod.redis_server import RedisDataError, available_servers, choose_server, start_redis
+
+SERVICES = ("embedding", "retriever", "llm", "gateway")
+PORTS = {"gateway": 8000, "embedding": 8001, "retriever": 8002, "llm": 8003}
+REDIS_PORT = 6379
+
+
+@dataclass
+class Stack:
+    """Four services and, unless one was already running, a Redis server."""
+
+    ports: dict[str, int]
+    redis_port: int
+    data_dir: Path
+    log_dir: Path | None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    procs: list[Child] = field(default_factory=list)
+    own_session: bool = False
+
+    def env_for(self, name: str) -> dict[str, str]:
+        p = self.ports
+        return {
+            "RAG_PORT": str(p[name]),
+            "RAG_HOST": "127.0.0.1",
+            "RAG_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+            "RAG_EMBEDDING_URL": f"http://127.0.0.1:{p['embedding']}",
+            "RAG_RETRIEVER_URL": f"http://127.0.0.1:{p['retriever']}",
+            "RAG_QDRANT_PATH": str(self.data_dir / "qdrant"),
+            "RAG_LLM_MODEL_CACHE_DIR": str(self.data_dir / "models"),
+            **self.extra_env,
+        }
+
+    def start_one(self, name: str) -> Child:
+        """Start ``redis`` or one service (not waiting for it to be ready); it replaces a dead one of that name."""
+        if name == "redis":
+            child = start_redis(self.redis_port, self.data_dir / "redis", self.log_dir, persist=True)
+        else:
+            child = start_service(name, self.env_for(name), self.log_dir, own_session=self.own_session)
+        self.procs = [proc for proc in self.procs if proc.name != name] + [child]
+        return child
+
+    def start(self, redis: bool = True, ready_timeout: float = 300.0) -> None:
+        try:
+            if redis and not port_open(self.redis_port):
+                self.start_one("redis")
+            for name in SERVICES:
+                self.start_one(name)
+            for proc in self.procs:
+                if proc.name in self.ports:
+                    wait_until(functools.partial(ready, self.ports[proc.name]), ready_timeout, proc.name, proc)
+        except BaseException:
+            self.stop()
+            raise
+
+    def proc(self, name: str) -> Child:
+        return next(p for p in self.procs if p.name == name)
+
+    def stop(self) -> None:
+        """Stop in reverse start order: the gateway first, Redis last (the LLM worker drains into it)."""
+        order = {name: i for i, name in enumerate(("redis", *SERVICES))}
+        for proc in sorted(self.procs, key=lambda p: order.get(p.name, -1), reverse=True):
+            proc.stop()
+        self.procs.clear()
+
+
+@dataclass
+class RestartPolicy:
+    max_restarts: int = 5
+    first_backoff: float = 1.0
+    max_backoff: float = 30.0
+    stable_after: float = 60.0
+
+    def delay(self, restarts: int) -> float:
+        return float(min(self.first_backoff * 2**restarts, self.max_backoff))
+
+
+@dataclass
+class _Watch:
+    started_at: float
+    restarts: int = 0
+    due: float | None = None
+    awaiting_ready: bool = False
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "stopped answering"
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+class Supervisor:
+    """Restarts what dies in a :class:`Stack`, with backoff and a limit, and says so on ``out``."""
+
+    def __init__(
+        self,
+        stack: Stack,
+        policy: RestartPolicy | None = None,
+        out: TextIO = sys.stdout,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stack = stack
+        self.policy = policy or RestartPolicy()
+        self.out = out
+        self.clock = clock
+        now = clock()
+        self.watches = {proc.name: _Watch(started_at=now) for proc in stack.procs}
+        self.failed: str | None = None
+
+    def say(self, message: str) -> None:
+        print(message, file=self.out, flush=True)
+
+    def log_hint(self, name: str) -> str:
+        return f" (log: {self.stack.log_dir / f'{name}.log'})" if self.stack.log_dir else ""
+
+    def poll(self) -> bool:
+        """One turn: notice deaths, start what is due, report readiness. False once a service gave up."""
+        now = self.clock()
+        for name, watch in self.watches.items():
+            if watch.due is not None:
+                if now >= watch.due:
+                    self._restart(name, watch, now)
+                continue
+            proc = self.stack.proc(name)
+            if not proc.alive():
+                self._schedule(name, watch, describe_exit(proc.returncode), proc.log_tail(5), now)
+                if self.failed:
+                    return False
+            elif watch.awaiting_ready and name in self.stack.ports and _ready_now(self.stack.ports[name]):
+                watch.awaiting_ready = False
+                self.say(f"{name} is ready again")
+        return self.failed is None
+
+    def _schedule(self, name: str, watch: _Watch, how: str, log_tail: str, now: float) -> None:
+        if now - watch.started_at >= self.policy.stable_after:
+            watch.restarts = 0
+        if watch.restarts >= self.policy.max_restarts:
+            self.failed = name
+            self.say(f"{name} {how} again after {watch.restarts} restarts; giving up{self.log_hint(name)}\n{log_tail}")
+            return
+        delay = self.policy.delay(watch.restarts)
+        watch.restarts += 1
+        watch.due = now + delay
+        watch.awaiting_ready = False
+        self.say(
+            f"{name} {how}; restarting it in {delay:.0f} s (restart {watch.restarts} of "
+            f"{self.policy.max_restarts}){self.log_hint(name)}; the other services keep serving"
+        )
+
+    def _restart(self, name: str, watch: _Watch, now: float) -> None:
+        watch.due = None
+        watch.started_at = now
+        try:
+            proc = self.stack.start_one(name)
+        except (RuntimeError, OSError) as exc:
+            self._schedule(name, watch, f"failed to start ({exc})", "", now)
+            return
+        watch.awaiting_ready = True
+        pid = f", pid {proc.pid}" if proc.pid is not None else ""
+        self.say(f"{name} restarted{pid}")
+
+    def run(self, stopping: Callable[[], bool], interval: float = 0.5) -> int:
+        while not stopping():
+            if not self.poll():
+                return 1
+            time.sleep(interval)
+        return 0
+
+
+def _ready_now(port: int) -> bool:
+    try:
+        return ready(port)
+    except httpx.HTTPError:
+        return False
+
+
+def ingest_demo(gateway: str) -> dict[str, int]:
+    documents = read_documents(ROOT / "demo" / "corpus")
+    response = httpx.post(f"{gateway}/v1/documents", json={"documents": documents}, timeout=300)
+    response.raise_for_status()
+    result: dict[str, int] = response.json()
+    return result
+
+
+def main(data_dir: Path = ROOT / "data", ports: dict[str, int] | None = None) -> int:
+    ports = {**PORTS, "redis": REDIS_PORT, **(ports or {})}
+    redis_port = ports.pop("redis")
+    stack = Stack(ports=ports, redis_port=redis_port, data_dir=data_dir, log_dir=data_dir / "logs", own_session=True)
+    busy = [f"{n}:{p}" for n, p in stack.ports.items() if port_open(p)]
+    if busy:
+        print(f"ports already in use: {', '.join(busy)}; stop what runs there first", file=sys.stderr)
+        return 1
+    if port_open(redis_port):
+        print(f"redis: using the server already listening on {redis_port}", flush=True)
+    else:
+        try:
+            server = choose_server(data_dir / "redis", available_servers())
+        except RedisDataError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        print(f"redis: {server.describe()} on {redis_port}, data in {data_dir / 'redis'}", flush=True)
+    print(f"starting {', '.join(SERVICES)} (logs in {stack.log_dir}) ...", flush=True)
+    print("the first start converts the LLM to safetensors (about a minute); later starts are fast", flush=True)
+    stopping = False
+    supervising = False
+
+    def on_signal(*_: object) -> None:
+        # The services run in sessions of their own, so a Ctrl-C reaches only this process.
+        nonlocal stopping
+        stopping = True
+        if not supervising:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        stack.start()
+        gateway = f"http://127.0.0.1:{stack.ports['gateway']}"
+        result = ingest_demo(gateway)
+        print(
+            f"\nragpod is ready at {gateway}/  (indexed {result['indexed']} demo documents, {result['chunks']} chunks)"
+        )
+        print(
+            f"\n  curl -s -X POST {gateway}/v1/ask -H 'Content-Type: application/json' \\\n"
+            '       -d \'{"question": "How many embedding pods share one GPU with time-slicing?", "top_k": 3}\'\n'
+        )
+        print("  .venv/bin/ragpod ask 'What does KEDA scale the LLM workers on?'\n")
+        print("processes: " + ", ".join(f"{p.name} pid {p.pid}" for p in stack.procs if p.pid is not None))
+        print("a service that dies is restarted; Ctrl-C stops every process.", flush=True)
+        supervising = True
+        return Supervisor(stack).run(lambda: stopping)
+    except (RuntimeError, httpx.HTTPError) as exc:
+        print(f"failed to start: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        print("stopping ...", flush=True)
+        stack.stop()

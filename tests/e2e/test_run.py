@@ -1,0 +1,135 @@
+"""``ragpod run`` as a person runs it, on free ports: kill -9 the LLM worker and watch the supervisor bring it
+back while the gateway keeps answering; Ctrl-C stops every process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ragpod.processes import free_port
+from tests.fixtures.models import MODEL_CACHE
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+class Console:
+    """The supervisor's console, read line by line in a thread."""
+
+    def __init__(self, popen: subprocess.Popen[str]) -> None:
+        self.popen = popen
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            with self.changed:
+                self.lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+        with self.changed:
+            self.lines.append("<closed>")
+            self.changed.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float, after: int = 0) -> tuple[int, re.Match[str]]:
+        """The first line from index ``after`` on matching ``pattern``; fails with the whole console otherwise."""
+        compiled = re.compile(pattern)
+
+        def found() -> tuple[int, re.Match[str]] | None:
+            for index in range(after, len(self.lines)):
+                match = compiled.search(self.lines[index])
+                if match:
+                    return index, match
+            return None
+
+        with self.changed:
+            self.changed.wait_for(lambda: found() is not None or "<closed>" in self.lines, timeout)
+            result = found()
+        assert result is not None, f"{pattern!r} never appeared on the console:\n" + "\n".join(self.lines)
+        return result
+
+
+@pytest.fixture
+def ragpod_run(tmp_path: Path) -> Iterator[tuple[Console, dict[str, int]]]:
+    data = tmp_path / "data"
+    data.mkdir()
+    MODEL_CACHE.mkdir(parents=True, exist_ok=True)
+    (data / "models").symlink_to(MODEL_CACHE)  # the converted LLM, shared with the other tests
+    ports = {name: free_port() for name in ("gateway", "embedding", "retriever", "llm", "redis")}
+    command = [sys.executable, "-m", "ragpod", "run", "--data-dir", str(data)]
+    command += [f"--port={name}={port}" for name, port in ports.items()]
+    env = {**os.environ, "RAG_LLM_MAX_NEW_TOKENS": "32", "PYTHONUNBUFFERED": "1"}
+    popen = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    console = Console(popen)
+    try:
+        yield console, ports
+    finally:
+        if popen.poll() is None:
+            popen.send_signal(signal.SIGINT)
+            try:
+                popen.wait(90)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+        for pid in started_pids(console):  # whatever a failed test left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def started_pids(console: Console) -> list[int]:
+    text = "\n".join(console.lines)
+    return [int(pid) for pid in re.findall(r"\bpid (\d+)", text)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_killed_llm_worker_comes_back_while_the_gateway_keeps_answering(
+    ragpod_run: tuple[Console, dict[str, int]],
+) -> None:
+    console, ports = ragpod_run
+    ready_at, _ = console.wait_for(r"^ragpod is ready at ", 900)
+    _, match = console.wait_for(r"^processes: (.*)$", 10, after=ready_at)
+    pids = {name: int(pid) for name, pid in re.findall(r"(\w+) pid (\d+)", match.group(1))}
+    assert {"gateway", "embedding", "retriever", "llm"} <= set(pids), pids
+
+    question = {"question": "What does KEDA scale the LLM workers on?", "top_k": 3}
+    with httpx.Client(base_url=f"http://127.0.0.1:{ports['gateway']}", timeout=300) as gateway:
+        os.kill(pids["llm"], signal.SIGKILL)
+        killed_at, _ = console.wait_for(r"^llm was killed by SIGKILL; restarting it in 1 s \(restart 1 of 5\)", 30)
+        with ThreadPoolExecutor(1) as pool:
+            # Asked while no worker runs: the job waits in the queue for the worker that comes back.
+            answer = pool.submit(gateway.post, "/v1/ask", json=question)
+            assert gateway.get("/healthz").status_code == 200
+            assert gateway.get("/readyz").status_code == 200
+            _, restarted = console.wait_for(r"^llm restarted, pid (\d+)$", 60, after=killed_at)
+            console.wait_for(r"^llm is ready again$", 300, after=killed_at)
+            response = answer.result(timeout=300)
+        assert response.status_code == 200, response.text
+        assert response.json()["answer"].strip() and response.json()["sources"]
+
+    new_pid = int(restarted.group(1))
+    assert new_pid != pids["llm"] and alive(new_pid)
+    assert all(alive(pids[name]) for name in ("gateway", "embedding", "retriever"))  # nobody else was restarted
+    assert not any(re.match(r"^(gateway|embedding|retriever|redis) ", line) for line in console.lines[killed_at:])
+
+    # Ctrl-C: every process it started stops, and it exits cleanly.
+    console.popen.send_signal(signal.SIGINT)
+    assert console.popen.wait(90) == 0, "\n".join(console.lines)
+    console.wait_for(r"^stopping \.\.\.$", 5, after=killed_at)
+    assert not any(alive(pid) for pid in [*pids.values(), new_pid])

@@ -1,0 +1,116 @@
+"""The supervisor restarts what dies, with backoff and a limit, and says so; real child processes."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ragpod.processes import Child, spawn, wait_until
+from ragpod.supervisor import RestartPolicy, Stack, Supervisor
+
+SLEEP = [sys.executable, "-c", "import time; time.sleep(600)"]
+FAIL = [sys.executable, "-c", "raise SystemExit(3)"]
+
+
+class Sleepers(Stack):
+    """A stack of plain processes: each name runs the command given for it."""
+
+    def __init__(self, commands: dict[str, list[str]], log_dir: Path) -> None:
+        super().__init__(ports={}, redis_port=0, data_dir=log_dir, log_dir=log_dir)
+        self.commands = commands
+        for name in commands:
+            self.start_one(name)
+
+    def start_one(self, name: str) -> Child:
+        child = spawn(name, self.commands[name], {}, self.log_dir, own_session=True)
+        self.procs = [proc for proc in self.procs if proc.name != name] + [child]
+        return child
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Sleepers]:
+    stack = Sleepers({"worker": SLEEP, "gateway": SLEEP}, tmp_path)
+    yield stack
+    stack.stop()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_killed_process_is_restarted_and_the_others_keep_running(stack: Sleepers) -> None:
+    out = io.StringIO()
+    supervisor = Supervisor(stack, RestartPolicy(first_backoff=0.2), out=out)
+    killed, other = stack.proc("worker").pid, stack.proc("gateway").pid
+    assert killed is not None
+    os.kill(killed, signal.SIGKILL)
+    wait_until(lambda: supervisor.poll() and "worker restarted" in out.getvalue(), 30, "restart")
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("worker was killed by SIGKILL; restarting it in 0 s (restart 1 of 5)")
+    assert "the other services keep serving" in lines[0]
+    assert lines[1] == f"worker restarted, pid {stack.proc('worker').pid}"
+    assert stack.proc("worker").pid != killed and stack.proc("worker").alive()
+    assert stack.proc("gateway").pid == other and stack.proc("gateway").alive()
+
+
+def test_backoff_doubles_up_to_its_cap() -> None:
+    policy = RestartPolicy(first_backoff=1, max_backoff=30)
+    assert [policy.delay(n) for n in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+
+
+def test_a_process_that_keeps_failing_stops_the_stack_after_the_limit(tmp_path: Path) -> None:
+    stack = Sleepers({"worker": FAIL, "gateway": SLEEP}, tmp_path)
+    out = io.StringIO()
+    try:
+        supervisor = Supervisor(stack, RestartPolicy(max_restarts=2, first_backoff=0.0), out=out)
+        status = supervisor.run(lambda: False, interval=0.05)
+    finally:
+        stack.stop()
+    assert status == 1 and supervisor.failed == "worker"
+    lines = out.getvalue().splitlines()
+    assert [line.split(";")[0] for line in lines[:4]] == [
+        "worker exited with status 3",
+        "worker restarted, pid " + lines[1].rsplit(" ", 1)[1],
+        "worker exited with status 3",
+        "worker restarted, pid " + lines[3].rsplit(" ", 1)[1],
+    ]
+    assert lines[4].startswith("worker exited with status 3 again after 2 restarts; giving up")
+
+
+def test_a_process_that_ran_a_while_starts_with_a_fresh_count(stack: Sleepers) -> None:
+    clock = Clock()
+    out = io.StringIO()
+    supervisor = Supervisor(
+        stack, RestartPolicy(max_restarts=1, first_backoff=1, stable_after=60), out=out, clock=clock
+    )
+
+    def kill_and_restart() -> None:
+        pid = stack.proc("worker").pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not stack.proc("worker").alive(), 10, "worker to die")
+        assert supervisor.poll()  # notices, schedules in 1 s
+        clock.now += 1
+        assert supervisor.poll()  # starts it again
+
+    kill_and_restart()
+    clock.now += 61  # it ran for a minute: the next death is a first one again
+    kill_and_restart()
+    assert out.getvalue().count("(restart 1 of 1)") == 2 and "giving up" not in out.getvalue()
+    clock.now += 5  # a quick second death is one too many
+    pid = stack.proc("worker").pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not stack.proc("worker").alive(), 10, "worker to die")
+    assert not supervisor.poll()
+    assert "giving up" in out.getvalue()
