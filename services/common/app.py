@@ -1,41 +1,111 @@
-"""What every service's app factory shares: middleware, error handlers, health and metrics routes."""
+"""What every service's app factory shares: middleware, error handlers, health, status and metrics routes."""
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: the routes below take dependencies that are
+# arguments of ``add_common_routes``, and FastAPI must see those annotations as objects, not names.
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Annotated, Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
-from services.common.errors import install_error_handlers
+from services.common.errors import ErrorRenderer, RagError, install_error_handlers
 from services.common.logging import RequestIdMiddleware
 from services.common.metrics import MetricsMiddleware, metrics_endpoint
 
-ReadinessCheck = Callable[[FastAPI], Awaitable[dict[str, str]]]
+OK = "ok"
+Checks = dict[str, str]
+"""One entry per part: ``"ok"`` or, in words, why not."""
+ChecksDependency = Callable[..., Awaitable[Checks]]
+"""A FastAPI dependency (it may itself take ``StateDep`` and the like) returning ``Checks``."""
+Probe = Callable[[], Awaitable[object]]
+"""Succeeds when the part is fine; raises (best a ``RagError`` saying why) when it is not."""
 
 
-def add_common_routes(app: FastAPI, service: str, readiness: ReadinessCheck) -> None:
-    """``/healthz`` (the process answers), ``/readyz`` (dependencies answer), ``/metrics``.
+async def check(probe: Probe, *, within: float = 2.0) -> str:
+    """``"ok"`` when ``probe`` finishes within ``within`` seconds, else why not: the one check helper."""
+    try:
+        async with asyncio.timeout(within):
+            await probe()
+    except RagError as exc:
+        return exc.detail
+    except TimeoutError:
+        return f"no answer within {within:g} s"
+    except Exception as exc:
+        return f"unavailable: {type(exc).__name__}"
+    return OK
 
-    ``readiness`` returns a status per dependency: "ok" or why not. Any value
-    other than "ok" makes ``/readyz`` answer 503, which takes the pod out of
-    its Service without restarting it.
+
+async def check_all(probes: Mapping[str, Probe], *, within: float = 2.0) -> Checks:
+    """Every probe at once, each bounded by ``within`` seconds."""
+    results = await asyncio.gather(*(check(probe, within=within) for probe in probes.values()))
+    return dict(zip(probes, results, strict=True))
+
+
+class StatusResponse(BaseModel):
+    status: str
+    service: str
+    checks: Checks
+
+
+def all_ok(checks: Mapping[str, str]) -> bool:
+    return all(value == OK for value in checks.values())
+
+
+def add_common_routes(
+    app: FastAPI,
+    service: str,
+    readiness: ChecksDependency,
+    *,
+    status: ChecksDependency | None = None,
+    status_dependencies: Sequence[Any] = (),
+    error_shapes: Mapping[str, ErrorRenderer] | None = None,
+) -> None:
+    """``/healthz`` (the process answers), ``/readyz`` (the pod can serve), ``/metrics``; ``/v1/status``.
+
+    ``readiness`` covers only what the pod itself needs (its model loaded, its
+    own start finished), never another service: a dependency that is down is
+    a 503 naming it on each request that needs it, so one blip cannot empty
+    every Service above it. Any value other than "ok" makes ``/readyz``
+    answer 503, which takes the pod out of its Service without restarting it.
+
+    ``status``, when given, reports the whole chain below this service for
+    people and scripts at ``GET /v1/status``; it always answers 200, with
+    ``status`` "ok" or "degraded".
     """
-    install_error_handlers(app)
+    install_error_handlers(app, error_shapes)
     app.add_middleware(MetricsMiddleware, service=service)
     app.add_middleware(RequestIdMiddleware)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
-        return {"status": "ok", "service": service}
+        return {"status": OK, "service": service}
 
     @app.get("/readyz", include_in_schema=False)
-    async def readyz() -> JSONResponse:
-        checks = await readiness(app)
-        ready = all(value == "ok" for value in checks.values())
+    async def readyz(checks: Annotated[Checks, Depends(readiness)]) -> JSONResponse:
+        if all_ok(checks):
+            return JSONResponse({"status": OK, "service": service, "checks": checks})
+        detail = "; ".join(f"{name}: {value}" for name, value in checks.items() if value != OK)
         return JSONResponse(
-            {"status": "ok" if ready else "not_ready", "service": service, "checks": checks},
-            status_code=200 if ready else 503,
+            {"error": "not_ready", "detail": detail, "status": "not_ready", "service": service, "checks": checks},
+            status_code=503,
+        )
+
+    if status is not None:
+        status_checks = status
+
+        async def report(checks: Annotated[Checks, Depends(status_checks)]) -> StatusResponse:
+            return StatusResponse(status=OK if all_ok(checks) else "degraded", service=service, checks=checks)
+
+        app.add_api_route(
+            "/v1/status",
+            report,
+            methods=["GET"],
+            response_model=StatusResponse,
+            dependencies=list(status_dependencies),
+            summary="The state of this service and of every service it depends on",
         )
 
     app.add_route("/metrics", metrics_endpoint, include_in_schema=False)

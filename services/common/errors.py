@@ -7,19 +7,24 @@ carries a stack trace.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from http import HTTPStatus
 
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
 
 log = structlog.get_logger(__name__)
 
 
 class RagError(Exception):
-    status_code = 500
-    error = "internal_error"
+    """The base of every error a service answers with; subclasses fix the status and the kind."""
+
+    status_code = 503
+    error = "unavailable"
 
     def __init__(self, detail: str, *, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(detail)
@@ -30,6 +35,26 @@ class RagError(Exception):
 class Unauthorized(RagError):
     status_code = 401
     error = "unauthorized"
+
+
+class BadRequest(RagError):
+    status_code = 400
+    error = "bad_request"
+
+
+class NotFound(RagError):
+    status_code = 404
+    error = "not_found"
+
+
+class Conflict(RagError):
+    status_code = 409
+    error = "conflict"
+
+
+class PayloadTooLarge(RagError):
+    status_code = 413
+    error = "payload_too_large"
 
 
 class InvalidInput(RagError):
@@ -57,6 +82,29 @@ class QueueFull(RagError):
 class NotReady(RagError):
     status_code = 503
     error = "not_ready"
+
+
+class DimensionMismatch(RagError):
+    """The vector store holds vectors of another size than the model makes: every request says both sizes."""
+
+    status_code = 503
+    error = "dimension_mismatch"
+
+    def __init__(self, store: int, model: int, *, collection: str = "") -> None:
+        where = f"collection {collection!r}" if collection else "the vector store"
+        super().__init__(
+            f"{where} holds vectors of size {store} but the embedding model makes vectors of size {model}; "
+            "re-index into a new collection or configure the model the collection was built with"
+        )
+        self.store = store
+        self.model = model
+
+
+class UpstreamError(RagError):
+    """A dependency answered, but with a failure or an answer that makes no sense."""
+
+    status_code = 502
+    error = "upstream_error"
 
 
 class UpstreamTimeout(RagError):
@@ -96,19 +144,87 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, list[dict[str
     return detail, fields
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RagError)
-    async def _rag_error(_: Request, exc: RagError) -> JSONResponse:
+ErrorRenderer = Callable[[RagError, Mapping[str, object]], Response]
+"""Renders one error in another shape than ``{"error", "detail"}`` (OpenAI's, under its routes)."""
+
+
+class Internal(RagError):
+    """Anything no other error describes: logged with its traceback, answered 503 without it."""
+
+    status_code = 503
+    error = "internal_error"
+
+
+class MethodNotAllowed(RagError):
+    status_code = 405
+    error = "method_not_allowed"
+
+
+class UnsupportedMediaType(RagError):
+    status_code = 415
+    error = "unsupported_media_type"
+
+
+BY_STATUS: Mapping[int, type[RagError]] = {
+    400: BadRequest,
+    401: Unauthorized,
+    404: NotFound,
+    405: MethodNotAllowed,
+    409: Conflict,
+    413: PayloadTooLarge,
+    415: UnsupportedMediaType,
+    422: InvalidInput,
+    429: TooManyRequests,
+}
+"""The error class of each client-error status; any other 4xx is a ``BadRequest``."""
+
+_DEFAULT_DETAIL = {
+    404: "no such route",
+    405: "method not allowed on this route",
+    413: "request body too large",
+}
+
+
+def _from_http(exc: HTTPException) -> RagError:
+    """Starlette's own HTTPException (404, 405, 413, ...) carried into the hierarchy."""
+    if exc.status_code >= 500:
+        return Internal("internal error")
+    try:
+        phrase = HTTPStatus(exc.status_code).phrase
+    except ValueError:
+        phrase = ""
+    detail = exc.detail if exc.detail and exc.detail != phrase else _DEFAULT_DETAIL.get(exc.status_code, phrase.lower())
+    return BY_STATUS.get(exc.status_code, BadRequest)(detail or "bad request", headers=exc.headers)
+
+
+def install_error_handlers(app: FastAPI, shapes: Mapping[str, ErrorRenderer] | None = None) -> None:
+    """Every error answered in one shape; ``shapes`` maps a path prefix to another renderer."""
+    renderers = dict(shapes or {})
+
+    def render(request: Request, exc: RagError, extra: Mapping[str, object] | None = None) -> Response:
+        for prefix, renderer in renderers.items():
+            if request.url.path.startswith(prefix):
+                return renderer(exc, extra or {})
         return JSONResponse(
-            {"error": exc.error, "detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
+            {"error": exc.error, "detail": exc.detail, **(extra or {})},
+            status_code=exc.status_code,
+            headers=exc.headers,
         )
 
+    @app.exception_handler(RagError)
+    async def _rag_error(request: Request, exc: RagError) -> Response:
+        return render(request, exc)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> Response:
+        return render(request, _from_http(exc))
+
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         detail, fields = _validation_message(exc)
-        return JSONResponse({"error": "validation_error", "detail": detail, "fields": fields}, status_code=422)
+        return render(request, InvalidInput(detail), {"fields": fields})
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled_error", path=request.url.path, error_type=type(exc).__name__)
-        return JSONResponse({"error": "internal_error", "detail": "internal error"}, status_code=500)
+        return render(request, Internal("the service failed on this request; it has been logged"))

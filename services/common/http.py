@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import httpx
 import structlog
+from pydantic import BaseModel, ValidationError
 
-from services.common.errors import RagError, UpstreamTimeout, UpstreamUnavailable
+from services.common.errors import BY_STATUS, BadRequest, RagError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from services.common.logging import REQUEST_ID_HEADER
 
 log = structlog.get_logger(__name__)
+M = TypeVar("M", bound=BaseModel)
 
 
 class ServiceClient:
-    """A JSON client for one other service, named in every error it raises."""
+    """A JSON client for one other service, named in every error it raises.
+
+    ``get`` and ``post`` fail alike: a refused connection is ``UpstreamUnavailable``,
+    no answer in time ``UpstreamTimeout``, an error status is carried on
+    (``translate``), and an answer that is not the JSON expected is ``UpstreamError``.
+    """
 
     def __init__(self, name: str, base_url: str, timeout: float, transport: httpx.AsyncBaseTransport | None = None):
         self.name = name
@@ -22,45 +29,85 @@ class ServiceClient:
             base_url=base_url, timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)), transport=transport
         )
 
-    async def post(self, path: str, payload: Any, *, request_id: str | None = None) -> Any:
+    @overload
+    async def get(self, path: str, *, request_id: str | None = ..., params: dict[str, Any] | None = ...) -> Any: ...
+    @overload
+    async def get(
+        self, path: str, *, request_id: str | None = ..., params: dict[str, Any] | None = ..., model: type[M]
+    ) -> M: ...
+    async def get(
+        self,
+        path: str,
+        *,
+        request_id: str | None = None,
+        params: dict[str, Any] | None = None,
+        model: type[BaseModel] | None = None,
+    ) -> Any:
+        return await self.request("GET", path, request_id=request_id, params=params, model=model)
+
+    @overload
+    async def post(self, path: str, payload: Any, *, request_id: str | None = ...) -> Any: ...
+    @overload
+    async def post(self, path: str, payload: Any, *, request_id: str | None = ..., model: type[M]) -> M: ...
+    async def post(
+        self, path: str, payload: Any, *, request_id: str | None = None, model: type[BaseModel] | None = None
+    ) -> Any:
+        return await self.request("POST", path, json=payload, request_id=request_id, model=model)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        request_id: str | None = None,
+        model: type[BaseModel] | None = None,
+    ) -> Any:
+        """One call; the decoded JSON body (validated into ``model`` when given), or ``None`` for a 204."""
         headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
         try:
-            response = await self._client.post(path, json=payload, headers=headers)
+            response = await self._client.request(method, path, json=json, params=params, headers=headers)
         except httpx.TimeoutException as exc:
+            log.warning("upstream_timeout", upstream=self.name, path=path)
             raise UpstreamTimeout(f"{self.name} did not answer in time") from exc
         except httpx.TransportError as exc:
-            log.warning("upstream_unreachable", upstream=self.name, error=type(exc).__name__)
+            log.warning("upstream_unreachable", upstream=self.name, path=path, error=type(exc).__name__)
             raise UpstreamUnavailable(f"{self.name} is unavailable") from exc
         if response.status_code >= 400:
-            raise _translate(self.name, response)
-        return response.json()
-
-    async def get(self, path: str) -> httpx.Response:
+            raise translate(self.name, response)
+        if response.status_code == 204 or not response.content:
+            return None
         try:
-            return await self._client.get(path)
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"{self.name} did not answer in time") from exc
-        except httpx.TransportError as exc:
-            raise UpstreamUnavailable(f"{self.name} is unavailable") from exc
+            body = response.json()
+            return model.model_validate(body) if model is not None else body
+        except (ValueError, ValidationError) as exc:
+            log.warning("upstream_bad_answer", upstream=self.name, path=path, error=type(exc).__name__)
+            raise UpstreamError(f"{self.name} answered {path} with something other than the JSON expected") from exc
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
 
-def _translate(name: str, response: httpx.Response) -> RagError:
-    """Carry a downstream error on, keeping its status for 4xx and naming the service for 5xx."""
+def _detail(response: httpx.Response) -> str:
     try:
         body = response.json()
-        detail = str(body.get("detail", "")) if isinstance(body, dict) else ""
     except ValueError:
-        detail = ""
-    if response.status_code in (502, 503):
-        return UpstreamUnavailable(f"{name} is unavailable: {detail}" if detail else f"{name} is unavailable")
-    if response.status_code == 504:
+        return ""
+    return str(body.get("detail", "")) if isinstance(body, dict) else ""
+
+
+def translate(name: str, response: httpx.Response) -> RagError:
+    """Carry a downstream error on: a client error keeps its status and detail, a server error names the service."""
+    status, detail = response.status_code, _detail(response)
+    if status in (502, 503):
+        retry_after = response.headers.get("retry-after")
+        return UpstreamUnavailable(
+            f"{name} is unavailable: {detail}" if detail else f"{name} is unavailable",
+            headers={"Retry-After": retry_after} if retry_after else None,
+        )
+    if status == 504:
         return UpstreamTimeout(f"{name} timed out: {detail}" if detail else f"{name} timed out")
-    error = RagError(detail or f"{name} answered {response.status_code}")
-    error.status_code = response.status_code if response.status_code < 500 else 502
-    error.error = "upstream_error" if response.status_code >= 500 else "bad_request"
-    if response.status_code == 422:
-        error.error = "validation_error"
-    return error
+    if status >= 500:
+        return UpstreamError(f"{name} failed: {detail}" if detail else f"{name} answered {status}")
+    return BY_STATUS.get(status, BadRequest)(detail or f"{name} answered {status}")

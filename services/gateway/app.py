@@ -5,30 +5,45 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
+import httpx
 from fastapi import FastAPI
 
-from services.common.app import add_common_routes
-from services.common.errors import RagError
+from services.common.app import OK, Checks, StatusResponse, add_common_routes, check_all
+from services.common.deps import lifespan_state
+from services.common.errors import QueueFull, UpstreamUnavailable
 from services.common.http import ServiceClient
 from services.common.queue import JobQueue, make_redis
 from services.gateway.config import Settings
+from services.gateway.deps import Guarded, State, StateDep
 from services.gateway.routes import router
 from services.gateway.security import Guard
 
+CHAIN_BELOW_RETRIEVER = ("embedding", "qdrant")
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+
+def create_app(
+    settings: Settings | None = None, *, retriever_transport: httpx.AsyncBaseTransport | None = None
+) -> FastAPI:
+    """``retriever_transport`` lets tests put a retriever (or a stand-in) in the same process."""
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, object]]:
         redis = make_redis(settings)
-        app.state.redis = redis
-        app.state.queue = JobQueue(redis, settings)
-        app.state.retriever = ServiceClient("retriever", settings.retriever_url, settings.upstream_timeout_seconds)
+        state = State(
+            settings=settings,
+            redis=redis,
+            queue=JobQueue(redis, settings),
+            retriever=ServiceClient(
+                "retriever", settings.retriever_url, settings.upstream_timeout_seconds, transport=retriever_transport
+            ),
+            guard=Guard(settings),
+        )
         try:
-            yield
+            yield lifespan_state(state)
         finally:
-            await app.state.retriever.aclose()
+            await state.retriever.aclose()
+            await state.guard.aclose()
             await redis.aclose()
 
     app = FastAPI(
@@ -37,23 +52,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Ask questions over your own documents; answers come with their sources.",
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.guard = Guard(settings)
-
-    async def readiness(app: FastAPI) -> dict[str, str]:
-        checks = {}
-        try:
-            await app.state.redis.ping()
-            checks["redis"] = "ok"
-        except Exception as exc:
-            checks["redis"] = f"redis unavailable: {type(exc).__name__}"
-        try:
-            response = await app.state.retriever.get("/healthz")
-            checks["retriever"] = "ok" if response.status_code == 200 else f"retriever answered {response.status_code}"
-        except RagError as exc:
-            checks["retriever"] = exc.detail
-        return checks
-
-    add_common_routes(app, "gateway", readiness)
+    add_common_routes(app, "gateway", readiness, status=status, status_dependencies=[Guarded])
     app.include_router(router)
     return app
+
+
+async def readiness(state: StateDep) -> Checks:
+    """Only what this pod needs to serve: its start finished (the state exists). Redis and the
+    retriever are dependencies: when one is down, each request that needs it is a 503 naming it."""
+    return {"gateway": OK}
+
+
+async def status(state: StateDep) -> Checks:
+    """The whole chain, for people and ``make run``: Redis, the LLM queue, the retriever and what it uses."""
+    settings = state.settings
+
+    async def redis() -> None:
+        await state.redis.ping()
+
+    async def queue() -> None:
+        depth = await state.queue.depth()
+        if depth >= settings.max_queue_depth:
+            raise QueueFull(f"full: {depth} jobs waiting (limit {settings.max_queue_depth})")
+
+    retriever: Checks = {}
+
+    async def below() -> None:
+        report = await state.retriever.get("/v1/status", model=StatusResponse)
+        retriever.update({name: report.checks.get(name, "not reported") for name in CHAIN_BELOW_RETRIEVER})
+        if report.checks.get("retriever", OK) != OK:
+            raise UpstreamUnavailable(report.checks["retriever"])
+
+    checks = await check_all(
+        {"redis": redis, "llm_queue": queue, "retriever": below},
+        within=min(5.0, settings.upstream_timeout_seconds),
+    )
+    for name in CHAIN_BELOW_RETRIEVER:
+        checks[name] = retriever.get(name, f"unknown: {checks['retriever']}")
+    return {"gateway": OK, **checks}

@@ -3,53 +3,22 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import structlog
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, StreamingResponse
 
-from services.common.errors import InvalidInput, RagError
-from services.common.http import ServiceClient
+from services.common.errors import GenerationFailed, InvalidInput, RagError
 from services.common.queue import JobQueue
 from services.gateway.config import Settings
+from services.gateway.deps import Guarded, QueueDep, RequestIdDep, RetrieverDep, SettingsDep
 from services.gateway.pipeline import Prepared, follow, prepare, raise_for_error, timings
 from services.gateway.schemas import AskRequest, AskResponse, DocumentsRequest, DocumentsResponse
-from services.gateway.security import Guard
 
 log = structlog.get_logger(__name__)
 router = APIRouter()
 INDEX_HTML = Path(__file__).with_name("static") / "index.html"
-
-
-def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-def get_retriever(request: Request) -> ServiceClient:
-    client: ServiceClient = request.app.state.retriever
-    return client
-
-
-def get_queue(request: Request) -> JobQueue:
-    queue: JobQueue = request.app.state.queue
-    return queue
-
-
-def guard(request: Request) -> None:
-    checker: Guard = request.app.state.guard
-    checker.check(request)
-
-
-def request_id(request: Request) -> str:
-    return str(request.scope.get("state", {}).get("request_id", ""))
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-RetrieverDep = Annotated[ServiceClient, Depends(get_retriever)]
-QueueDep = Annotated[JobQueue, Depends(get_queue)]
-RequestIdDep = Annotated[str, Depends(request_id)]
 
 
 @router.get("/", include_in_schema=False)
@@ -57,7 +26,7 @@ async def index() -> HTMLResponse:
     return HTMLResponse(INDEX_HTML.read_text(encoding="utf-8"))
 
 
-@router.post("/v1/documents", response_model=DocumentsResponse, dependencies=[Depends(guard)])
+@router.post("/v1/documents", response_model=DocumentsResponse, dependencies=[Guarded])
 async def add_documents(
     body: DocumentsRequest, settings: SettingsDep, retriever: RetrieverDep, rid: RequestIdDep
 ) -> DocumentsResponse:
@@ -66,8 +35,7 @@ async def add_documents(
     for index, doc in enumerate(body.documents):
         if len(doc.text) > settings.max_document_chars:
             raise InvalidInput(f"documents.{index}.text: longer than {settings.max_document_chars} characters")
-    result = await retriever.post("/v1/documents", body.model_dump(), request_id=rid)
-    return DocumentsResponse.model_validate(result)
+    return await retriever.post("/v1/documents", body.model_dump(), request_id=rid, model=DocumentsResponse)
 
 
 def _check_ask(body: AskRequest, settings: Settings) -> None:
@@ -80,7 +48,7 @@ def _check_ask(body: AskRequest, settings: Settings) -> None:
 @router.post(
     "/v1/ask",
     response_model=AskResponse,
-    dependencies=[Depends(guard)],
+    dependencies=[Guarded],
     responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream is true"}},
 )
 async def ask(
@@ -103,7 +71,7 @@ async def ask(
                 timings=timings(prepared, event),
                 model=str(event.data.get("model", "")),
             )
-    raise RuntimeError("job events ended without an answer")
+    raise GenerationFailed("the job's events ended without an answer")
 
 
 def _event(name: str, data: dict[str, Any]) -> str:

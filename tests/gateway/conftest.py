@@ -12,11 +12,11 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from services.common.http import ServiceClient
 from services.gateway.app import create_app
 from services.gateway.config import Settings
 from services.llm.config import Settings as LlmSettings
 from services.llm.worker import Worker
+from tests.fixtures.apps import in_process
 from tests.fixtures.engines import ScriptedEngine
 from tests.fixtures.redis import RedisServer
 
@@ -38,7 +38,10 @@ class RetrieverDouble:
         if request.url.path == "/v1/documents":
             docs = json.loads(request.content)["documents"]
             return httpx.Response(200, json={"indexed": len(docs), "chunks": len(docs)})
-        return httpx.Response(200, json={"status": "ok"})
+        if request.url.path == "/v1/status":
+            checks = {"retriever": "ok", "embedding": "ok", "qdrant": "ok"}
+            return httpx.Response(200, json={"status": "ok", "service": "retriever", "checks": checks})
+        return httpx.Response(404, json={"error": "not_found", "detail": "no such route"})
 
 
 @dataclass
@@ -52,20 +55,14 @@ class Gateway:
 @pytest.fixture
 async def gateway(redis_server: RedisServer, redis_client: Redis) -> AsyncIterator[Gateway]:
     settings = Settings(redis_url=redis_server.url, top_k_max=10, max_question_chars=300, max_documents_per_request=3)
-    app = create_app(settings)
     retriever = RetrieverDouble()
     engine = ScriptedEngine()
-    async with app.router.lifespan_context(app):
-        await app.state.retriever.aclose()
-        app.state.retriever = ServiceClient(
-            "retriever", "http://retriever", 5, transport=httpx.MockTransport(retriever)
-        )
+    app = create_app(settings, retriever_transport=httpx.MockTransport(retriever))
+    async with in_process(app, base_url="http://gateway") as client:
         worker_redis = Redis.from_url(redis_server.url, decode_responses=True)
         worker = Worker(LlmSettings(redis_url=redis_server.url), engine, worker_redis, name="test-worker")
         task = asyncio.create_task(worker.run())
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=30) as client:
-            yield Gateway(client, retriever, engine, redis_client)
+        yield Gateway(client, retriever, engine, redis_client)
         worker.request_stop()
         await asyncio.wait_for(task, 10)
         await worker_redis.aclose()

@@ -1,0 +1,50 @@
+"""The gateway's lifespan state and the one-line dependencies its handlers take."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from redis.asyncio import Redis
+
+from services.common.deps import RequestIdDep, settings_getter, state_getter
+from services.common.http import ServiceClient
+from services.common.queue import JobQueue
+from services.gateway.config import Settings
+from services.gateway.security import Guard
+
+__all__ = ["Guarded", "QueueDep", "RequestIdDep", "RetrieverDep", "SettingsDep", "State", "StateDep", "guard"]
+
+
+@dataclass
+class State:
+    """What the gateway opens at start and closes at stop."""
+
+    settings: Settings
+    redis: Redis
+    queue: JobQueue
+    retriever: ServiceClient
+    guard: Guard
+
+
+StateDep = Annotated[State, Depends(state_getter(State))]
+SettingsDep = Annotated[Settings, Depends(settings_getter(Settings))]
+
+
+def get_retriever(state: StateDep) -> ServiceClient:
+    return state.retriever
+
+
+def get_queue(state: StateDep) -> JobQueue:
+    return state.queue
+
+
+async def guard(request: Request, state: StateDep) -> None:
+    """API key and rate limit; routes take it as ``dependencies=[Guarded]``."""
+    await state.guard.check(request)
+
+
+RetrieverDep = Annotated[ServiceClient, Depends(get_retriever)]
+QueueDep = Annotated[JobQueue, Depends(get_queue)]
+Guarded = Depends(guard)

@@ -1,0 +1,91 @@
+"""Readiness follows only the gateway itself; a dependency down is a 503 per request and shows in /v1/status."""
+
+from __future__ import annotations
+
+import httpx
+from redis.asyncio import Redis
+
+from services.gateway.app import create_app
+from services.gateway.config import Settings
+from tests.fixtures.apps import in_process
+from tests.fixtures.redis import RedisServer
+from tests.gateway.conftest import Gateway, RetrieverDouble
+
+ASK = {"question": "When was the Zorblax first sold?", "top_k": 1}
+
+
+async def test_status_reports_the_whole_chain(gateway: Gateway) -> None:
+    response = await gateway.client.get("/v1/status")
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ok",
+        "service": "gateway",
+        "checks": {
+            "gateway": "ok",
+            "redis": "ok",
+            "llm_queue": "ok",
+            "retriever": "ok",
+            "embedding": "ok",
+            "qdrant": "ok",
+        },
+    }
+
+
+async def test_redis_down_keeps_the_gateway_ready_and_each_ask_is_503_naming_it(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    retriever = RetrieverDouble()
+    app = create_app(Settings(redis_url=redis_server.url), retriever_transport=httpx.MockTransport(retriever))
+    async with in_process(app) as client:
+        assert (await client.get("/v1/status")).json()["checks"]["redis"] == "ok"
+        redis_server.proc.stop()
+        try:
+            ready = await client.get("/readyz")
+            assert ready.status_code == 200, ready.text
+            assert ready.json()["checks"] == {"gateway": "ok"}
+            asked = await client.post("/v1/ask", json=ASK)
+            assert asked.status_code == 503
+            assert asked.json() == {"error": "upstream_unavailable", "detail": "the job queue (redis) is unavailable"}
+            status = await client.get("/v1/status")
+            assert status.status_code == 200
+            assert status.json()["status"] == "degraded"
+            checks = status.json()["checks"]
+            assert checks["redis"] != "ok" and checks["llm_queue"] != "ok"
+            assert checks["retriever"] == "ok"  # the rest of the chain is told apart
+            assert (await client.get("/readyz")).status_code == 200
+        finally:
+            redis_server.restart()
+        assert (await client.get("/v1/status")).json()["status"] == "ok"
+
+
+async def test_retriever_down_keeps_the_gateway_ready_and_each_ask_is_503_naming_it(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    def refused(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    app = create_app(Settings(redis_url=redis_server.url), retriever_transport=httpx.MockTransport(refused))
+    async with in_process(app) as client:
+        assert (await client.get("/readyz")).status_code == 200
+        asked = await client.post("/v1/ask", json=ASK)
+        assert asked.status_code == 503
+        assert asked.json() == {"error": "upstream_unavailable", "detail": "retriever is unavailable"}
+        checks = (await client.get("/v1/status")).json()["checks"]
+        assert checks["retriever"] == "retriever is unavailable"
+        assert checks["embedding"] == checks["qdrant"] == "unknown: retriever is unavailable"
+        assert checks["redis"] == "ok"
+
+
+async def test_status_passes_on_what_the_retriever_reports_below_it(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    def embedding_down(request: httpx.Request) -> httpx.Response:
+        checks = {"retriever": "ok", "embedding": "embedding is unavailable", "qdrant": "ok"}
+        return httpx.Response(200, json={"status": "degraded", "service": "retriever", "checks": checks})
+
+    app = create_app(Settings(redis_url=redis_server.url), retriever_transport=httpx.MockTransport(embedding_down))
+    async with in_process(app) as client:
+        body = (await client.get("/v1/status")).json()
+        assert body["status"] == "degraded"
+        assert body["checks"]["embedding"] == "embedding is unavailable"
+        assert body["checks"]["retriever"] == body["checks"]["qdrant"] == "ok"
