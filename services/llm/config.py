@@ -1,4 +1,4 @@
-"""Settings of the LLM worker and of the project's CPU model server."""
+"""Settings of the LLM worker (the CPU model server has its own: ``services.llm.server.config``)."""
 
 from __future__ import annotations
 
@@ -35,5 +35,4 @@ class Settings(ServiceSettings, QueueSettings):
     )
     llm_drain_seconds: float = Field(30.0, ge=0, description="How long SIGTERM waits for jobs in flight.")
     llm_batch_wait_ms: float = Field(10.0, ge=0, le=1000, description="Local engine: how long a batch waits to fill.")
-    llm_serve_port: int = Field(8004, ge=1, le=65535, description="Port of `python -m services.llm.serve`.")
     llm_request_timeout_seconds: float = Field(300.0, gt=0, description="Timeout of one call to the model server.")

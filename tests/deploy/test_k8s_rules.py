@@ -470,7 +470,7 @@ def test_cpu_only_overlay_has_no_gpu_the_cpu_model_server_and_the_cpu_embedding(
     assert render.find("Deployment", "embedding-gpu") is None
     server = render.container("Deployment", "llm", "model-server")
     assert server["image"].startswith("ragpod/llm:")
-    assert server["command"] == ["python", "-m", "services.llm.serve"]
+    assert server["command"] == ["python", "-m", "services.llm.server"]
     assert server["ports"] == [{"name": "model", "containerPort": 8004}]
     assert {"name": "model-cache", "mountPath": "/app/data/models"} in server["volumeMounts"]
     hpa = render.hpa_for("Deployment", "embedding")

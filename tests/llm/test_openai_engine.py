@@ -1,7 +1,8 @@
 """The bridge to an OpenAI-compatible server: what it sends, and how each way of failing is classed.
 
-The answers here are scripted with httpx.MockTransport, shaped as vLLM sends
-them; tests/llm/test_serve.py runs the same engine against a real server.
+The answers here are scripted with a mock transport of httpx2 (the HTTP client
+under the ``openai`` SDK), shaped as vLLM sends them; tests/llm/test_serve.py
+runs the same engine against a real server.
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-import httpx
+import httpx2 as httpx
 import pytest
 
 from services.llm.config import Settings
 from services.llm.engine import EngineError, GenerationRequest
-from services.llm.openai import OpenAIEngine
+from services.llm.openai_engine import OpenAIEngine
 
 REQUEST = GenerationRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0.0)
 

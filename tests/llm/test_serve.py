@@ -1,4 +1,4 @@
-"""``python -m services.llm.serve``: the OpenAI-compatible API, in process and as a real server with the real model.
+"""``python -m services.llm.server``: the OpenAI-compatible API, in process and as a real server with the real model.
 
 The in-process tests check the API's shape with the scripted engine; the slow
 ones start the real server (tests/fixtures/llm.py) and drive it through the
@@ -9,32 +9,46 @@ worker's own ``openai`` engine, which is how the worker uses it in production
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import httpx2
 import pytest
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.llm.config import Settings
 from services.llm.engine import EngineError, GenerationRequest
-from services.llm.openai import OpenAIEngine
-from services.llm.serve import create_app
+from services.llm.openai_engine import OpenAIEngine
+from services.llm.server.app import create_app
+from services.llm.server.config import Settings as ServerSettings
+from tests.fixtures.apps import in_process
 from tests.fixtures.engines import ScriptedEngine
 from tests.fixtures.llm import MODEL_NAME, LlmServer
 
-SETTINGS = Settings(llm_model_name="scripted-model")
+SETTINGS = ServerSettings(llm_model_name="scripted-model")
 CHAT = {"model": "scripted-model", "messages": [{"role": "user", "content": "what is a zorblax?"}], "max_tokens": 8}
 
 
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(SETTINGS, ScriptedEngine())
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://server") as client:
-            yield client
+    async with in_process(create_app(SETTINGS, ScriptedEngine()), "http://server") as client:
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def served(app: FastAPI) -> AsyncIterator[ASGIApp]:
+    """The app with its lifespan run and its state in every request, for the SDK's own (httpx2) transport."""
+    async with app.router.lifespan_context(app) as state:
+
+        async def with_state(scope: Scope, receive: Receive, send: Send) -> None:
+            await app({**scope, "state": dict(state or {})}, receive, send)
+
+        yield with_state
 
 
 def data_lines(text: str) -> list[str]:
@@ -104,11 +118,10 @@ async def test_invalid_request_is_400_in_openai_shape(
 
 
 async def test_failure_while_streaming_is_reported_in_the_stream() -> None:
-    app = create_app(SETTINGS, ScriptedEngine(fail_times=1, retryable=False))
-    async with app.router.lifespan_context(app):
+    async with served(create_app(SETTINGS, ScriptedEngine(fail_times=1, retryable=False))) as app:
         engine = OpenAIEngine(
             Settings(llm_openai_url="http://server/v1", llm_model_name="scripted-model"),
-            transport=httpx.ASGITransport(app=app),
+            transport=httpx2.ASGITransport(app=app),
         )
 
         async def on_token(_: str) -> None:

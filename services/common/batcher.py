@@ -1,0 +1,195 @@
+"""One dynamic micro-batcher for every model: many small concurrent calls become one model call.
+
+Callers ``submit`` an item and await its result. One loop takes what has
+arrived and hands it to ``process`` as a list, one batch at a time, so the
+model runs while the next batch gathers. A batch holds at most ``max_batch``
+units of weight (texts, sequences); one item heavier than that goes alone.
+
+How long a batch waits to fill adapts to the load: it waits (at most
+``max_wait_ms``) only until it is as large as the batch before it. Under a
+steady load of N concurrent callers the batches settle at N with hardly any
+wait; a lone caller after a busy spell waits at most once, then goes at once.
+
+``process`` returns one result per item, each a value or the exception that
+item failed with; an exception raised by ``process`` itself fails every item
+of the batch. ``max_pending`` bounds the weight waiting (not yet in a batch):
+beyond it ``submit`` raises ``BatcherFull`` at once, so callers can be told to
+come back instead of queueing without end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
+
+Process = Callable[[list[ItemT]], Awaitable[Sequence[ResultT | BaseException]]]
+#: Called as each batch starts: its weight, and how long each of its items waited.
+OnBatch = Callable[[int, Sequence[float]], None]
+
+
+class BatcherFull(Exception):
+    """More weight is waiting than ``max_pending`` allows."""
+
+    def __init__(self, pending: int, limit: int) -> None:
+        super().__init__(f"{pending} waiting, limit {limit}")
+        self.pending = pending
+        self.limit = limit
+
+
+class BatcherStopped(Exception):
+    """The batcher stopped (the service is shutting down) before the item was processed."""
+
+
+@dataclass
+class _Entry(Generic[ItemT, ResultT]):
+    item: ItemT
+    weight: int
+    future: asyncio.Future[ResultT]
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher(Generic[ItemT, ResultT]):
+    def __init__(
+        self,
+        process: Process[ItemT, ResultT],
+        *,
+        max_batch: int,
+        max_wait_ms: float,
+        weight: Callable[[ItemT], int] | None = None,
+        max_pending: int = 0,
+        on_batch: OnBatch | None = None,
+        name: str = "batcher",
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.process = process
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_pending = max_pending
+        self.name = name
+        self._weight = weight or (lambda _: 1)
+        self._on_batch = on_batch
+        self._waiting: deque[_Entry[ItemT, ResultT]] = deque()
+        self._pending = 0
+        self._arrived = asyncio.Event()
+        self._target = 1
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    @property
+    def pending(self) -> int:
+        """Weight waiting for a batch (not counting the batch being processed)."""
+        return self._pending
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=self.name)
+
+    async def stop(self) -> None:
+        self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while self._waiting:
+            entry = self._waiting.popleft()
+            if not entry.future.done():
+                entry.future.set_exception(BatcherStopped(f"{self.name} stopped"))
+        self._pending = 0
+
+    async def submit(self, item: ItemT) -> ResultT:
+        if self._stopped:
+            raise BatcherStopped(f"{self.name} stopped")
+        weight = max(1, self._weight(item))
+        if self.max_pending and self._pending and self._pending + weight > self.max_pending:
+            raise BatcherFull(self._pending + weight, self.max_pending)
+        entry: _Entry[ItemT, ResultT] = _Entry(item, weight, asyncio.get_running_loop().create_future())
+        self._waiting.append(entry)
+        self._pending += weight
+        self._arrived.set()
+        return await entry.future
+
+    def _pop(self) -> _Entry[ItemT, ResultT]:
+        entry = self._waiting.popleft()
+        self._pending -= entry.weight
+        return entry
+
+    async def _wait_for_arrival(self, within: float | None) -> bool:
+        self._arrived.clear()
+        if self._waiting:
+            return True
+        if within is None:
+            await self._arrived.wait()
+            return True
+        if within <= 0:
+            return False
+        try:
+            await asyncio.wait_for(self._arrived.wait(), within)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _take_batch(self) -> list[_Entry[ItemT, ResultT]]:
+        while True:
+            await self._wait_for_arrival(None)
+            while self._waiting and self._waiting[0].future.done():  # its caller gave up
+                self._pop()
+            if self._waiting:
+                break
+        batch = [self._pop()]
+        size = batch[0].weight
+        target = min(self.max_batch, self._target)
+        deadline = time.monotonic() + self.max_wait
+        while size < self.max_batch:
+            if not self._waiting:
+                if size >= target or not await self._wait_for_arrival(deadline - time.monotonic()):
+                    break
+                continue
+            head = self._waiting[0]
+            if head.future.done():
+                self._pop()
+                continue
+            if size + head.weight > self.max_batch:
+                break
+            batch.append(self._pop())
+            size += head.weight
+        self._target = size
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._take_batch()
+            started = time.perf_counter()
+            if self._on_batch is not None:
+                self._on_batch(sum(e.weight for e in batch), [started - e.queued_at for e in batch])
+            try:
+                results = await self.process([e.item for e in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"{self.name}: {len(results)} results for {len(batch)} items")
+            except asyncio.CancelledError:
+                for entry in batch:
+                    if not entry.future.done():
+                        entry.future.set_exception(BatcherStopped(f"{self.name} stopped"))
+                raise
+            except Exception as exc:
+                log.warning("batch_failed", batcher=self.name, items=len(batch), error=str(exc)[:300])
+                results = [exc] * len(batch)
+            for entry, result in zip(batch, results, strict=True):
+                if entry.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    entry.future.set_exception(result)
+                else:
+                    entry.future.set_result(result)
