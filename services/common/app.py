@@ -54,16 +54,32 @@ def all_ok(checks: Mapping[str, str]) -> bool:
     return all(value == OK for value in checks.values())
 
 
+def _probe_answer(service: str, checks: Checks, *, failed: str) -> JSONResponse:
+    """200 with the checks, or 503 in the error shape with the checks beside it."""
+    if all_ok(checks):
+        return JSONResponse({"status": OK, "service": service, **({"checks": checks} if checks else {})})
+    detail = "; ".join(f"{name}: {value}" for name, value in checks.items() if value != OK)
+    return JSONResponse(
+        {"error": failed, "detail": detail, "status": failed, "service": service, "checks": checks},
+        status_code=503,
+    )
+
+
 def add_common_routes(
     app: FastAPI,
     service: str,
     readiness: ChecksDependency,
     *,
+    liveness: ChecksDependency | None = None,
     status: ChecksDependency | None = None,
     status_dependencies: Sequence[Any] = (),
     error_shapes: Mapping[str, ErrorRenderer] | None = None,
 ) -> None:
-    """``/healthz`` (the process answers), ``/readyz`` (the pod can serve), ``/metrics``; ``/v1/status``.
+    """``/healthz`` (the process is alive), ``/readyz`` (the pod can serve), ``/metrics``; ``/v1/status``.
+
+    ``liveness``, when given, lets ``/healthz`` answer 503 when the process
+    cannot recover by itself (a model that failed to load): the kubelet
+    restarts it. Without it ``/healthz`` answers 200 while the process serves.
 
     ``readiness`` covers only what the pod itself needs (its model loaded, its
     own start finished), never another service: a dependency that is down is
@@ -79,19 +95,16 @@ def add_common_routes(
     app.add_middleware(MetricsMiddleware, service=service)
     app.add_middleware(RequestIdMiddleware)
 
+    async def always_alive() -> Checks:
+        return {}
+
     @app.get("/healthz", include_in_schema=False)
-    async def healthz() -> dict[str, str]:
-        return {"status": OK, "service": service}
+    async def healthz(checks: Annotated[Checks, Depends(liveness or always_alive)]) -> JSONResponse:
+        return _probe_answer(service, checks, failed="not_alive")
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz(checks: Annotated[Checks, Depends(readiness)]) -> JSONResponse:
-        if all_ok(checks):
-            return JSONResponse({"status": OK, "service": service, "checks": checks})
-        detail = "; ".join(f"{name}: {value}" for name, value in checks.items() if value != OK)
-        return JSONResponse(
-            {"error": "not_ready", "detail": detail, "status": "not_ready", "service": service, "checks": checks},
-            status_code=503,
-        )
+        return _probe_answer(service, checks, failed="not_ready")
 
     if status is not None:
         status_checks = status

@@ -1,31 +1,14 @@
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import APIRouter
 
-from fastapi import APIRouter, Depends, Request
-
-from services.common.errors import InvalidInput, NotReady
-from services.embedding.config import Settings
-from services.embedding.model import Batcher
+from services.common.batcher import BatcherFull
+from services.common.errors import InvalidInput, QueueFull
+from services.embedding.deps import BatcherDep, SettingsDep
+from services.embedding.metrics import REJECTED, REQUESTS_IN_FLIGHT
 from services.embedding.schemas import EmbedRequest, EmbedResponse, InfoResponse
 
 router = APIRouter()
-
-
-def get_batcher(request: Request) -> Batcher:
-    batcher: Batcher | None = request.app.state.batcher
-    if batcher is None:
-        raise NotReady("embedding model is still loading")
-    return batcher
-
-
-def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-BatcherDep = Annotated[Batcher, Depends(get_batcher)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 @router.post("/v1/embed", response_model=EmbedResponse)
@@ -37,7 +20,15 @@ async def embed(body: EmbedRequest, batcher: BatcherDep, settings: SettingsDep) 
             raise InvalidInput(f"texts.{index}: must not be empty")
         if len(text) > settings.embedding_max_text_chars:
             raise InvalidInput(f"texts.{index}: longer than {settings.embedding_max_text_chars} characters")
-    vectors = await batcher.embed(body.texts)
+    with REQUESTS_IN_FLIGHT.track_inprogress():
+        try:
+            vectors = await batcher.embed(body.texts)
+        except BatcherFull as exc:
+            REJECTED.inc()
+            raise QueueFull(
+                f"embedding: {exc.pending} texts would wait, more than RAG_EMBEDDING_MAX_PENDING={exc.limit}",
+                headers={"Retry-After": str(settings.embedding_retry_after_seconds)},
+            ) from exc
     model = batcher.embedder
     return EmbedResponse(vectors=vectors, model=model.name, dimension=model.dimension, device=model.device)
 
