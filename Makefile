@@ -36,6 +36,7 @@ lint: install
 	$(BIN)/ruff check services ragpod tests bench
 	$(BIN)/ruff format --check services ragpod tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: install
 	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
