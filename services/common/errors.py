@@ -1,8 +1,11 @@
 """One error hierarchy for every service, rendered as ``{"error", "detail"}``.
 
+Each subclass fixes a status and a kind; nothing changes them on an instance.
 Transport failures are translated into these where another service is called
-(``services.common.http``), never inside route handlers; a response never
-carries a stack trace.
+(``services.common.http``), never inside route handlers. Starlette's own
+errors (404, 405, 413, ...) and request validation come out in the same shape,
+and anything unexpected is logged with its traceback and answered 503
+``internal_error`` without it: no 500 and no stack trace reaches a client.
 """
 
 from __future__ import annotations
@@ -55,6 +58,16 @@ class Conflict(RagError):
 class PayloadTooLarge(RagError):
     status_code = 413
     error = "payload_too_large"
+
+
+class MethodNotAllowed(RagError):
+    status_code = 405
+    error = "method_not_allowed"
+
+
+class UnsupportedMediaType(RagError):
+    status_code = 415
+    error = "unsupported_media_type"
 
 
 class InvalidInput(RagError):
@@ -122,6 +135,13 @@ class GenerationFailed(RagError):
     error = "generation_failed"
 
 
+class Internal(RagError):
+    """Anything no other error describes: logged with its traceback, answered 503 without it."""
+
+    status_code = 503
+    error = "internal_error"
+
+
 def _field_path(loc: tuple[int | str, ...]) -> str:
     where, *rest = loc or ("body",)
     parts = [str(p) for p in rest] if where in ("body", "query", "path", "header") else [str(where), *map(str, rest)]
@@ -146,23 +166,6 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, list[dict[str
 
 ErrorRenderer = Callable[[RagError, Mapping[str, object]], Response]
 """Renders one error in another shape than ``{"error", "detail"}`` (OpenAI's, under its routes)."""
-
-
-class Internal(RagError):
-    """Anything no other error describes: logged with its traceback, answered 503 without it."""
-
-    status_code = 503
-    error = "internal_error"
-
-
-class MethodNotAllowed(RagError):
-    status_code = 405
-    error = "method_not_allowed"
-
-
-class UnsupportedMediaType(RagError):
-    status_code = 415
-    error = "unsupported_media_type"
 
 
 BY_STATUS: Mapping[int, type[RagError]] = {
