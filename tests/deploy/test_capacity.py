@@ -124,19 +124,51 @@ def test_a_rolling_update_surge_counts_against_the_quota(renders):
     assert any("may need 21 nvidia.com/gpu, the quota allows 20" in e for e in errors)
 
 
+def shrink_l4(pools):
+    for pool in pools:
+        if pool["name"] == "gpu-l4":
+            pool["maxNodes"] = 2
+
+
 def test_workloads_sharing_a_pool_must_fit_together(renders):
     objects = mutable(renders, "gpu-cluster")
-
-    def shrink_l4(pools):
-        for pool in pools:
-            if pool["name"] == "gpu-l4":
-                pool["maxNodes"] = 2
-
+    # Let the embedding GPU pods onto the A100s as well (the manifests do not).
+    pod = find(objects, "Deployment", "embedding-gpu")["spec"]["template"]["spec"]
+    (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    term["matchExpressions"][0]["values"] = ["nvidia-l4", "nvidia-a100"]
     set_plan(objects, shrink_l4)
     # Embedding alone fits (8 L4 + 8 A100 >= 10), the LLM alone fits, both do not (18 > 16).
     (error,) = capacity.check(objects).errors
     assert "embedding-gpu + " in error or " + rag-production/Deployment/embedding-gpu" in error
     assert "may need 18 nvidia.com/gpu; pools gpu-a100, gpu-l4 offer 16" in error
+
+
+def test_embedding_gpu_pods_never_count_on_the_llm_pool(renders):
+    objects = mutable(renders, "gpu-cluster")
+    report = capacity.check(objects)
+    (line,) = [line for line in report.lines if line.startswith("rag-production/Deployment/embedding-gpu:")]
+    assert line.endswith("pools: gpu-l4)")
+    set_plan(objects, shrink_l4)
+    errors = capacity.check(objects).errors
+    assert errors[0] == (
+        "rag-production/Deployment/embedding-gpu may need 10 nvidia.com/gpu; pools gpu-l4 offer 8 at their maximum size"
+    )
+
+
+def test_terminating_pods_count_against_the_quota_not_the_pools(renders):
+    objects = mutable(renders, "gpu-cluster")
+    report = capacity.check(objects)
+    assert "rag-production/Deployment/llm: 8 pods (+1 terminating) x 1 nvidia.com/gpu = 9" in report.text()
+    # A quota of exactly the autoscalers' maximums refuses the replacement of a pod being stopped.
+    find(objects, "ResourceQuota", "gpu-quota", k8s.NAMESPACE)["spec"]["hard"]["requests.nvidia.com/gpu"] = "18"
+    assert capacity.check(objects).errors == [
+        "rag-production: the workloads may need 20 nvidia.com/gpu, the quota allows 18"
+    ]
+    # A pod with no grace period is gone at once; a Job replacing only failed pods waits for them.
+    placeholder = find(renders["gpu-cluster"].objects, "Deployment", "gpu-headroom")
+    assert placeholder["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 0
+    assert "rag-headroom/Deployment/gpu-headroom: 1 pods x 1" in report.text()
+    assert "rag-production/CronJob/reindex: 1 pods x 1" in capacity.check(renders["spot"].objects).text()
 
 
 def test_a_gpu_pod_that_tolerates_no_gpu_pool_fails(renders):

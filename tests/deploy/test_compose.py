@@ -27,14 +27,16 @@ from pydantic_settings import BaseSettings
 from services.embedding.config import Settings as EmbeddingSettings
 from services.gateway.config import Settings as GatewaySettings
 from services.llm.config import Settings as LlmSettings
+from services.llm.server.config import Settings as LlmServerSettings
 from services.retriever.config import Settings as RetrieverSettings
+from tests.fixtures.k8s_manifests import settings_env_names
 
 REPO = Path(__file__).resolve().parents[2]
 CPU_FILES = ("docker-compose.yml",)
 GPU_FILES = ("docker-compose.yml", "docker-compose.gpu.yml")
 
 # DESIGN.md, "Contracts shared across services": the ports. llm-server is the
-# model server beside the worker (vLLM, or `python -m services.llm.serve`).
+# model server beside the worker (vLLM, or `python -m services.llm.server`).
 PORTS = {
     "gateway": 8000,
     "embedding": 8001,
@@ -82,6 +84,9 @@ ADDRESS_VARIABLES = frozenset(
         "RAG_LLM_OPENAI_URL",
     }
 )
+# The Qdrant collection layout follows the number of Qdrant servers: one in
+# compose, a StatefulSet in k8s (each side's tests tie it to its servers).
+LAYOUT_VARIABLES = frozenset({"RAG_QDRANT_SHARDS", "RAG_QDRANT_REPLICATION_FACTOR", "RAG_QDRANT_WRITE_CONSISTENCY"})
 # Set on both sides (so parity has something to compare), per ConfigMap.
 SHARED = {
     "gateway-config": {"RAG_HOST", "RAG_LOG_LEVEL", "RAG_LLM_STREAM", "RAG_MAX_QUEUE_DEPTH", "RAG_ASK_TIMEOUT_SECONDS"},
@@ -227,6 +232,8 @@ def test_every_rag_variable_exists_in_its_services_settings(stack: str, monkeypa
             continue
         settings = SETTINGS[name]
         known = {"RAG_" + field.upper() for field in settings.model_fields}
+        if name == "llm-server":  # the model server reads its own settings beside the llm ones it shares
+            known |= {"RAG_" + field.upper() for field in LlmServerSettings.model_fields} | {"RAG_LLM_SERVE_PORT"}
         assert set(env) <= known, f"{name}: {sorted(set(env) - known)} are not settings of {settings.__module__}"
         # The values are valid, too: the settings class accepts them.
         with monkeypatch.context() as patch:
@@ -235,6 +242,8 @@ def test_every_rag_variable_exists_in_its_services_settings(stack: str, monkeypa
             for key, value in env.items():
                 patch.setenv(key, value)
             settings()
+            if name == "llm-server":
+                assert LlmServerSettings().port == PORTS["llm-server"]
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -301,10 +310,28 @@ def test_qdrant_is_the_official_image_on_a_volume() -> None:
     assert any(v["type"] == "volume" and v["target"] == "/qdrant/storage" for v in qdrant["volumes"])
 
 
+@pytest.mark.parametrize("stack", STACKS)
+def test_collections_fit_the_one_qdrant_server(stack: str) -> None:
+    """A replication factor above the number of servers would leave new collections short of copies."""
+    services = STACKS[stack]()
+    servers = [n for n, s in services.items() if str(s.get("image", "")).startswith("qdrant/qdrant:")]
+    settings = RetrieverSettings(
+        **{  # type: ignore[arg-type]
+            settings_env_names(RetrieverSettings)[k]: v for k, v in rag_env(services["retriever"]).items()
+        }
+    )
+    assert settings.qdrant_replication_factor <= len(servers) == 1
+    assert settings.qdrant_write_consistency <= settings.qdrant_replication_factor
+
+
 def test_worker_drains_before_it_is_killed() -> None:
     worker = cpu()["llm"]
-    drain = float(rag_env(worker).get("RAG_LLM_DRAIN_SECONDS", LlmSettings.model_fields["llm_drain_seconds"].default))
-    assert seconds(worker["stop_grace_period"]) > drain
+    env = rag_env(worker)
+    drain = float(env.get("RAG_LLM_DRAIN_SECONDS", LlmSettings.model_fields["llm_drain_seconds"].default))
+    generation = float(
+        env.get("RAG_LLM_REQUEST_TIMEOUT_SECONDS", LlmSettings.model_fields["llm_request_timeout_seconds"].default)
+    )
+    assert generation < drain < seconds(worker["stop_grace_period"])
 
 
 # --- CPU and GPU model servers ----------------------------------------------------------------------
@@ -313,8 +340,8 @@ def test_worker_drains_before_it_is_killed() -> None:
 def test_cpu_model_server_is_the_projects_server_from_the_cpu_image() -> None:
     services = cpu()
     server, worker = services["llm-server"], services["llm"]
-    assert server["command"] == ["python", "-m", "services.llm.serve"]
-    assert (REPO / "services" / "llm" / "serve.py").is_file(), "services/llm/serve.py does not exist"
+    assert server["command"] == ["python", "-m", "services.llm.server"]
+    assert (REPO / "services" / "llm" / "server" / "__main__.py").is_file(), "services/llm/server/ does not exist"
     assert built_from(server) == ("services/llm/Dockerfile", "cpu")
     assert built_from(worker) == ("services/llm/Dockerfile", "worker"), "the worker image carries no torch"
     assert built_from(services["embedding"]) == ("services/embedding/Dockerfile", "cpu")
@@ -349,7 +376,9 @@ def test_gpu_model_server_is_vllm_serving_the_workers_model() -> None:
     name = rag_env(worker)["RAG_LLM_MODEL_NAME"]
     assert arg("--port") == "8004"
     assert arg("--served-model-name") == name
-    model = arg("--model")
+    # `vllm serve MODEL`: the model is the positional argument, --model is deprecated.
+    assert "--model" not in args and not any(str(a).startswith("--model=") for a in args)
+    model = str(args[0])
     assert model == f"/models/{name}", "the model's directory is named as the model (as in k8s)"
     mounts = {v["target"]: v for v in server.get("volumes", [])}
     mount = next((t for t in mounts if model.startswith(t.rstrip("/") + "/")), None)
@@ -424,7 +453,10 @@ def configmaps(overlay: str) -> dict[str, dict[str, str]]:
 
 def same_value(settings: type[BaseSettings], key: str, left: str, right: str) -> bool:
     """Equal as the settings read them: "120" and "120.0" are the same float."""
-    annotation = settings.model_fields[key.removeprefix("RAG_").lower()].annotation
+    fields = settings_env_names(settings)
+    if key not in fields and settings is LlmSettings:  # the model server's own settings
+        settings, fields = LlmServerSettings, settings_env_names(LlmServerSettings)
+    annotation = settings.model_fields[fields[key]].annotation
     assert annotation is not None
     adapter: TypeAdapter[Any] = TypeAdapter(annotation)
     try:
@@ -442,7 +474,7 @@ def test_values_agree_with_the_k8s_configmaps(stack: str, overlay: str) -> None:
     for name, configmap in CONFIGMAPS.items():
         env = rag_env(services[name])
         data = maps[configmap]
-        for key in sorted((set(env) & set(data)) - ADDRESS_VARIABLES):
+        for key in sorted((set(env) & set(data)) - ADDRESS_VARIABLES - LAYOUT_VARIABLES):
             compared[configmap].add(key)
             if not same_value(SETTINGS[name], key, env[key], data[key]):
                 drift.append(f"{key}: compose {name}={env[key]!r}, {overlay} {configmap}={data[key]!r}")

@@ -40,6 +40,18 @@ class Image:
     target: str | None
     extra: str
     torch: str | None  # None: no torch; "cpu" or "cuda": which wheel index
+    # What the image runs by default and where that listens (the service's own unless said).
+    module: str = ""
+    port: int = 0
+    port_variable: str = "RAG_PORT"
+
+    @property
+    def command_module(self) -> str:
+        return self.module or f"services.{self.service}"
+
+    @property
+    def listen_port(self) -> int:
+        return self.port or PORTS[self.service]
 
 
 IMAGES = (
@@ -48,8 +60,11 @@ IMAGES = (
     Image("embedding", "cpu", "embedding", "cpu"),
     Image("embedding", "gpu", "embedding", "cuda"),
     Image("llm", "worker", "llm", None),
-    Image("llm", "cpu", "llm-cpu", "cpu"),
+    # The CPU model server (compose's llm-server, the cpu-only pod's model-server) on RAG_LLM_SERVE_PORT.
+    Image("llm", "cpu", "llm-cpu", "cpu", "services.llm.server", 8004, "RAG_LLM_SERVE_PORT"),
 )
+# The CUDA lines PyTorch publishes wheels for, per torch version (none for cu128 after 2.11).
+TORCH_CUDA_LINES = {"==2.13.0": {"cu126", "cu130"}}
 
 
 # --- a small Dockerfile reader -------------------------------------------------------------------
@@ -290,7 +305,13 @@ def test_torch_comes_from_the_right_wheel_index(image: Image) -> None:
     if image.torch == "cpu":
         assert index == "https://download.pytorch.org/whl/cpu"
     else:
-        assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d{3}", index), index
+        match = re.fullmatch(r"https://download\.pytorch\.org/whl/(cu\d{3})", index)
+        assert match, index
+        # A CUDA line that has the pinned torch, and the driver it needs written beside it.
+        assert match.group(1) in TORCH_CUDA_LINES[torch_pin()], f"no torch{torch_pin()} wheels for {match.group(1)}"
+        notes = " ".join(text for _, text in df.comments)
+        for line in TORCH_CUDA_LINES[torch_pin()]:
+            assert re.search(rf"{line}\b.*driver\s*>=\s*\d+\.\d+", notes), f"say which driver {line} needs"
     # torch goes in before the extra, so the extra finds it satisfied instead of pulling PyPI's build.
     order = [n for n, w in enumerate(pip_installs(df, image)) if any("[" in x for x in w)]
     assert pip_installs(df, image).index(words) < min(order)
@@ -358,10 +379,9 @@ def test_entry_point_is_an_existing_service_module(image: Image) -> None:
     cmd = df.effective(image.target, "CMD")
     assert cmd is not None and cmd.args.startswith("["), f"{image_id(image)}: exec-form CMD"
     assert df.effective(image.target, "ENTRYPOINT") is None
-    assert exec_form(cmd) == ["python", "-m", f"services.{image.service}"]
-    assert (REPO / "services" / image.service / "__main__.py").is_file(), (
-        f"services/{image.service}/__main__.py does not exist"
-    )
+    assert exec_form(cmd) == ["python", "-m", image.command_module]
+    main = REPO.joinpath(*image.command_module.split(".")) / "__main__.py"
+    assert main.is_file(), f"{main.relative_to(REPO)} does not exist"
 
 
 @pytest.mark.parametrize("image", IMAGES, ids=image_id)
@@ -373,9 +393,10 @@ def test_healthcheck_asks_healthz_on_the_service_port(image: Image) -> None:
     argv = exec_form(Instruction("CMD", command, check.line))
     script = argv[-1]
     assert argv[:2] == ["python", "-c"] and "/healthz" in script
-    assert f"'{PORTS[image.service]}'" in script, "the default port is the service's own"
+    # The port the default command listens on: its variable, and its default.
+    assert f"os.environ.get('{image.port_variable}', '{image.listen_port}')" in script, script
     expose = df.effective(image.target, "EXPOSE")
-    assert expose is not None and str(PORTS[image.service]) in expose.args.split()
+    assert expose is not None and str(image.listen_port) in expose.args.split()
 
 
 # --- .dockerignore ---------------------------------------------------------------------------------

@@ -150,7 +150,8 @@ CANONICAL = {
     "RAG_LLM_OPENAI_URL": "http://127.0.0.1:8004/v1",
     "RAG_LLM_MAX_TRIES": "3",
     "RAG_LLM_VISIBILITY_TIMEOUT_SECONDS": "60",
-    "RAG_LLM_DRAIN_SECONDS": "30",
+    "RAG_LLM_DRAIN_SECONDS": "130",
+    "RAG_LLM_REQUEST_TIMEOUT_SECONDS": "120",
     "RAG_QDRANT_COLLECTION": "ragpod_chunks",
     "RAG_EMBEDDING_DEVICE": "auto",
 }
@@ -168,10 +169,11 @@ def test_service_configmaps_hold_the_shared_settings(renders, overlay):
     gateway = render.get("ConfigMap", "gateway-config")["data"]
     assert gateway["RAG_RETRIEVER_URL"] == "http://retriever:8002"
     retriever = render.get("ConfigMap", "retriever-config")["data"]
-    assert retriever["RAG_EMBEDDING_URL"] == "http://embedding:8001"
+    gpu = overlay in k8s.GPU_OVERLAYS
+    assert retriever["RAG_EMBEDDING_URL"] == ("http://embedding-gpu:8001" if gpu else "http://embedding:8001")
+    assert retriever["RAG_EMBEDDING_CPU_URL"] == ("http://embedding:8001" if gpu else "")
     assert retriever["RAG_QDRANT_URL"] == "http://qdrant:6333"
     llm = render.get("ConfigMap", "llm-config")["data"]
-    gpu = overlay in k8s.GPU_OVERLAYS
     assert llm["RAG_LLM_CONCURRENCY"] == ("16" if gpu else "4")
 
     assert (llm["RAG_LLM_MODEL_NAME"] == "smollm2-135m-instruct") is not gpu
@@ -195,9 +197,9 @@ def test_configmap_keys_are_settings_the_services_read(renders):
     """Every RAG_* key is a field of a service's Settings (env name = RAG_ + field, upper-cased)."""
     settings = importlib.import_module("services.common.settings")
     fields = set(settings.ServiceSettings.model_fields) | set(settings.QueueSettings.model_fields)
-    for service in PORTS:
+    for service in [*PORTS, "llm.server"]:
         fields |= set(importlib.import_module(f"services.{service}.config").Settings.model_fields)
-    known = {f"RAG_{name.upper()}" for name in fields}
+    known = {f"RAG_{name.upper()}" for name in fields} | {"RAG_LLM_SERVE_PORT"}  # the model server's port
     used = set()
     for render in renders.values():
         for name in ("gateway-config", "embedding-config", "retriever-config", "llm-config"):
@@ -217,6 +219,6 @@ def test_every_ragpod_command_names_a_module_that_exists(renders):
                     command = list(container.get("command", [])) + list(container.get("args", []))
                     if command[:2] == ["python", "-m"] and command[2].startswith("services"):
                         commands.add(command[2])
-    assert {"services.llm.serve", "services.retriever.reindex"} <= commands
+    assert {"services.llm.server", "services.retriever.reindex"} <= commands
     missing = [module for module in sorted(commands) if importlib.util.find_spec(module) is None]
     assert missing == []

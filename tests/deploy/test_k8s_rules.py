@@ -7,12 +7,16 @@ production sizes; cpu-only shrinks requests and drops the GPUs (its own test).
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from deploy import capacity
+from services.embedding.config import Settings as EmbeddingSettings
+from services.retriever.config import Settings as RetrieverSettings
 from tests.fixtures import k8s_manifests as k8s
 from tests.fixtures.k8s_manifests import gpu_resources, label_selector_matches, pod_template, quantity, resources
 
@@ -99,7 +103,7 @@ def test_gateway_cpu_half_to_two_512mi_to_2gi_cpu_nodes_spread_over_every_zone_h
 
 
 @GPU
-def test_embedding_cpu_2_to_4_or_one_gpu_prefers_gpu_nodes_tolerates_gpu_taint_hpa_2_10_gpu80_or_cpu70(
+def test_embedding_cpu_2_to_4_or_one_gpu_on_the_embedding_pool_only_hpa_2_10_on_in_flight_and_batch_wait_or_cpu70(
     renders, overlay
 ):
     render = renders[overlay]
@@ -108,26 +112,35 @@ def test_embedding_cpu_2_to_4_or_one_gpu_prefers_gpu_nodes_tolerates_gpu_taint_h
     assert container["image"].startswith("ragpod/embedding:") and container["image"].endswith("-gpu")
     units = gpu_resources(container)
     assert len(units) == 1 and list(units.values()) == [1]
-    assert resources(container, "requests")[next(iter(units))] == resources(container, "limits")[next(iter(units))]
+    (unit,) = units
+    assert resources(container, "requests")[unit] == resources(container, "limits")[unit]
     assert cpu_mem(container)[:2] == (2, 4)
     assert tolerates_gpu_taint(gpu_pod)
-    node_affinity = gpu_pod["affinity"]["nodeAffinity"]
-    assert "requiredDuringSchedulingIgnoredDuringExecution" not in node_affinity
-    preferred = node_affinity["preferredDuringSchedulingIgnoredDuringExecution"]
-    assert preferred and all(p["weight"] > 0 for p in preferred)
-    gpu_pool_labels = [p["labels"] for p in capacity_plan(render) if "node.ragpod.io/lifecycle" not in p["labels"]]
-    for term in preferred:
-        # Every preferred term points at a GPU node pool of the plan.
-        expressions = term["preference"]["matchExpressions"]
-        assert any(e["operator"] == "In" for e in expressions)
-        assert any(
-            all(labels.get(e["key"]) in e["values"] for e in expressions if e["operator"] == "In")
-            for labels in gpu_pool_labels
-        )
+    # Required, not preferred: the pods never take a node of the LLM's pool (nor make the
+    # Cluster Autoscaler add one for them). The MIG overlay's embedding pool is the A100s cut
+    # into slices, which only it asks for.
+    assert "requiredDuringSchedulingIgnoredDuringExecution" in gpu_pod["affinity"]["nodeAffinity"]
+    pools = capacity.read_pools(render.objects)
+    llm_pod = render.get("Deployment", "llm")["spec"]["template"]
+    admitted = [pool for pool in pools if capacity.admits(pool, {"spec": gpu_pod})]
+    assert admitted and all(unit in pool.offers for pool in admitted)
+    for pool in admitted:
+        assert not capacity.admits(pool, llm_pod) or unit != "nvidia.com/gpu", f"{pool.name} is the LLM's pool"
     hpa = render.hpa_for("Deployment", "embedding-gpu")
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 10)
-    target = pods_metric(hpa, "rag_gpu_utilization_ratio")
-    assert target["type"] == "AverageValue" and quantity(target["averageValue"]) == pytest.approx(0.8)
+    # What the service measures itself holds on whole GPUs, time-slices and MIG alike;
+    # NVML utilisation is absent on MIG and the whole card's under time-slicing.
+    names = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
+    assert names == {"rag_embedding_requests_in_flight", "rag_embedding_batch_wait_p95_seconds"}
+    in_flight = pods_metric(hpa, "rag_embedding_requests_in_flight")
+    assert in_flight["type"] == "AverageValue" and quantity(in_flight["averageValue"]) > 0
+    wait = pods_metric(hpa, "rag_embedding_batch_wait_p95_seconds")
+    config = render.get("ConfigMap", "embedding-config")["data"]
+    max_wait = float(
+        config.get("RAG_EMBEDDING_MAX_WAIT_MS", EmbeddingSettings.model_fields["embedding_max_wait_ms"].default)
+    )
+    # Above the batch window: waiting beyond it means queueing behind the model.
+    assert wait["type"] == "AverageValue" and quantity(wait["averageValue"]) > max_wait / 1000
     assert cpu_utilization(hpa) == 70
 
     # The CPU fallback: CPU 2-4 on CPU nodes, so embedding goes on when every GPU is taken.
@@ -137,10 +150,43 @@ def test_embedding_cpu_2_to_4_or_one_gpu_prefers_gpu_nodes_tolerates_gpu_taint_h
     assert cpu_mem(container)[:2] == (2, 4)
     assert on_cpu_nodes(cpu_pod)
     assert cpu_utilization(render.hpa_for("Deployment", "embedding")) == 70
-    # One Service in front of both.
-    selector = render.get("Service", "embedding")["spec"]["selector"]
-    for name in ("embedding", "embedding-gpu"):
-        assert label_selector_matches({"matchLabels": selector}, labels_of(render, "Deployment", name))
+
+
+@ALL
+def test_embedding_gpu_and_cpu_pods_have_their_own_services_and_the_retriever_spills_from_one_to_the_other(
+    renders, overlay
+):
+    render = renders[overlay]
+    services = {
+        s["metadata"]["name"]
+        for s in render.all("Service")
+        if s["spec"]["selector"].get("app.kubernetes.io/name") == "embedding"
+    }
+    retriever = render.get("ConfigMap", "retriever-config")["data"]
+
+    def selects(service: str, deployment: str) -> bool:
+        selector = {"matchLabels": render.get("Service", service)["spec"]["selector"]}
+        return label_selector_matches(selector, labels_of(render, "Deployment", deployment))
+
+    def service_of(url: str) -> str:
+        host, _, port = url.removeprefix("http://").partition(":")
+        assert port == "8001", url
+        return host
+
+    if overlay == "cpu-only":
+        assert set(services) == {"embedding"} and selects("embedding", "embedding")
+        assert service_of(retriever["RAG_EMBEDDING_URL"]) == "embedding"
+        assert retriever.get("RAG_EMBEDDING_CPU_URL", "") == ""
+        return
+    # No Service selects both kinds of pod: the CPU pods would take an equal share of every request.
+    assert set(services) == {"embedding", "embedding-gpu"}
+    assert selects("embedding-gpu", "embedding-gpu") and not selects("embedding-gpu", "embedding")
+    assert selects("embedding", "embedding") and not selects("embedding", "embedding-gpu")
+    assert service_of(retriever["RAG_EMBEDDING_URL"]) == "embedding-gpu"
+    assert service_of(retriever["RAG_EMBEDDING_CPU_URL"]) == "embedding"
+    # The retriever reads both settings.
+    known = k8s.settings_env_names(RetrieverSettings)
+    assert {"RAG_EMBEDDING_URL", "RAG_EMBEDDING_CPU_URL"} <= set(known)
 
 
 @GPU
@@ -222,9 +268,11 @@ def test_llm_worker_beside_vllm_owning_the_gpu_a100_nodes_requests_4_16gi_limits
     assert config["RAG_LLM_OPENAI_URL"] == "http://127.0.0.1:8004/v1"
     assert "/" in config["RAG_LLM_MODEL_NAME"] and "smollm" not in config["RAG_LLM_MODEL_NAME"]
     # The weights come from a read-only volume, not a download.
-    model_arg = next(a for a in args if a.startswith("--model="))
+    # `vllm serve MODEL` (the image's entry point): the model is positional, --model is deprecated.
+    model_arg = args[0]
+    assert not any(a == "--model" or a.startswith("--model=") for a in args)
     models = {m["name"]: m for m in server["volumeMounts"]}["models"]
-    assert model_arg.removeprefix("--model=").startswith(models["mountPath"] + "/") and models["readOnly"]
+    assert model_arg.startswith(models["mountPath"] + "/") and models["readOnly"]
     volume = {v["name"]: v for v in pod["volumes"]}["models"]
     claim = render.get("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
     assert env["HF_HUB_OFFLINE"]["value"] == "1" and claim["spec"]["accessModes"] == ["ReadOnlyMany"]
@@ -249,45 +297,42 @@ def test_llm_worker_beside_vllm_owning_the_gpu_a100_nodes_requests_4_16gi_limits
 
 
 @ALL
-def test_llm_keda_scaledobject_1_8_on_redis_streams_lag_over_5_per_replica_with_trigger_authentication(
-    renders, overlay
-):
+def test_llm_keda_scaledobject_1_8_on_the_exported_queue_depth_over_5_per_replica_and_jobs_in_flight(renders, overlay):
+    """KEDA reads rag_llm_queue_depth (admitted, not yet started) through its Prometheus trigger.
+
+    The Redis Streams trigger's lag leaves out jobs claimed but not started
+    (tests/deploy/test_keda_queue_signal.py shows it on a real redis-server).
+    """
     render = renders[overlay]
     scaled = render.get("ScaledObject", "llm")
     spec = scaled["spec"]
     assert spec["scaleTargetRef"]["name"] == "llm" and spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
     assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (1, 8)
     assert [h for h in render.all("HorizontalPodAutoscaler") if h["spec"]["scaleTargetRef"]["name"] == "llm"] == []
+    assert spec["fallback"]["replicas"] >= spec["minReplicaCount"]
     config = render.get("ConfigMap", "llm-config")["data"]
-    lag = [t for t in spec["triggers"] if "lagCount" in t["metadata"]]
-    assert len(lag) == 1
-    trigger = lag[0]
-    # The Sentinel variant of the redis-streams trigger: it follows the primary.
-    assert trigger["type"] == "redis-sentinel-streams"
-    meta = trigger["metadata"]
-    assert meta["stream"] == config["RAG_LLM_STREAM"] == "rag:llm:jobs"
-    assert meta["consumerGroup"] == config["RAG_LLM_GROUP"] == "rag-llm-workers"
-    assert meta["lagCount"] == "5"
-    assert meta["sentinelMaster"] == config["RAG_REDIS_SENTINEL_MASTER"]
-    # KEDA runs in its own namespace: the Sentinels by fully qualified name.
-    redis = render.get("StatefulSet", "redis")
-    expected = [
-        f"redis-{i}.{redis['spec']['serviceName']}.{k8s.NAMESPACE}.svc:26379" for i in range(redis["spec"]["replicas"])
-    ]
-    for each in spec["triggers"]:
-        assert each["metadata"]["addresses"].split(",") == expected
-        assert each["metadata"]["stream"] == meta["stream"]
-        auth = render.get("TriggerAuthentication", each["authenticationRef"]["name"], k8s.NAMESPACE)
-        (ref,) = auth["spec"]["secretTargetRef"]
-        password = next(
-            e
-            for e in k8s.container_named(redis["spec"]["template"]["spec"], "configure")["env"]
-            if e["name"] == "REDIS_PASSWORD"
-        )
-        assert ref["parameter"] == "password"
-        assert {"name": ref["name"], "key": ref["key"]} == password["valueFrom"]["secretKeyRef"]
-    in_flight = [t for t in spec["triggers"] if "pendingEntriesCount" in t["metadata"]]
-    assert [t["metadata"]["pendingEntriesCount"] for t in in_flight] == [config["RAG_LLM_CONCURRENCY"]]
+    triggers = {t["name"]: t for t in spec["triggers"]}
+    assert set(triggers) == {"queue-depth", "in-flight"}
+    for trigger in triggers.values():
+        assert trigger["type"] == "prometheus"
+        # Per replica: KEDA divides the value by the replicas.
+        assert trigger.get("metricType", "AverageValue") == "AverageValue"
+        meta = trigger["metadata"]
+        assert meta["serverAddress"].startswith("http://") and ".monitoring.svc:" in meta["serverAddress"]
+        assert f'namespace="{k8s.NAMESPACE}"' in meta["query"]
+        # No value (Prometheus away, no worker exporting) is an error, so the fallback holds.
+        assert meta["ignoreNullValues"] == "false"
+    depth = triggers["queue-depth"]["metadata"]
+    assert depth["query"] == f'max(rag_llm_queue_depth{{namespace="{k8s.NAMESPACE}"}})'
+    assert depth["threshold"] == "5" and depth["activationThreshold"] == "0"
+    in_flight = triggers["in-flight"]["metadata"]
+    assert in_flight["query"] == f'sum(rag_llm_jobs_in_flight{{namespace="{k8s.NAMESPACE}"}})'
+    assert in_flight["threshold"] == config["RAG_LLM_CONCURRENCY"]
+    # The series are scraped where the workers serve them.
+    monitor = render.get("PodMonitor", "llm")
+    assert label_selector_matches(monitor["spec"]["selector"], labels_of(render, "Deployment", "llm"))
+    # Nothing reads Redis from KEDA's namespace any more.
+    assert render.all("TriggerAuthentication") == []
 
 
 @GPU
@@ -675,50 +720,99 @@ def test_network_policies_deny_by_default_and_allow_only_the_flows_of_the_design
     # From outside the namespace: the public API, KEDA to Redis, Prometheus to the metrics ports.
     outside = [
         (None, {}, "gateway", 8000),
-        ("keda", {}, "redis", 26379),
         ("monitoring", {}, "retriever", 8002),
         ("monitoring", {}, "llm", 8003),
+        ("monitoring", {}, "embedding", 8001),
     ]
     for namespace, labels, target, port in outside:
         target_labels, target_namespace, _ = pods[target]
         assert _allowed(policies, "ingress", target_labels, target_namespace, port, labels, namespace), (target, port)
+    # KEDA reads the queue depth from Prometheus: it has no way into Redis.
+    redis_labels, redis_namespace, _ = pods["redis"]
+    for port in (6379, 26379):
+        assert not _allowed(policies, "ingress", redis_labels, redis_namespace, port, {}, "keda")
     qdrant_labels, qdrant_namespace, _ = pods["qdrant"]
     assert not _allowed(policies, "ingress", qdrant_labels, qdrant_namespace, 6333, {}, "some-other-namespace")
-    # Every pod resolves names.
+    # Every pod resolves names: CoreDNS, and NodeLocal DNSCache on its link-local address.
     dns = {"k8s-app": "kube-dns"}
     for name, (labels, namespace, _) in pods.items():
         if namespace == k8s.NAMESPACE:
             assert _allowed(policies, "egress", labels, namespace, 53, dns, "kube-system"), name
+            for protocol in ("UDP", "TCP"):
+                assert _egress_to_address(policies, labels, namespace, NODE_LOCAL_DNS, 53, protocol), name
+    # The cache's address is no way out to anything else.
+    labels, namespace, _ = pods["gateway"]
+    assert not _egress_to_address(policies, labels, namespace, NODE_LOCAL_DNS, 443, "TCP")
+
+
+NODE_LOCAL_DNS = "169.254.20.10"
+
+
+def _egress_to_address(policies, pod_labels, pod_namespace, address: str, port: int, protocol: str) -> bool:
+    """Whether some egress rule lets a pod reach an IP address outside the cluster's pods (ipBlock)."""
+    for policy in policies:
+        spec = policy["spec"]
+        if policy["metadata"]["namespace"] != pod_namespace or "Egress" not in spec.get("policyTypes", []):
+            continue
+        if not label_selector_matches(spec["podSelector"], pod_labels):
+            continue
+        for rule in spec.get("egress", []):
+            ports = rule.get("ports")
+            if ports and not any(p.get("port") == port and p.get("protocol", "TCP") == protocol for p in ports):
+                continue
+            ip = ipaddress.ip_address(address)
+            for peer in rule.get("to", []):
+                block = peer.get("ipBlock")
+                if not block or ip not in ipaddress.ip_network(block["cidr"]):
+                    continue
+                if not any(ip in ipaddress.ip_network(e) for e in block.get("except", [])):
+                    return True
+    return False
 
 
 # --- metrics to the autoscalers ----------------------------------------------------------------
 
 
-EXPORTED_SERIES = {"rag_http_requests_total", "rag_http_request_duration_seconds_bucket", "rag_gpu_utilization_ratio"}
+EXPORTED_SERIES = {
+    "rag_http_requests_total",
+    "rag_http_request_duration_seconds_bucket",
+    "rag_embedding_requests_in_flight",
+    "rag_embedding_batch_wait_seconds_bucket",
+}
+# The label kube-prometheus-stack selects monitors by (README: its release name).
+PROMETHEUS_RELEASE = {"release": "kps"}
 
 
 @ALL
 def test_metrics_to_autoscalers_service_monitors_and_adapter_rules_for_the_hpa_metrics(renders, overlay):
     render = renders[overlay]
-    # Every service is scraped where it serves /metrics.
+    # Every service is scraped where it serves /metrics, each pod once.
     for name in ("gateway", "embedding", "retriever"):
         monitor = render.get("ServiceMonitor", name)
-        service = render.get("Service", name)
-        assert label_selector_matches(monitor["spec"]["selector"], service["metadata"]["labels"])
-        (endpoint,) = monitor["spec"]["endpoints"]
-        assert endpoint["path"] == "/metrics"
-        assert endpoint["port"] in [p["name"] for p in service["spec"]["ports"]]
-        others = [
-            s["metadata"]["name"]
+        selected = [
+            s
             for s in render.all("Service")
             if label_selector_matches(monitor["spec"]["selector"], s["metadata"]["labels"])
         ]
-        assert others == [name]
+        wanted = [s for s in render.all("Service") if s["spec"]["selector"].get("app.kubernetes.io/name") == name]
+        assert sorted(s["metadata"]["name"] for s in selected) == sorted(s["metadata"]["name"] for s in wanted)
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert endpoint["path"] == "/metrics"
+        for service in selected:
+            assert endpoint["port"] in [p["name"] for p in service["spec"]["ports"]]
+        # The series' own "service" label survives: the operator's target label of that name is dropped.
+        assert {"action": "labeldrop", "regex": "service"} in endpoint.get("relabelings", []), name
     monitor = render.get("PodMonitor", "llm")
     assert label_selector_matches(monitor["spec"]["selector"], labels_of(render, "Deployment", "llm"))
     worker = render.container("Deployment", "llm", "worker")
     assert {"port": "http", "path": "/metrics", "interval": "15s"} in monitor["spec"]["podMetricsEndpoints"]
     assert worker["ports"][0] == {"name": "http", "containerPort": 8003}
+    # Prometheus finds the monitors: they carry the label it selects by.
+    for kind in ("ServiceMonitor", "PodMonitor"):
+        for found in render.all(kind):
+            labels = found["metadata"]["labels"]
+            assert PROMETHEUS_RELEASE.items() <= labels.items(), found["metadata"]["name"]
+            assert "service" not in labels
     # prometheus-adapter serves each Pods metric an HPA names, from the services' own series.
     config = render.get("ConfigMap", "ragpod-adapter-rules", "monitoring")["data"]["config.yaml"]
     rules = {r["name"]["as"]: r for r in yaml.safe_load(config)["rules"]}
@@ -736,8 +830,24 @@ def test_metrics_to_autoscalers_service_monitors_and_adapter_rules_for_the_hpa_m
         assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
         for placeholder in ("<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"):
             assert placeholder in rule["metricsQuery"]
+        # An idle pod reads 0, per pod (tests/e2e/test_autoscaling_metrics.py evaluates it).
+        assert rule["metricsQuery"].endswith(" or max(up{<<.LabelMatchers>>}) by (<<.GroupBy>>) * 0"), name
     assert "histogram_quantile(0.99," in rules["rag_http_request_duration_p99_seconds"]["metricsQuery"]
     assert "rate(" in rules["rag_http_requests_per_second"]["metricsQuery"]
+
+
+@ALL
+def test_qdrant_metrics_are_scraped_with_the_api_key_the_servers_require(renders, overlay):
+    render = renders[overlay]
+    qdrant = render.container("StatefulSet", "qdrant", "qdrant")
+    key = next(e for e in qdrant["env"] if e["name"] == "QDRANT__SERVICE__API_KEY")["valueFrom"]["secretKeyRef"]
+    (endpoint,) = render.get("ServiceMonitor", "qdrant")["spec"]["endpoints"]
+    authorization = endpoint["authorization"]
+    assert authorization["type"] == "Bearer"
+    credentials = authorization["credentials"]
+    assert (credentials["name"], credentials["key"]) == (key["name"], key["key"])
+    # Optional on both sides: without the Secret Qdrant asks for no key and none is sent.
+    assert credentials.get("optional") is True and key.get("optional") is True
 
 
 def test_readme_documents_prerequisites_and_every_overlay():
