@@ -33,25 +33,22 @@ Runs in about two minutes on 2 CPU cores, most of it the two phases. Prints
 
 from __future__ import annotations
 
-import sys
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
+from ragpod.processes import free_port
+from ragpod.redis_server import start_redis
+from ragpod.supervisor import SERVICES, Stack, ingest_demo
+
 ROOT = Path(__file__).resolve().parent.parent
-# bench/queue.py would shadow the standard library's queue module (imported by httpx's backends).
-if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
-    sys.path[0] = str(ROOT)
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import httpx  # noqa: E402
-
-from services.devstack import SERVICES, Stack, free_port, ingest_demo, start_redis  # noqa: E402
 
 CONCURRENCY = 4
 MAX_TOKENS = 16

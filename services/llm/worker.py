@@ -22,13 +22,14 @@ import functools
 import os
 import socket
 import time
-from typing import Any, cast
+from typing import Any
 
 import structlog
+from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from services.common.queue import Job, JobQueue, StreamReply
+from services.common.queue import Delivery, Job, JobQueue
 from services.llm.config import Settings
 from services.llm.engine import Engine, EngineError, GenerationRequest
 from services.llm.metrics import (
@@ -98,7 +99,7 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*side_tasks, return_exceptions=True)
             with contextlib.suppress(RedisError):
-                await self._leave_group()
+                await self.queue.leave(self.name)
             log.info("worker_stopped", consumer=self.name)
 
     async def _turn(self) -> None:
@@ -109,45 +110,26 @@ class Worker:
         if free <= 0:
             await asyncio.wait(list(self._inflight.values()), timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
             return
-        messages: list[tuple[str, dict[str, str]]] = []
+        deliveries: list[Delivery] = []
         now = time.monotonic()
         if now >= self._next_reclaim:
-            _, claimed, _ = await self.redis.xautoclaim(
-                self.queue.stream, self.queue.group, self.name, self.visibility_ms, "0-0", count=free
-            )
-            messages = [(mid, fields) for mid, fields in claimed if fields]
-            JOBS_RECLAIMED.inc(len(messages))
+            deliveries = await self.queue.reclaim(self.name, self.visibility_ms, count=free)
+            JOBS_RECLAIMED.inc(len(deliveries))
             # A full claim may have left more behind: look again on the next turn.
-            self._next_reclaim = now if len(messages) >= free else now + self.reclaim_interval
-        if not messages:
-            reply = cast(
-                StreamReply,
-                await self.redis.xreadgroup(
-                    self.queue.group, self.name, {self.queue.stream: ">"}, count=free, block=1000
-                ),
-            )
-            for _, entries in reply or []:
-                messages.extend(entries)
-        for index, (message_id, fields) in enumerate(messages):
+            self._next_reclaim = now if len(deliveries) >= free else now + self.reclaim_interval
+        if not deliveries:
+            deliveries = await self.queue.read(self.name, count=free, block_ms=1000)
+        for index, delivery in enumerate(deliveries):
             if self._stop.is_set():
-                await self._hand_back(messages[index:])
+                await self.queue.hand_back(deliveries[index:])
+                log.info("jobs_handed_back", count=len(deliveries) - index)
                 break
-            if message_id in self._inflight:
+            if delivery.message_id in self._inflight:
                 continue  # our own job, re-claimed while it was slow: it is still running here
-            task = asyncio.create_task(self._handle(message_id, fields), name=f"job-{message_id}")
-            self._inflight[message_id] = task
+            task = asyncio.create_task(self._handle(delivery), name=f"job-{delivery.message_id}")
+            self._inflight[delivery.message_id] = task
             JOBS_IN_FLIGHT.set(len(self._inflight))
-            task.add_done_callback(functools.partial(self._forget, message_id))
-
-    async def _hand_back(self, messages: list[tuple[str, dict[str, str]]]) -> None:
-        """Jobs read but not started when the stop came: back at the end of the queue for the others, now."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for message_id, fields in messages:
-                pipe.xadd(self.queue.stream, fields)  # type: ignore[arg-type]
-                pipe.xack(self.queue.stream, self.queue.group, message_id)
-                pipe.xdel(self.queue.stream, message_id)
-            await pipe.execute()
-        log.info("jobs_handed_back", count=len(messages))
+            task.add_done_callback(functools.partial(self._forget, delivery.message_id))
 
     def _forget(self, message_id: str, _task: object = None) -> None:
         self._inflight.pop(message_id, None)
@@ -164,24 +146,13 @@ class Worker:
         if unfinished:
             log.warning("worker_drain_timeout", abandoned=len(unfinished))
 
-    async def _leave_group(self) -> None:
-        """A clean exit with nothing pending removes this consumer from the group."""
-        pending = await self.redis.xpending_range(
-            self.queue.stream, self.queue.group, min="-", max="+", count=1, consumername=self.name
-        )
-        if not pending:
-            await self.redis.xgroup_delconsumer(self.queue.stream, self.queue.group, self.name)
-
     async def _keep_claims(self) -> None:
         """Resets the idle time of jobs still in flight, so live work is never taken away."""
         interval = max(self.settings.llm_visibility_timeout_seconds / 3, 0.1)
         while True:
             await asyncio.sleep(interval)
-            ids = list(self._inflight)
-            if not ids:
-                continue
             try:
-                await self.redis.xclaim(self.queue.stream, self.queue.group, self.name, 0, list[Any](ids), justid=True)
+                await self.queue.keep(self.name, list(self._inflight))
             except RedisError as exc:
                 log.warning("keep_claims_failed", error=str(exc))
 
@@ -191,66 +162,35 @@ class Worker:
                 QUEUE_DEPTH.set(await self.queue.depth())
             await asyncio.sleep(2.0)
 
-    async def _ack(self, message_id: str, job_id: str | None) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self.queue.stream, self.queue.group, message_id)
-            pipe.xdel(self.queue.stream, message_id)
-            if job_id:
-                pipe.hdel(self.queue.tries_key(), job_id)
-            await pipe.execute()
-
-    async def _dead_letter(
-        self, message_id: str, fields: dict[str, str], job_id: str | None, error: str, tries: int
-    ) -> None:
-        entry = {**fields, "error": error, "tries": str(tries), "failed_at": str(time.time()), "consumer": self.name}
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.queue.dead_letter, entry)  # type: ignore[arg-type]
-            pipe.xack(self.queue.stream, self.queue.group, message_id)
-            pipe.xdel(self.queue.stream, message_id)
-            if job_id:
-                pipe.hdel(self.queue.tries_key(), job_id)
-            await pipe.execute()
+    async def _dead_letter(self, delivery: Delivery, job_id: str | None, error: str, tries: int) -> None:
+        await self.queue.dead_letter(delivery, job_id, error, tries, self.name)
         JOBS_DEAD_LETTERED.inc()
         log.error("job_dead_lettered", job_id=job_id, error=error, tries=tries)
-        if job_id:
-            await self.queue.publish(job_id, "error", tries, {"error": "generation_failed", "detail": error})
 
-    async def _retry_later(self, message_id: str, fields: dict[str, str], job_id: str, error: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.queue.stream, fields)  # type: ignore[arg-type]
-            pipe.hset(f"{self.queue.stream}:errors", job_id, error)
-            pipe.expire(f"{self.queue.stream}:errors", self.settings.llm_result_ttl_seconds)
-            pipe.xack(self.queue.stream, self.queue.group, message_id)
-            pipe.xdel(self.queue.stream, message_id)
-            await pipe.execute()
-        JOBS_RETRIED.inc()
-        log.warning("job_retry", job_id=job_id, error=error)
-
-    async def _handle(self, message_id: str, fields: dict[str, str]) -> None:
+    async def _handle(self, delivery: Delivery) -> None:
         try:
-            job = Job.decode(fields)
-        except (KeyError, TypeError, ValueError) as exc:
-            await self._dead_letter(message_id, fields, None, f"malformed job: {exc}", 1)
+            job = Job.decode(delivery.fields)
+        except (KeyError, ValueError, ValidationError) as exc:
+            await self._dead_letter(delivery, None, f"malformed job: {exc}", 1)
             return
         with structlog.contextvars.bound_contextvars(request_id=job.request_id, job_id=job.id):
             try:
-                await self._process(message_id, fields, job)
+                await self._process(delivery, job)
             except RedisError as exc:
                 # Not acknowledged: the job stays pending and is claimed again after the visibility timeout.
                 log.warning("job_redis_error", error=str(exc))
 
-    async def _process(self, message_id: str, fields: dict[str, str], job: Job) -> None:
-        tries = int(await self.redis.hincrby(self.queue.tries_key(), job.id, 1))
+    async def _process(self, delivery: Delivery, job: Job) -> None:
+        tries, last_error = await self.queue.count_try(job.id)
         if tries > self.settings.llm_max_tries:
-            last = await self.redis.hget(f"{self.queue.stream}:errors", job.id)
-            error = str(last) if last else f"the job was lost by {tries - 1} workers"
-            await self._dead_letter(message_id, fields, job.id, f"gave up after {tries - 1} tries: {error}", tries - 1)
+            error = last_error or f"the job was lost by {tries - 1} workers"
+            await self._dead_letter(delivery, job.id, f"gave up after {tries - 1} tries: {error}", tries - 1)
             return
         started = time.time()
         if job.expired(started):
             JOBS_DROPPED_DEADLINE.inc()
             log.info("job_expired", waited_s=round(started - job.enqueued_at, 3))
-            await self._ack(message_id, job.id)
+            await self.queue.ack(delivery, job.id)
             return
         QUEUE_WAIT.observe(max(started - job.enqueued_at, 0.0))
         request = GenerationRequest(
@@ -272,7 +212,7 @@ class Worker:
             if isinstance(exc, TimeoutError) and deadline.expired():
                 JOBS_DROPPED_DEADLINE.inc()
                 log.info("job_deadline_during_generation")
-                await self._ack(message_id, job.id)
+                await self.queue.ack(delivery, job.id)
                 return
             if isinstance(exc, EngineError):
                 error, retryable = str(exc), exc.retryable
@@ -280,9 +220,11 @@ class Worker:
                 log.exception("engine_unexpected_error")
                 error, retryable = f"{type(exc).__name__}: {exc}", True
             if retryable and tries < self.settings.llm_max_tries:
-                await self._retry_later(message_id, fields, job.id, error)
+                await self.queue.retry_later(delivery, job.id, error)
+                JOBS_RETRIED.inc()
+                log.warning("job_retry", job_id=job.id, error=error)
             else:
-                await self._dead_letter(message_id, fields, job.id, error, tries)
+                await self._dead_letter(delivery, job.id, error, tries)
             return
         generate_s = time.time() - started
         GENERATION_SECONDS.observe(generate_s)
@@ -302,4 +244,4 @@ class Worker:
             log.info("job_answered", tokens=generation.completion_tokens, generate_ms=round(generate_s * 1000, 1))
         else:
             log.info("job_already_answered")
-        await self._ack(message_id, job.id)
+        await self.queue.ack(delivery, job.id)

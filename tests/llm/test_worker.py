@@ -107,13 +107,15 @@ async def test_deadline_passing_during_generation_stops_it(
 ) -> None:
     settings = make_settings(redis_server)
     queue = JobQueue(redis_client, settings)
-    engine = ScriptedEngine(delay=0.3)  # five words: 1.5 s, far past the deadline
+    engine = ScriptedEngine(delay=3600.0)  # would never finish: only the deadline can end it
     dropped = metric("rag_llm_jobs_dropped_deadline_total")
-    job = make_job(ttl=0.5)
     await queue.ensure_group()
-    await queue.enqueue(job)
     start(running, settings, engine, redis_client, "w1")
+    await wait_for(lambda: _someone_reading(redis_client))  # blocked on the stream: the job starts at once
+    job = make_job(ttl=3.0)
+    await queue.enqueue(job)
 
+    await asyncio.wait_for(engine.started.wait(), 3.0)  # generating while the job was still live
     await wait_for(lambda: queue_is_empty(redis_client, settings))
     assert len(engine.calls) == 1
     assert metric("rag_llm_jobs_dropped_deadline_total") == dropped + 1
@@ -188,13 +190,12 @@ async def test_two_workers_finishing_one_job_answer_it_once(redis_server: RedisS
     job = make_job("who answers?", stream=True)
     await queue.ensure_group()
     await queue.enqueue(job)
-    reply = await redis_client.xreadgroup(settings.llm_group, "a", {settings.llm_stream: ">"}, count=1)
-    message_id, fields = reply[0][1][0]
+    [delivery] = await queue.read("a", count=1, block_ms=1000)
 
     # The job's first worker looked dead, so another claimed it; both generate, both finish.
     worker_a = Worker(settings, first, redis_client, name="a")
     worker_b = Worker(settings, second, redis_client, name="b")
-    await asyncio.gather(worker_a._handle(message_id, fields), worker_b._handle(message_id, fields))
+    await asyncio.gather(worker_a._handle(delivery), worker_b._handle(delivery))
 
     assert len(first.calls) == len(second.calls) == 1
     events = await all_events(redis_client, queue, job.id)
@@ -326,3 +327,8 @@ async def test_jobs_read_after_the_stop_are_handed_back(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def _someone_reading(redis: Redis) -> bool:
+    """A client is blocked in XREADGROUP: a worker waiting for the next job."""
+    return any(client.get("cmd") == "xreadgroup" for client in await redis.client_list())

@@ -3,7 +3,7 @@
 Jobs are enqueued here exactly as the gateway enqueues them, on a stream of
 each test's own; tests/queue/test_gateway_processes.py goes through the
 gateway. Workers run ``RAG_LLM_BACKEND=openai`` against ``python -m
-services.llm.serve`` (tests/fixtures/llm.py), the same code path as against
+services.llm.server`` (tests/fixtures/llm.py), the same code path as against
 vLLM on a GPU.
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from ragpod.processes import free_port
 from services.common.queue import Job, JobQueue
-from services.devstack import free_port
 from services.llm.config import Settings
 from tests.fixtures.llm import (
     LlmServer,
@@ -173,7 +173,7 @@ async def test_failing_job_is_dead_lettered_and_an_expired_one_never_generated(
         assert words in events[0].data["detail"]
 
         await wait_for(lambda: queue_is_empty(redis_client, stream, queue.group))
-        dead = await redis_client.xrange(queue.dead_letter)
+        dead = await redis_client.xrange(queue.dead_letter_stream)
         assert [Job.decode(fields).id for _, fields in dead] == [failing.id]
         assert words in dead[0][1]["error"]
         assert dead[0][1]["tries"] == str(tries)
@@ -205,9 +205,7 @@ async def test_second_signal_exits_at_once_and_another_worker_takes_the_job(
         await asyncio.sleep(0.1)
         assert owner.proc.alive()
         owner.proc.popen.send_signal(signal.SIGTERM)  # the second: out now, the job left to the others
-        started = time.monotonic()
-        assert await asyncio.to_thread(owner.proc.popen.wait, 10) == 1
-        assert time.monotonic() - started < 5
+        assert await asyncio.to_thread(owner.proc.popen.wait, 10) == 1  # not the 120 s drain
 
         events = await events_until_end(queue, question.id, within=120)
         assert events[-1].type == "done"

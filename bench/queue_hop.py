@@ -1,6 +1,6 @@
 """What the Redis queue costs: the worker fed through the queue against the same engine called directly.
 
-    .venv/bin/python bench/queue.py [--engine paced|local] [--concurrency 8] [--jobs 240]
+    .venv/bin/python bench/queue_hop.py [--engine paced|local] [--concurrency 8] [--jobs 240]
 
 Two measurements, each against its baseline in the same run:
 
@@ -33,29 +33,26 @@ paced engine. Prints ``RESULT ...`` last.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import signal
+import statistics
 import sys
+import time
 from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from ragpod.processes import Proc, free_port, spawn, wait_until
+from ragpod.redis_server import start_redis
+from services.common.logging import configure_logging
+from services.common.queue import Job, JobQueue
+from services.llm.config import Settings
+from services.llm.engine import Engine, Generation, GenerationRequest, TokenCallback
 
 ROOT = Path(__file__).resolve().parent.parent
-# This file is named queue.py: keep the standard library's queue module importable.
-if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
-    sys.path[0] = str(ROOT)
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import contextlib  # noqa: E402
-import signal  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
-
-from redis.asyncio import Redis  # noqa: E402
-
-from services.common.logging import configure_logging  # noqa: E402
-from services.common.queue import Job, JobQueue  # noqa: E402
-from services.devstack import Proc, free_port, spawn, start_redis, wait_until  # noqa: E402
-from services.llm.config import Settings  # noqa: E402
-from services.llm.engine import Engine, Generation, GenerationRequest, TokenCallback  # noqa: E402
 
 STREAM = "bench:llm:jobs"
 MESSAGES = [
@@ -112,9 +109,9 @@ def settings_for(args: argparse.Namespace, redis_url: str, concurrency: int) -> 
 
 def make_engine(args: argparse.Namespace, settings: Settings) -> Engine:
     if args.engine == "local":
-        from services.llm.local import LocalEngine
+        from services.llm.engine import build_engine
 
-        return LocalEngine(settings)
+        return build_engine(settings)  # llm_backend "local": the in-process engine
     return PacedEngine(args.token_ms / 1000.0)
 
 

@@ -1,0 +1,13 @@
+"""The Redis Streams protocol between the gateway and the LLM workers, both sides.
+
+Every Redis stream command and every key of the queue lives in this package:
+the gateway enqueues and follows a job's events through ``JobQueue``; the
+worker reads, claims, counts tries, acknowledges, retries, dead-letters, hands
+back and answers through it. ``protocol.py`` says how.
+"""
+
+from services.common.queue.connection import make_redis
+from services.common.queue.models import Event, EventType, Job
+from services.common.queue.protocol import Delivery, JobQueue
+
+__all__ = ["Delivery", "Event", "EventType", "Job", "JobQueue", "make_redis"]
