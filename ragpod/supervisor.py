@@ -1,7 +1,8 @@
 """The whole stack as local processes: ``make run`` / ``ragpod run``.
 
 Starts a Redis server (see :mod:`ragpod.redis_server`) and the four services with
-``python -m services.<name>``, waits until each is ready, indexes the demo corpus and prints how to ask.
+``python -m services.<name>``, waits until each is ready and the gateway's ``GET /v1/status`` reports the
+whole chain "ok", indexes the demo corpus and prints how to ask.
 Then it watches them the way a cluster would: a service that dies is started again after a backoff
 (1 s, doubling, at most 30 s) and the console says so, while the others keep serving; a service that
 fails ``max_restarts`` times in a row (each within a minute of its start) stops the stack. Ctrl-C stops
@@ -203,6 +204,28 @@ def _ready_now(port: int) -> bool:
         return False
 
 
+def wait_for_chain(gateway: str, timeout: float = 120.0) -> None:
+    """Wait until the gateway's ``GET /v1/status`` reports every link of the chain "ok".
+
+    A gateway without that route (404) is taken as ready: each service's ``/readyz`` already answered.
+    """
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{gateway}/v1/status", timeout=10)
+        except httpx.HTTPError as exc:
+            last = str(exc)
+        else:
+            if response.status_code == 404:
+                return
+            if response.status_code == 200 and response.json().get("status") == "ok":
+                return
+            last = response.text[:500]
+        time.sleep(0.5)
+    raise RuntimeError(f"the chain is not ready after {timeout:.0f} s; GET /v1/status says {last}")
+
+
 def ingest_demo(gateway: str) -> dict[str, int]:
     documents = read_documents(ROOT / "demo" / "corpus")
     response = httpx.post(f"{gateway}/v1/documents", json={"documents": documents}, timeout=300)
@@ -245,6 +268,7 @@ def main(data_dir: Path = ROOT / "data", ports: dict[str, int] | None = None) ->
     try:
         stack.start()
         gateway = f"http://127.0.0.1:{stack.ports['gateway']}"
+        wait_for_chain(gateway)
         result = ingest_demo(gateway)
         print(
             f"\nragpod is ready at {gateway}/  (indexed {result['indexed']} demo documents, {result['chunks']} chunks)"

@@ -110,6 +110,8 @@ def test_a_killed_llm_worker_comes_back_while_the_gateway_keeps_answering(
 
     question = {"question": "What does KEDA scale the LLM workers on?", "top_k": 3}
     with httpx.Client(base_url=f"http://127.0.0.1:{ports['gateway']}", timeout=300) as gateway:
+        # "ready" waited for the whole chain.
+        assert gateway.get("/v1/status").json()["status"] == "ok"
         os.kill(pids["llm"], signal.SIGKILL)
         killed_at, _ = console.wait_for(r"^llm was killed by SIGKILL; restarting it in 1 s \(restart 1 of 5\)", 30)
         with ThreadPoolExecutor(1) as pool:
