@@ -64,7 +64,9 @@ async def readiness(state: StateDep) -> Checks:
 
 
 async def status(state: StateDep) -> Checks:
-    """The whole chain, for people and ``make run``: Redis, the LLM queue, the retriever and what it uses."""
+    """The whole chain, for people and ``make run``: Redis, the LLM queue, the retriever and what it uses
+    (Qdrant, the embedding service). LLM workers are not listed: Redis 7.0 does not tell an idle worker
+    from a gone one (a read that finds nothing does not refresh the consumer's idle time)."""
     settings = state.settings
 
     async def redis() -> None:

@@ -96,16 +96,6 @@ class JobQueue:
             return int(lag) + int(group["pending"])
         return int(await self.redis.xlen(self.stream))
 
-    async def workers_seen(self, within_ms: int) -> int:
-        """Consumers of the group that read, claimed or kept a job within ``within_ms`` (for status reports)."""
-        try:
-            consumers = await self.redis.xinfo_consumers(self.stream, self.group)
-        except ResponseError as exc:
-            if "no such key" in str(exc).lower() or "nogroup" in str(exc).lower():
-                return 0
-            raise
-        return sum(1 for consumer in consumers if int(consumer.get("idle", within_ms)) < within_ms)
-
     # --- the gateway's side -------------------------------------------------------------------------------
 
     async def enqueue(self, job: Job) -> str:
