@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,23 @@ def test_redis_server_would_fail_on_valkey_data(tmp_path: Path) -> None:
     )
     assert ran.returncode != 0
     assert "Bad file format" in ran.stdout, ran.stdout[-2000:]
+
+
+def test_ragpod_run_says_in_one_line_what_to_do_when_the_writer_is_gone(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_data(data / "redis", b"VALKEY080")
+    (data / "redis" / MARKER).write_text('{"server": "valkey-server", "version": "9.0.0", "path": "/opt/valkey"}')
+    ports = [f"--port={name}={free_port()}" for name in ("gateway", "embedding", "retriever", "llm", "redis")]
+    ran = subprocess.run(
+        [sys.executable, "-m", "ragpod", "run", "--data-dir", str(data), *ports],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": str(Path(sys.executable).parent)},  # no server binary on PATH
+    )
+    assert ran.returncode == 1
+    assert ran.stderr.strip() == (
+        f"{data / 'redis'} was written by valkey-server 9.0.0, which is not available here: install valkey-server, "
+        f"or move {data / 'redis'} aside to start with an empty queue"
+    )
+    assert not (data / "logs").exists()  # nothing was started
