@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from services.common.settings import ServiceSettings
@@ -9,18 +11,35 @@ from services.common.settings import ServiceSettings
 
 class Settings(ServiceSettings):
     port: int = Field(8002, ge=1, le=65535)
-    embedding_url: str = Field("http://127.0.0.1:8001", description="Base URL of the embedding service.")
-    qdrant_url: str = Field("", description="Qdrant server URL; empty means local mode on RAG_QDRANT_PATH.")
+    embedding_url: str = Field("http://127.0.0.1:8001", description="Base URL of the embedding service (the GPU one).")
+    embedding_cpu_url: str = Field(
+        "", description="Base URL of the CPU embedding service, used when the first answers 503, times out or is down."
+    )
+    embedding_spill_cooldown_seconds: float = Field(
+        5.0, ge=0, description="After a timeout or refused connection, how long requests go straight to the CPU one."
+    )
+    qdrant_url: str = Field("", description="Qdrant server URL; empty means the embedded Qdrant Edge store.")
     qdrant_api_key: str = Field("", description="API key for a Qdrant server.")
-    qdrant_path: str = Field("data/qdrant", description="Directory of the local-mode Qdrant store.")
+    qdrant_path: str = Field("data/qdrant", description="Directory of the embedded store (one process at a time).")
     qdrant_collection: str = Field("ragpod_chunks", min_length=1)
+    qdrant_replication_factor: int = Field(2, ge=1, description="Copies of each shard of a new server collection.")
+    qdrant_shards: int = Field(3, ge=1, description="Shards of a new server collection.")
+    qdrant_write_consistency: int = Field(
+        1, ge=1, description="Replicas that must acknowledge a write to a server collection."
+    )
+    search_mode: Literal["hybrid", "dense"] = Field(
+        "hybrid", description="hybrid: dense and keyword search fused by rank; dense: vectors only."
+    )
     chunk_size: int = Field(800, ge=50, le=20_000, description="Target chunk length in characters.")
     chunk_overlap: int = Field(160, ge=0, description="Characters shared by neighbouring chunks.")
-    embed_batch_size: int = Field(64, ge=1, le=1024, description="Chunks per embedding call while indexing.")
+    embed_batch_size: int = Field(64, ge=1, le=512, description="Chunks per embedding call while indexing.")
+    embed_concurrency: int = Field(2, ge=1, le=16, description="Embedding calls in flight while indexing.")
     upstream_timeout_seconds: float = Field(30.0, gt=0, description="Timeout of calls to the embedding service.")
 
     @model_validator(mode="after")
-    def _overlap_below_size(self) -> Settings:
+    def _consistent(self) -> Settings:
         if self.chunk_overlap >= self.chunk_size:
             raise ValueError("RAG_CHUNK_OVERLAP must be smaller than RAG_CHUNK_SIZE")
+        if self.qdrant_write_consistency > self.qdrant_replication_factor:
+            raise ValueError("RAG_QDRANT_WRITE_CONSISTENCY must not exceed RAG_QDRANT_REPLICATION_FACTOR")
         return self

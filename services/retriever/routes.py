@@ -1,105 +1,137 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+import uuid
+from typing import Annotated
 
 import structlog
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Query, Response
 
-from services.common.errors import UpstreamUnavailable
-from services.common.http import ServiceClient
-from services.retriever.chunking import chunk_text, point_id
-from services.retriever.config import Settings
-from services.retriever.metrics import CHUNKS_INDEXED, DOCUMENTS_INDEXED, STAGE_SECONDS
+from services.common.errors import InvalidInput, NotFound
+from services.retriever.deps import (
+    DimensionsDep,
+    EmbeddingDep,
+    EncoderDep,
+    RequestIdDep,
+    SettingsDep,
+    StoreDep,
+)
+from services.retriever.indexing import index_documents
+from services.retriever.metrics import DOCUMENTS_DELETED, STAGE_SECONDS
 from services.retriever.schemas import (
+    DocumentEntry,
+    DocumentList,
     DocumentsRequest,
     DocumentsResponse,
+    EmbedRequest,
+    EmbedResponse,
     SearchRequest,
     SearchResponse,
     StatsResponse,
 )
-from services.retriever.store import VectorStore
 
 log = structlog.get_logger(__name__)
 router = APIRouter()
 
 
-def get_store(request: Request) -> VectorStore:
-    store: VectorStore = request.app.state.store
-    return store
-
-
-def get_embedding(request: Request) -> ServiceClient:
-    client: ServiceClient = request.app.state.embedding
-    return client
-
-
-def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-def request_id(request: Request) -> str:
-    return str(request.scope.get("state", {}).get("request_id", ""))
-
-
-StoreDep = Annotated[VectorStore, Depends(get_store)]
-EmbeddingDep = Annotated[ServiceClient, Depends(get_embedding)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-RequestIdDep = Annotated[str, Depends(request_id)]
-
-
-async def embed(client: ServiceClient, texts: list[str], rid: str) -> tuple[list[list[float]], int]:
-    body: dict[str, Any] = await client.post("/v1/embed", {"texts": texts}, request_id=rid)
-    vectors: list[list[float]] = body["vectors"]
-    if len(vectors) != len(texts):
-        raise UpstreamUnavailable("embedding answered with the wrong number of vectors")
-    return vectors, int(body["dimension"])
-
-
 @router.post("/v1/documents", response_model=DocumentsResponse)
-async def index_documents(
-    body: DocumentsRequest, store: StoreDep, embedding: EmbeddingDep, settings: SettingsDep, rid: RequestIdDep
+async def add_documents(
+    body: DocumentsRequest,
+    store: StoreDep,
+    dimensions: DimensionsDep,
+    embedding: EmbeddingDep,
+    encoder: EncoderDep,
+    settings: SettingsDep,
+    rid: RequestIdDep,
 ) -> DocumentsResponse:
-    # Chunk and embed everything first: a failure here has written nothing.
-    planned = []
-    for doc in body.documents:
-        chunks = chunk_text(doc.text, settings.chunk_size, settings.chunk_overlap)
-        vectors: list[list[float]] = []
-        dimension = 0
-        for start in range(0, len(chunks), settings.embed_batch_size):
-            batch, dimension = await embed(embedding, chunks[start : start + settings.embed_batch_size], rid)
-            vectors.extend(batch)
-        planned.append((doc, chunks, vectors, dimension))
-    total = 0
-    for doc, chunks, vectors, dimension in planned:
-        await store.ensure_collection(dimension)
-        ids = [point_id(doc.id, i) for i in range(len(chunks))]
-        payloads = [
-            {"document_id": doc.id, "chunk": i, "text": chunk, "metadata": doc.metadata}
-            for i, chunk in enumerate(chunks)
-        ]
-        await store.replace_document(doc.id, ids, vectors, payloads)
-        total += len(chunks)
-    DOCUMENTS_INDEXED.inc(len(planned))
-    CHUNKS_INDEXED.inc(total)
-    log.info("documents_indexed", documents=len(planned), chunks=total)
-    return DocumentsResponse(indexed=len(planned), chunks=total)
+    chunks = await index_documents(
+        body.documents,
+        store=store,
+        embedding=embedding,
+        encoder=encoder,
+        dimensions=dimensions,
+        chunk_size=settings.chunk_size,
+        overlap=settings.chunk_overlap,
+        batch_size=settings.embed_batch_size,
+        concurrency=settings.embed_concurrency,
+        request_id=rid,
+    )
+    return DocumentsResponse(indexed=len(body.documents), chunks=chunks)
+
+
+@router.get("/v1/documents", response_model=DocumentList)
+async def list_documents(
+    store: StoreDep,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Documents per page.")] = 100,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
+) -> DocumentList:
+    if cursor is not None:
+        try:
+            cursor = str(uuid.UUID(cursor))
+        except ValueError:
+            raise InvalidInput("cursor: not a cursor this service returned") from None
+    docs, next_cursor = await store.list_documents(limit, cursor)
+    return DocumentList(
+        documents=[DocumentEntry(id=d.id, chunks=d.chunks, metadata=d.metadata) for d in docs],
+        next_cursor=next_cursor,
+    )
+
+
+@router.get("/v1/documents/{document_id:path}", response_model=DocumentEntry)
+async def get_document(document_id: str, store: StoreDep) -> DocumentEntry:
+    doc = await store.get_document(document_id)
+    if doc is None:
+        raise NotFound(f"document {document_id!r} is not indexed")
+    return DocumentEntry(id=doc.id, chunks=doc.chunks, metadata=doc.metadata)
+
+
+@router.delete("/v1/documents/{document_id:path}", status_code=204, response_class=Response)
+async def delete_document(document_id: str, store: StoreDep) -> Response:
+    if not await store.delete_document(document_id):
+        raise NotFound(f"document {document_id!r} is not indexed")
+    DOCUMENTS_DELETED.inc()
+    log.info("document_deleted", document_id=document_id)
+    return Response(status_code=204)
 
 
 @router.post("/v1/search", response_model=SearchResponse)
-async def search(body: SearchRequest, store: StoreDep, embedding: EmbeddingDep, rid: RequestIdDep) -> SearchResponse:
+async def search(
+    body: SearchRequest,
+    store: StoreDep,
+    dimensions: DimensionsDep,
+    embedding: EmbeddingDep,
+    encoder: EncoderDep,
+    settings: SettingsDep,
+    rid: RequestIdDep,
+) -> SearchResponse:
     start = time.perf_counter()
-    vectors, _ = await embed(embedding, [body.query], rid)
-    embedded = time.perf_counter()
-    hits = await store.search(vectors[0], body.top_k, body.filters)
+    embedded = await embedding.embed([body.query], rid)
+    after_embed = time.perf_counter()
+    dimensions.compare(embedded.dimension)
+    sparse = encoder.query(body.query) if settings.search_mode == "hybrid" else None
+    hits = await store.search(embedded.vectors[0], sparse, body.top_k, body.filters, settings.search_mode)
     done = time.perf_counter()
-    STAGE_SECONDS.labels("embed").observe(embedded - start)
-    STAGE_SECONDS.labels("search").observe(done - embedded)
-    log.info("retrieval_done", k=body.top_k, hits=len(hits), search_ms=round((done - embedded) * 1000, 2))
-    return SearchResponse(hits=hits, embed_ms=(embedded - start) * 1000, search_ms=(done - embedded) * 1000)
+    STAGE_SECONDS.labels("embed").observe(after_embed - start)
+    STAGE_SECONDS.labels("search").observe(done - after_embed)
+    log.info(
+        "retrieval_done",
+        k=body.top_k,
+        hits=len(hits),
+        mode=settings.search_mode,
+        search_ms=round((done - after_embed) * 1000, 2),
+    )
+    return SearchResponse(hits=hits, embed_ms=(after_embed - start) * 1000, search_ms=(done - after_embed) * 1000)
+
+
+@router.post("/v1/embed", response_model=EmbedResponse)
+async def embed(body: EmbedRequest, embedding: EmbeddingDep, rid: RequestIdDep) -> EmbedResponse:
+    """The embedding model for other services (the gateway's sentence attribution), with the CPU spill."""
+    embedded = await embedding.embed(body.texts, rid)
+    return EmbedResponse(vectors=embedded.vectors, dimension=embedded.dimension, model=embedded.model)
 
 
 @router.get("/v1/stats", response_model=StatsResponse)
-async def stats(store: StoreDep) -> StatsResponse:
-    return StatsResponse(collection=store.collection, points=await store.count(), store=store.location)
+async def stats(store: StoreDep, settings: SettingsDep) -> StatsResponse:
+    return StatsResponse(
+        collection=store.collection, points=await store.count(), store=store.location, search_mode=settings.search_mode
+    )

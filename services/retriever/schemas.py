@@ -1,13 +1,53 @@
 from __future__ import annotations
 
-from pydantic import BaseModel
+from typing import Any
 
-from services.common.schemas import DocumentsRequest, DocumentsResponse, SearchRequest, SearchResponse
+from pydantic import BaseModel, Field
 
-__all__ = ["DocumentsRequest", "DocumentsResponse", "SearchRequest", "SearchResponse", "StatsResponse"]
+from services.common.schemas import (
+    DocumentsRequest,
+    DocumentsResponse,
+    NonBlankStr,
+    SearchRequest,
+    SearchResponse,
+)
+
+__all__ = [
+    "DocumentEntry",
+    "DocumentList",
+    "DocumentsRequest",
+    "DocumentsResponse",
+    "EmbedRequest",
+    "EmbedResponse",
+    "SearchRequest",
+    "SearchResponse",
+    "StatsResponse",
+]
 
 
 class StatsResponse(BaseModel):
     collection: str
     points: int
     store: str
+    search_mode: str
+
+
+class DocumentEntry(BaseModel):
+    id: str
+    chunks: int = Field(..., description="Chunks stored for the document.")
+    metadata: dict[str, Any]
+
+
+class DocumentList(BaseModel):
+    documents: list[DocumentEntry]
+    next_cursor: str | None = Field(None, description="Pass as cursor for the next page; null on the last page.")
+
+
+class EmbedRequest(BaseModel):
+    texts: list[NonBlankStr] = Field(..., min_length=1, max_length=512, description="Texts to embed, in order.")
+
+
+class EmbedResponse(BaseModel):
+    vectors: list[list[float]]
+    dimension: int
+    model: str

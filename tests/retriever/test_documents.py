@@ -1,4 +1,4 @@
-"""The retriever in-process: real Qdrant local mode on a temporary path, the real embedding model.
+"""The retriever in-process on both store backends, with the real embedding model.
 
 The embedding service is reached through an ``httpx.MockTransport`` that runs
 the real model, so the retriever's HTTP contract with it is exercised; a switch
@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from services.embedding.model import Embedder
 from services.retriever.app import create_app
 from services.retriever.config import Settings
+from tests.retriever.conftest import make_store
 
 
 class EmbeddingDouble:
@@ -25,6 +26,7 @@ class EmbeddingDouble:
         self.embedder = embedder
         self.down = False
         self.calls = 0
+        self.texts: list[str] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if self.down:
@@ -33,6 +35,7 @@ class EmbeddingDouble:
             return httpx.Response(200, json={"status": "ok"})
         self.calls += 1
         texts = json.loads(request.content)["texts"]
+        self.texts.extend(texts)
         vectors = self.embedder.encode(texts)
         return httpx.Response(
             200, json={"vectors": vectors, "model": "m", "dimension": len(vectors[0]), "device": "cpu"}
@@ -45,9 +48,10 @@ def embedding(embedder: Embedder) -> EmbeddingDouble:
 
 
 @pytest.fixture
-def client(tmp_path: Path, embedding: EmbeddingDouble) -> Iterator[TestClient]:
+def client(tmp_path: Path, embedding: EmbeddingDouble, backend: str) -> Iterator[TestClient]:
     settings = Settings(qdrant_path=str(tmp_path / "qdrant"), chunk_size=200, chunk_overlap=40)
-    app = create_app(settings, embedding_transport=httpx.MockTransport(embedding))
+    store = make_store(backend, tmp_path)
+    app = create_app(settings, embedding_transport=httpx.MockTransport(embedding), store=store)
     with TestClient(app) as client:
         yield client
 
@@ -156,8 +160,8 @@ def test_embedding_down_is_503_naming_it_and_loses_nothing(client: TestClient, e
     assert response.json() == {"error": "upstream_unavailable", "detail": "embedding is unavailable"}
     search = client.post("/v1/search", json={"query": "q"})
     assert search.status_code == 503
-    ready = client.get("/readyz")
-    assert ready.status_code == 503 and ready.json()["checks"]["qdrant"] == "ok"
+    assert client.get("/readyz").status_code == 200  # readiness never follows a dependency
+    assert client.get("/v1/status").json()["checks"]["embedding"] == "embedding is unavailable"
     embedding.down = False  # it comes back: the same retry now succeeds
     hits = client.post("/v1/search", json={"query": "indexed", "top_k": 1}).json()["hits"]
     assert hits[0]["text"] == "Already indexed."
@@ -174,5 +178,106 @@ def test_qdrant_server_down_is_503_naming_it(embedding: EmbeddingDouble) -> None
         assert search.json() == {"error": "upstream_unavailable", "detail": "qdrant is unavailable"}
         indexed = index(client, {"id": "a", "text": "alpha"})
         assert indexed.status_code == 503 and indexed.json()["detail"] == "qdrant is unavailable"
-        ready = client.get("/readyz")
-        assert ready.status_code == 503 and ready.json()["checks"]["qdrant"] == "qdrant is unavailable"
+        assert client.get("/readyz").status_code == 200  # readiness never follows a dependency
+        assert client.get("/v1/status").json()["checks"]["qdrant"] == "qdrant is unavailable"
+
+
+def test_headers_reach_what_is_embedded_but_not_the_returned_text(
+    client: TestClient, embedding: EmbeddingDouble
+) -> None:
+    index(
+        client,
+        {"id": "notes/fruit.md", "text": "Bananas are yellow.", "metadata": {"title": "Fruit facts"}},
+        {"id": "k8s.md", "text": "# Scheduling\n\nA DaemonSet runs one pod per node."},
+        {"id": "plain", "text": "First line here.\nSecond line."},
+    )
+    assert "Fruit facts (notes/fruit.md)\n\nBananas are yellow." in embedding.texts
+    assert any(t.startswith("Scheduling (k8s.md)\n\n# Scheduling") for t in embedding.texts)
+    assert any(t.startswith("First line here. (plain)\n\n") for t in embedding.texts)
+    hits = client.post("/v1/search", json={"query": "Which fruit is yellow?", "top_k": 3}).json()["hits"]
+    assert hits[0]["document_id"] == "notes/fruit.md" and hits[0]["text"] == "Bananas are yellow."
+
+
+def test_documents_are_listed_read_and_deleted(client: TestClient) -> None:
+    docs = [
+        {"id": f"team/doc-{i}.md", "text": LONG if i == 0 else f"Short note {i}.", "metadata": {"i": i}}
+        for i in range(5)
+    ]
+    index(client, *docs)
+    seen: dict[str, dict[str, object]] = {}
+    cursor = None
+    while True:
+        params = {"limit": 2} if cursor is None else {"limit": 2, "cursor": cursor}
+        page = client.get("/v1/documents", params=params).json()
+        assert len(page["documents"]) <= 2
+        seen.update({d["id"]: d for d in page["documents"]})
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert set(seen) == {d["id"] for d in docs}
+    assert seen["team/doc-3.md"] == {"id": "team/doc-3.md", "chunks": 1, "metadata": {"i": 3}}
+    assert seen["team/doc-0.md"]["chunks"] == points(client) - 4
+
+    one = client.get("/v1/documents/team/doc-0.md")
+    assert one.status_code == 200 and one.json()["id"] == "team/doc-0.md" and one.json()["chunks"] > 1
+    deleted = client.delete("/v1/documents/team/doc-0.md")
+    assert deleted.status_code == 204 and deleted.content == b""
+    assert points(client) == 4
+    hits = client.post("/v1/search", json={"query": "retriever keeps chunk number in order", "top_k": 10}).json()
+    assert all(h["document_id"] != "team/doc-0.md" for h in hits["hits"])
+    for method in ("get", "delete"):
+        missing = client.request(method.upper(), "/v1/documents/team/doc-0.md")
+        assert missing.status_code == 404
+        assert missing.json() == {"error": "not_found", "detail": "document 'team/doc-0.md' is not indexed"}
+
+
+@pytest.mark.parametrize(
+    ("params", "field"), [({"limit": 0}, "limit"), ({"limit": 5000}, "limit"), ({"cursor": "nope"}, "cursor")]
+)
+def test_bad_list_parameters_are_422(client: TestClient, params: dict[str, object], field: str) -> None:
+    response = client.get("/v1/documents", params=params)
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith(field)
+
+
+def test_embed_passes_texts_through_to_the_model(client: TestClient, embedder: Embedder) -> None:
+    response = client.post("/v1/embed", json={"texts": ["one sentence", "another one"]})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["dimension"] == 384 and len(body["vectors"]) == 2
+    assert body["vectors"][0] == pytest.approx(embedder.encode(["one sentence"])[0], abs=1e-5)
+    for bad in ({"texts": []}, {"texts": ["ok", " "]}, {}):
+        assert client.post("/v1/embed", json=bad).status_code == 422
+
+
+def test_dense_mode_is_a_setting(tmp_path: Path, embedding: EmbeddingDouble, backend: str) -> None:
+    settings = Settings(search_mode="dense")
+    app = create_app(settings, embedding_transport=httpx.MockTransport(embedding), store=make_store(backend, tmp_path))
+    with TestClient(app) as client:
+        index(client, {"id": "a", "text": "Pods run on nodes.", "metadata": {"t": "x"}}, {"id": "b", "text": "Cats."})
+        assert client.get("/v1/stats").json()["search_mode"] == "dense"
+        hits = client.post("/v1/search", json={"query": "pods", "filters": {"t": "x"}}).json()["hits"]
+        assert [h["document_id"] for h in hits] == ["a"]
+
+
+def test_a_store_made_for_another_dimension_fails_every_request_naming_both(
+    tmp_path: Path, embedding: EmbeddingDouble, backend: str
+) -> None:
+    store = make_store(backend, tmp_path)
+    with TestClient(create_app(Settings(), store=store, embedding_transport=httpx.MockTransport(embedding))) as c:
+        pass  # nothing seen yet: nothing fails
+    store = make_store(backend, tmp_path / "other")
+    import asyncio
+
+    asyncio.run(store.ensure_collection(256))  # made for a model with 256 dimensions
+    with TestClient(create_app(Settings(), store=store, embedding_transport=httpx.MockTransport(embedding))) as c:
+        for response in (
+            c.post("/v1/search", json={"query": "anything"}),
+            c.get("/v1/documents"),
+            c.post("/v1/documents", json={"documents": [{"id": "a", "text": "alpha"}]}),
+        ):
+            assert response.status_code == 503
+            assert response.json()["error"] == "dimension_mismatch"
+            assert "256" in response.json()["detail"] and "384" in response.json()["detail"]
+        assert c.get("/readyz").status_code == 200
+        assert "256" in c.get("/v1/status").json()["checks"]["retriever"]

@@ -1,0 +1,130 @@
+"""The store interface both backends implement, and what they share."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from services.common.errors import DimensionMismatch
+from services.common.schemas import FilterValue, Source
+from services.retriever.text import Sparse
+
+SearchMode = Literal["hybrid", "dense"]
+DENSE = "dense"
+SPARSE = "bm25"
+RRF_K = 60
+
+
+class LegacyStore(RuntimeError):
+    """The configured path holds a store this version does not read."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkPoint:
+    """One chunk as stored: deterministic id, dense and keyword vectors, payload."""
+
+    id: str
+    dense: list[float]
+    sparse: Sparse
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentInfo:
+    id: str
+    chunks: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class VectorStore(Protocol):
+    """Chunks of documents with a dense and a keyword vector each.
+
+    ``write`` upserts first, then deletes the chunks a longer earlier version
+    left beyond each document's new chunk count: a failure in between leaves
+    an old tail, never a hole, and a retry finishes the job.
+    """
+
+    collection: str
+    location: str
+
+    @property
+    def dimension(self) -> int | None:
+        """Size of the stored dense vectors, None while the collection does not exist."""
+        ...
+
+    async def ping(self) -> None: ...
+
+    async def ensure_collection(self, dimension: int) -> None:
+        """Creates the collection, or raises DimensionMismatch naming both sizes."""
+        ...
+
+    async def write(self, points: Sequence[ChunkPoint], chunk_counts: dict[str, int]) -> None: ...
+
+    async def search(
+        self,
+        dense: list[float],
+        sparse: Sparse | None,
+        top_k: int,
+        filters: dict[str, FilterValue] | None,
+        mode: SearchMode,
+    ) -> list[Source]:
+        """Best chunks first; ``score`` is the dense cosine similarity in every mode."""
+        ...
+
+    async def scroll(self, offset: str | None, limit: int) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+        """One page of stored points (id, payload) in id order, and the offset of the next page."""
+        ...
+
+    async def list_documents(self, limit: int, cursor: str | None) -> tuple[list[DocumentInfo], str | None]: ...
+
+    async def get_document(self, document_id: str) -> DocumentInfo | None: ...
+
+    async def delete_document(self, document_id: str) -> bool:
+        """Removes every chunk of the document; False when it had none."""
+        ...
+
+    async def count(self) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+def mismatch(collection: str, stored: int, model: int) -> DimensionMismatch:
+    return DimensionMismatch(stored, model, collection=collection)
+
+
+def hybrid_prefetch_limit(top_k: int) -> int:
+    """Candidates each of the two searches hands to rank fusion."""
+    return max(4 * top_k, 40)
+
+
+def cosine_scores(query: Sequence[float], vectors: Sequence[Sequence[float] | None]) -> list[float]:
+    """Cosine similarity of the query with each stored vector (0 where a vector is missing)."""
+    if not vectors:
+        return []
+    q = np.asarray(query, dtype=np.float32)
+    dim = len(q)
+    m = np.asarray([v if v is not None else [0.0] * dim for v in vectors], dtype=np.float32)
+    norms = np.linalg.norm(m, axis=1) * (float(np.linalg.norm(q)) or 1.0)
+    norms[norms == 0] = 1.0
+    return [float(x) for x in (m @ q) / norms]
+
+
+def to_source(payload: dict[str, Any], score: float) -> Source:
+    return Source(
+        document_id=str(payload["document_id"]),
+        chunk=int(payload["chunk"]),
+        score=float(score),
+        text=str(payload["text"]),
+        metadata=dict(payload.get("metadata") or {}),
+    )
+
+
+def document_info(payload: dict[str, Any]) -> DocumentInfo:
+    return DocumentInfo(
+        id=str(payload["document_id"]),
+        chunks=int(payload.get("chunks", 0)),
+        metadata=dict(payload.get("metadata") or {}),
+    )

@@ -1,0 +1,255 @@
+"""The embedded store: Qdrant Edge, Qdrant's own engine inside the process.
+
+Segments, a write-ahead log, HNSW for dense vectors, an inverted index for
+sparse ones and payload indexes, in one directory per collection under
+``RAG_QDRANT_PATH``. One process at a time may open a directory. Calls run in
+a worker thread so a long write never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import qdrant_edge as qe
+import structlog
+
+from services.common.schemas import FilterValue, Source
+from services.retriever.store.base import (
+    DENSE,
+    RRF_K,
+    SPARSE,
+    ChunkPoint,
+    DocumentInfo,
+    LegacyStore,
+    SearchMode,
+    cosine_scores,
+    document_info,
+    hybrid_prefetch_limit,
+    mismatch,
+    to_source,
+)
+from services.retriever.text import Sparse
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+CONFIG_FILE = "edge_config.json"
+
+
+def check_not_legacy(root: Path) -> None:
+    """qdrant-client's local mode left ``meta.json`` and ``collection/<name>/storage.sqlite`` here."""
+    if (root / "meta.json").exists() or (root / "collection").is_dir():
+        raise LegacyStore(
+            f"RAG_QDRANT_PATH={root} holds a store written by qdrant-client's local mode, which the embedded "
+            f"Qdrant Edge store does not read. Move that directory away (or delete it), start again, and index "
+            f"the documents again: `ragpod ingest <files or folders>` or POST /v1/documents. "
+            f"Or set RAG_QDRANT_PATH to a new directory."
+        )
+
+
+class EdgeStore:
+    location = "embedded"
+
+    def __init__(self, root: str | Path, collection: str) -> None:
+        self.collection = collection
+        self._root = Path(root)
+        check_not_legacy(self._root)
+        self._path = self._root / collection
+        self._shard: qe.EdgeShard | None = None
+        self._dimension: int | None = None
+        self._create_lock = asyncio.Lock()
+        config = self._path / CONFIG_FILE
+        if config.exists():
+            stored = json.loads(config.read_text())
+            self._dimension = int(stored["vectors"][DENSE]["size"])
+            self._shard = qe.EdgeShard.load(str(self._path))
+            log.info("store_opened", backend="edge", path=str(self._path), dimension=self._dimension)
+
+    @property
+    def dimension(self) -> int | None:
+        return self._dimension
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.to_thread(fn)
+
+    async def ping(self) -> None:
+        return None
+
+    async def ensure_collection(self, dimension: int) -> None:
+        if self._dimension is not None:
+            if self._dimension != dimension:
+                raise mismatch(self.collection, self._dimension, dimension)
+            return
+        async with self._create_lock:
+            if self._shard is None:
+                self._shard = await self._run(lambda: _create(self._path, dimension))
+                self._dimension = dimension
+                log.info("collection_created", backend="edge", path=str(self._path), dimension=dimension)
+
+    async def write(self, points: Sequence[ChunkPoint], chunk_counts: dict[str, int]) -> None:
+        shard = self._shard
+        if shard is None:
+            raise RuntimeError("ensure_collection must run before write")
+        edge_points = [qe.Point(p.id, {DENSE: p.dense, SPARSE: _sparse(p.sparse)}, p.payload) for p in points]
+
+        def write() -> None:
+            if edge_points:
+                shard.update(qe.UpdateOperation.upsert_points(edge_points))
+            if chunk_counts:
+                shard.update(qe.UpdateOperation.delete_points_by_filter(_stale_filter(chunk_counts)))
+
+        await self._run(write)
+
+    async def search(
+        self,
+        dense: list[float],
+        sparse: Sparse | None,
+        top_k: int,
+        filters: dict[str, FilterValue] | None,
+        mode: SearchMode,
+    ) -> list[Source]:
+        shard = self._shard
+        if shard is None:
+            return []
+        flt = _metadata_filter(filters)
+        if mode == "hybrid" and sparse is not None and sparse.indices:
+            limit = hybrid_prefetch_limit(top_k)
+            request = qe.QueryRequest(
+                limit=top_k,
+                prefetches=[
+                    qe.Prefetch(limit=limit, query=qe.Query.Nearest(dense, using=DENSE), filter=flt),
+                    qe.Prefetch(limit=limit, query=qe.Query.Nearest(_sparse(sparse), using=SPARSE), filter=flt),
+                ],
+                query=cast(Any, qe.Fusion.Rrf(k=RRF_K)),  # the stubs omit the nested class
+                filter=flt,
+                with_payload=True,
+                with_vector=[DENSE],
+            )
+            points = await self._run(lambda: shard.query(request))
+            scores = cosine_scores(dense, [_dense_of(p.vector) for p in points])
+        else:
+            request = qe.QueryRequest(
+                limit=top_k, query=qe.Query.Nearest(dense, using=DENSE), filter=flt, with_payload=True
+            )
+            points = await self._run(lambda: shard.query(request))
+            scores = [p.score for p in points]
+        return [to_source(dict(p.payload), s) for p, s in zip(points, scores, strict=True) if p.payload is not None]
+
+    async def scroll(self, offset: str | None, limit: int) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+        shard = self._shard
+        if shard is None:
+            return [], None
+        request = qe.ScrollRequest(offset=_point_id(offset), limit=limit, with_payload=True, with_vector=False)
+        records, next_offset = await self._run(lambda: shard.scroll(request))
+        page = [(str(r.id), dict(r.payload or {})) for r in records]
+        return page, None if next_offset is None else str(next_offset)
+
+    async def list_documents(self, limit: int, cursor: str | None) -> tuple[list[DocumentInfo], str | None]:
+        shard = self._shard
+        if shard is None:
+            return [], None
+        request = qe.ScrollRequest(
+            offset=_point_id(cursor),
+            limit=limit,
+            filter=qe.Filter(must=[qe.FieldCondition(key="chunk", match=qe.MatchValue(0))]),
+            with_payload=["document_id", "chunks", "metadata"],
+            with_vector=False,
+        )
+        records, next_offset = await self._run(lambda: shard.scroll(request))
+        docs = [document_info(dict(r.payload or {})) for r in records]
+        return docs, None if next_offset is None else str(next_offset)
+
+    async def get_document(self, document_id: str) -> DocumentInfo | None:
+        shard = self._shard
+        if shard is None:
+            return None
+        request = qe.ScrollRequest(
+            limit=1,
+            filter=qe.Filter(must=[_match("document_id", document_id), _match("chunk", 0)]),
+            with_payload=["document_id", "chunks", "metadata"],
+            with_vector=False,
+        )
+        records, _ = await self._run(lambda: shard.scroll(request))
+        return document_info(dict(records[0].payload or {})) if records else None
+
+    async def delete_document(self, document_id: str) -> bool:
+        shard = self._shard
+        if shard is None:
+            return False
+        flt = qe.Filter(must=[_match("document_id", document_id)])
+
+        def delete() -> bool:
+            if shard.count(qe.CountRequest(exact=True, filter=flt)) == 0:
+                return False
+            shard.update(qe.UpdateOperation.delete_points_by_filter(flt))
+            return True
+
+        return await self._run(delete)
+
+    async def count(self) -> int:
+        shard = self._shard
+        if shard is None:
+            return 0
+        return await self._run(lambda: shard.count(qe.CountRequest(exact=True)))
+
+    async def optimize(self) -> None:
+        """Builds the HNSW index over what was written (it is also built as segments grow)."""
+        shard = self._shard
+        if shard is not None:
+            await self._run(shard.optimize)
+
+    async def close(self) -> None:
+        shard, self._shard = self._shard, None
+        if shard is not None:
+            await self._run(shard.flush)
+            await self._run(shard.close)
+
+
+def _create(path: Path, dimension: int) -> qe.EdgeShard:
+    config = qe.EdgeConfig(
+        vectors={DENSE: qe.EdgeVectorParams(size=dimension, distance=qe.Distance.Cosine)},
+        sparse_vectors={SPARSE: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)},
+    )
+    shard = qe.EdgeShard.create(str(path), config)
+    shard.update(qe.UpdateOperation.create_field_index("document_id", qe.PayloadSchemaType.Keyword))
+    shard.update(qe.UpdateOperation.create_field_index("chunk", qe.PayloadSchemaType.Integer))
+    return shard
+
+
+def _sparse(sparse: Sparse) -> qe.SparseVector:
+    return qe.SparseVector(indices=sparse.indices, values=sparse.values)
+
+
+def _dense_of(vector: Any) -> list[float] | None:
+    if isinstance(vector, dict):
+        value = vector.get(DENSE)
+        return value if isinstance(value, list) else None
+    return None
+
+
+def _point_id(value: str | None) -> uuid.UUID | None:
+    return None if value is None else uuid.UUID(value)
+
+
+def _match(key: str, value: FilterValue) -> qe.FieldCondition:
+    return qe.FieldCondition(key=key, match=qe.MatchValue(value))
+
+
+def _metadata_filter(filters: dict[str, FilterValue] | None) -> qe.Filter | None:
+    if not filters:
+        return None
+    return qe.Filter(must=[_match(f"metadata.{key}", value) for key, value in filters.items()])
+
+
+def _stale_filter(chunk_counts: dict[str, int]) -> qe.Filter:
+    """Chunks at or beyond each document's new chunk count."""
+    return qe.Filter(
+        should=[
+            qe.Filter(must=[_match("document_id", doc), qe.FieldCondition(key="chunk", range=qe.RangeFloat(gte=count))])
+            for doc, count in chunk_counts.items()
+        ]
+    )

@@ -1,0 +1,292 @@
+"""The Qdrant server backend, through qdrant-client's async client.
+
+A cluster's collections are created replicated (``RAG_QDRANT_REPLICATION_FACTOR``
+copies of each of ``RAG_QDRANT_SHARDS`` shards, a write acknowledged by
+``RAG_QDRANT_WRITE_CONSISTENCY`` of them). The same class runs over
+qdrant-client's local mode in tests, which takes the same calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+import structlog
+from qdrant_client import AsyncQdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+from services.common.errors import UpstreamUnavailable
+from services.common.schemas import FilterValue, Source
+from services.retriever.store.base import (
+    DENSE,
+    RRF_K,
+    SPARSE,
+    ChunkPoint,
+    DocumentInfo,
+    SearchMode,
+    cosine_scores,
+    document_info,
+    hybrid_prefetch_limit,
+    mismatch,
+    to_source,
+)
+from services.retriever.text import Sparse
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+_DOC_FIELDS = ["document_id", "chunks", "metadata"]
+
+
+@dataclass(frozen=True, slots=True)
+class Replication:
+    replication_factor: int = 2
+    shards: int = 3
+    write_consistency: int = 1
+
+
+class ServerStore:
+    location = "server"
+
+    def __init__(self, client: AsyncQdrantClient, collection: str, replication: Replication | None = None) -> None:
+        self.collection = collection
+        self._client = client
+        self._replication = replication or Replication()
+        self._dimension: int | None = None
+        self._exists = False
+        self._lock = asyncio.Lock()
+
+    @property
+    def dimension(self) -> int | None:
+        return self._dimension
+
+    async def _call(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except (
+            ResponseHandlingException,
+            UnexpectedResponse,
+            httpx.TransportError,
+            ConnectionError,
+            TimeoutError,
+        ) as exc:
+            log.warning("qdrant_unavailable", error=str(exc)[:200])
+            raise UpstreamUnavailable("qdrant is unavailable") from exc
+
+    async def ping(self) -> None:
+        await self._call(self._client.get_collections())
+
+    async def open(self) -> None:
+        """Reads the stored dimension when the collection exists; a server that is down is no error here."""
+        try:
+            await self._load()
+        except UpstreamUnavailable:
+            log.warning("qdrant_unavailable_at_start", collection=self.collection)
+
+    async def _load(self) -> bool:
+        if not await self._call(self._client.collection_exists(self.collection)):
+            return False
+        info = await self._call(self._client.get_collection(self.collection))
+        vectors = info.config.params.vectors
+        params = vectors.get(DENSE) if isinstance(vectors, dict) else None
+        if params is None:
+            raise UpstreamUnavailable(
+                f"collection {self.collection!r} has no {DENSE!r} vector: it was made by an older version; "
+                "point RAG_QDRANT_COLLECTION at a new collection and index the documents again"
+            )
+        self._dimension = int(params.size)
+        self._exists = True
+        return True
+
+    async def ensure_collection(self, dimension: int) -> None:
+        if self._dimension is None:
+            async with self._lock:
+                if self._dimension is None and not await self._load():
+                    await self._create(dimension)
+        if self._dimension is not None and self._dimension != dimension:
+            raise mismatch(self.collection, self._dimension, dimension)
+
+    async def _create(self, dimension: int) -> None:
+        rep = self._replication
+        try:
+            await self._call(
+                self._client.create_collection(
+                    self.collection,
+                    vectors_config={DENSE: models.VectorParams(size=dimension, distance=models.Distance.COSINE)},
+                    sparse_vectors_config={SPARSE: models.SparseVectorParams(modifier=models.Modifier.IDF)},
+                    shard_number=rep.shards,
+                    replication_factor=rep.replication_factor,
+                    write_consistency_factor=rep.write_consistency,
+                )
+            )
+        except UpstreamUnavailable:
+            if await self._load():  # another replica created it first
+                return
+            raise
+        for field, schema in (
+            ("document_id", models.PayloadSchemaType.KEYWORD),
+            ("chunk", models.PayloadSchemaType.INTEGER),
+        ):
+            await self._call(self._client.create_payload_index(self.collection, field, schema))
+        self._dimension = dimension
+        self._exists = True
+        log.info(
+            "collection_created", backend="server", collection=self.collection, dimension=dimension, **vars_of(rep)
+        )
+
+    async def _has_collection(self) -> bool:
+        if not self._exists:
+            await self._load()
+        return self._exists
+
+    async def write(self, points: Sequence[ChunkPoint], chunk_counts: dict[str, int]) -> None:
+        if points:
+            structs = [
+                models.PointStruct(id=p.id, vector={DENSE: p.dense, SPARSE: _sparse(p.sparse)}, payload=p.payload)
+                for p in points
+            ]
+            await self._call(self._client.upsert(self.collection, points=structs, wait=True))
+        if chunk_counts:
+            selector = models.FilterSelector(filter=_stale_filter(chunk_counts))
+            await self._call(self._client.delete(self.collection, points_selector=selector, wait=True))
+
+    async def search(
+        self,
+        dense: list[float],
+        sparse: Sparse | None,
+        top_k: int,
+        filters: dict[str, FilterValue] | None,
+        mode: SearchMode,
+    ) -> list[Source]:
+        if not await self._has_collection():
+            return []
+        flt = _metadata_filter(filters)
+        if mode == "hybrid" and sparse is not None and sparse.indices:
+            limit = hybrid_prefetch_limit(top_k)
+            response = await self._call(
+                self._client.query_points(
+                    self.collection,
+                    prefetch=[
+                        models.Prefetch(query=dense, using=DENSE, limit=limit, filter=flt),
+                        models.Prefetch(query=_sparse(sparse), using=SPARSE, limit=limit, filter=flt),
+                    ],
+                    query=models.RrfQuery(rrf=models.Rrf(k=RRF_K)),
+                    query_filter=flt,
+                    limit=top_k,
+                    with_payload=True,
+                    with_vectors=[DENSE],
+                )
+            )
+            points = response.points
+            scores = cosine_scores(dense, [_dense_of(p.vector) for p in points])
+        else:
+            response = await self._call(
+                self._client.query_points(
+                    self.collection, query=dense, using=DENSE, query_filter=flt, limit=top_k, with_payload=True
+                )
+            )
+            points = response.points
+            scores = [p.score for p in points]
+        return [to_source(dict(p.payload), s) for p, s in zip(points, scores, strict=True) if p.payload is not None]
+
+    async def scroll(self, offset: str | None, limit: int) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+        if not await self._has_collection():
+            return [], None
+        records, next_offset = await self._call(
+            self._client.scroll(self.collection, limit=limit, offset=offset, with_payload=True, with_vectors=False)
+        )
+        page = [(str(r.id), dict(r.payload or {})) for r in records]
+        return page, None if next_offset is None else str(next_offset)
+
+    async def list_documents(self, limit: int, cursor: str | None) -> tuple[list[DocumentInfo], str | None]:
+        if not await self._has_collection():
+            return [], None
+        records, next_offset = await self._call(
+            self._client.scroll(
+                self.collection,
+                scroll_filter=models.Filter(must=[_match("chunk", 0)]),
+                limit=limit,
+                offset=cursor,
+                with_payload=_DOC_FIELDS,
+                with_vectors=False,
+            )
+        )
+        return [document_info(dict(r.payload or {})) for r in records], None if next_offset is None else str(
+            next_offset
+        )
+
+    async def get_document(self, document_id: str) -> DocumentInfo | None:
+        if not await self._has_collection():
+            return None
+        records, _ = await self._call(
+            self._client.scroll(
+                self.collection,
+                scroll_filter=models.Filter(must=[_match("document_id", document_id), _match("chunk", 0)]),
+                limit=1,
+                with_payload=_DOC_FIELDS,
+                with_vectors=False,
+            )
+        )
+        return document_info(dict(records[0].payload or {})) if records else None
+
+    async def delete_document(self, document_id: str) -> bool:
+        if not await self._has_collection():
+            return False
+        flt = models.Filter(must=[_match("document_id", document_id)])
+        found = await self._call(self._client.count(self.collection, count_filter=flt, exact=True))
+        if found.count == 0:
+            return False
+        await self._call(
+            self._client.delete(self.collection, points_selector=models.FilterSelector(filter=flt), wait=True)
+        )
+        return True
+
+    async def count(self) -> int:
+        if not await self._has_collection():
+            return 0
+        return int((await self._call(self._client.count(self.collection, exact=True))).count)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+def vars_of(rep: Replication) -> dict[str, int]:
+    return {
+        "replication_factor": rep.replication_factor,
+        "shards": rep.shards,
+        "write_consistency": rep.write_consistency,
+    }
+
+
+def _sparse(sparse: Sparse) -> models.SparseVector:
+    return models.SparseVector(indices=sparse.indices, values=sparse.values)
+
+
+def _dense_of(vector: Any) -> list[float] | None:
+    if isinstance(vector, dict):
+        value = vector.get(DENSE)
+        return value if isinstance(value, list) else None
+    return None
+
+
+def _match(key: str, value: FilterValue) -> models.FieldCondition:
+    return models.FieldCondition(key=key, match=models.MatchValue(value=value))
+
+
+def _metadata_filter(filters: dict[str, FilterValue] | None) -> models.Filter | None:
+    if not filters:
+        return None
+    return models.Filter(must=[_match(f"metadata.{key}", value) for key, value in filters.items()])
+
+
+def _stale_filter(chunk_counts: dict[str, int]) -> models.Filter:
+    return models.Filter(
+        should=[
+            models.Filter(
+                must=[_match("document_id", doc), models.FieldCondition(key="chunk", range=models.Range(gte=n))]
+            )
+            for doc, n in chunk_counts.items()
+        ]
+    )
