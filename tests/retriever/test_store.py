@@ -8,12 +8,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from qdrant_client import QdrantClient, models
+from qdrant_client import AsyncQdrantClient, QdrantClient, models
 
 from services.common.errors import DimensionMismatch
 from services.embedding.model import Embedder
 from services.retriever.chunking import point_id
-from services.retriever.store import ChunkPoint, EdgeStore, LegacyStore, VectorStore
+from services.retriever.config import Settings
+from services.retriever.store import ChunkPoint, EdgeStore, LegacyStore, ServerStore, VectorStore, replication_of
 from services.retriever.text import KeywordEncoder, header, indexed_text
 from tests.retriever.conftest import make_store
 
@@ -216,3 +217,38 @@ def test_a_store_left_by_the_old_local_mode_is_found_with_how_to_reindex(tmp_pat
         EdgeStore(tmp_path / "qdrant", "ragpod_chunks")
     message = str(caught.value)
     assert "local mode" in message and "ragpod ingest" in message and "RAG_QDRANT_PATH" in message
+
+
+class RecordingClient(AsyncQdrantClient):
+    """qdrant-client's local mode, remembering what a collection was created with."""
+
+    created: dict[str, Any]
+
+    async def create_collection(self, collection_name: str, **kwargs: Any) -> bool:  # type: ignore[override]
+        self.created = {"collection_name": collection_name, **kwargs}
+        return await super().create_collection(collection_name, **kwargs)
+
+
+async def test_server_collections_are_created_replicated_from_settings() -> None:
+    settings = Settings(
+        qdrant_url="http://qdrant:6333",
+        qdrant_replication_factor=3,
+        qdrant_shards=6,
+        qdrant_write_consistency=2,
+    )
+    client = RecordingClient(location=":memory:")
+    store = ServerStore(client, "c", replication_of(settings))
+    try:
+        await store.ensure_collection(8)
+    finally:
+        await store.close()
+    assert client.created["replication_factor"] == 3
+    assert client.created["shard_number"] == 6
+    assert client.created["write_consistency_factor"] == 2
+
+
+def test_replication_defaults_fit_the_three_node_statefulset() -> None:
+    settings = Settings()
+    assert (settings.qdrant_replication_factor, settings.qdrant_shards, settings.qdrant_write_consistency) == (2, 3, 1)
+    with pytest.raises(ValueError, match="RAG_QDRANT_WRITE_CONSISTENCY"):
+        Settings(qdrant_replication_factor=1, qdrant_write_consistency=2)

@@ -35,22 +35,23 @@ __all__ = [
     "ServerStore",
     "VectorStore",
     "open_store",
+    "replication_of",
 ]
+
+
+def replication_of(settings: Settings) -> Replication:
+    return Replication(
+        replication_factor=settings.qdrant_replication_factor,
+        shards=settings.qdrant_shards,
+        write_consistency=settings.qdrant_write_consistency,
+    )
 
 
 async def open_store(settings: Settings) -> VectorStore:
     """The backend the settings name; connects to nothing that might be down."""
     if settings.qdrant_url:
         client = AsyncQdrantClient(url=settings.qdrant_url, api_key=settings.qdrant_api_key or None, timeout=10)
-        store = ServerStore(
-            client,
-            settings.qdrant_collection,
-            Replication(
-                replication_factor=settings.qdrant_replication_factor,
-                shards=settings.qdrant_shards,
-                write_consistency=settings.qdrant_write_consistency,
-            ),
-        )
+        store = ServerStore(client, settings.qdrant_collection, replication_of(settings))
         await store.open()
         return store
     return await asyncio.to_thread(EdgeStore, settings.qdrant_path, settings.qdrant_collection)
