@@ -474,6 +474,10 @@ def test_dockerignore_keeps_what_the_images_copy() -> None:
         "data/qdrant/collection/x",
         "models/SmolLM2.gguf",
         "tests/deploy/test_docker.py",
+        # Dev tooling and deployment checks are never part of a service image.
+        "ragpod/cli.py",
+        "ragpod/supervisor.py",
+        "deploy/capacity.py",
         "services/gateway/__pycache__/app.cpython-311.pyc",
         "services/ragpod.egg-info/PKG-INFO",
     ],
