@@ -33,8 +33,8 @@ test-fast: install
 	$(BIN)/pytest -m "not e2e and not slow"
 
 lint: install
-	$(BIN)/ruff check services ragpod tests bench
-	$(BIN)/ruff format --check services ragpod tests bench
+	$(BIN)/ruff check services ragpod deploy tests bench
+	$(BIN)/ruff format --check services ragpod deploy tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
