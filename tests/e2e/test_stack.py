@@ -52,7 +52,9 @@ def test_index_and_ask_a_fact_only_the_documents_know(indexed: dict[str, int], g
     body = response.json()
     assert body["sources"][0]["document_id"] == "quillfeather-vantor"
     assert body["sources"][0]["metadata"] == {"kind": "product"}
-    assert len(body["sources"]) == 3
+    # At most top_k sources; the distractors may fall below the relevance floor and be dropped.
+    assert 1 <= len(body["sources"]) <= 3
+    assert {s["document_id"] for s in body["sources"]} <= {"quillfeather-vantor", *(d["id"] for d in DISTRACTORS)}
     assert isinstance(body["answer"], str) and body["answer"].strip()
     # Greedy decoding over the retrieved chunk: the model repeats the year it could only have read there.
     assert "2011" in body["answer"], body["answer"]
