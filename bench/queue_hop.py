@@ -160,7 +160,7 @@ def start_worker(args: argparse.Namespace, redis_url: str, concurrency: int, tok
 
 async def ask_through_queue(queue: JobQueue, max_tokens: int) -> tuple[float, dict[str, Any]]:
     """One job, as the gateway asks: enqueue, follow its events to ``done``; returns seconds and done's data."""
-    job = Job(messages=MESSAGES, deadline=time.time() + 120, max_tokens=max_tokens)
+    job = Job(messages=MESSAGES, timeout_s=120, deadline=time.time() + 120, max_tokens=max_tokens)
     started = time.perf_counter()
     await queue.enqueue(job)
     async for event in queue.events(job.id, block_ms=1000):

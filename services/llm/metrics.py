@@ -2,7 +2,11 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
-QUEUE_DEPTH = Gauge("rag_llm_queue_depth", "LLM jobs not yet acknowledged: consumer-group lag plus pending.")
+QUEUE_DEPTH = Gauge(
+    "rag_llm_queue_depth",
+    "LLM jobs admitted and not yet started by a worker (stream entries never delivered to the group); "
+    "the same count RAG_MAX_QUEUE_DEPTH bounds.",
+)
 QUEUE_WAIT = Histogram(
     "rag_llm_queue_wait_seconds",
     "Time a job waited in the queue before a worker started it.",
@@ -20,6 +24,9 @@ JOBS_DROPPED_DEADLINE = Counter(
 )
 JOBS_RETRIED = Counter("rag_llm_jobs_retried_total", "Jobs put back on the queue after a failed try.")
 JOBS_DEAD_LETTERED = Counter("rag_llm_jobs_dead_lettered_total", "Jobs moved to the dead-letter stream.")
+DEAD_LETTERS_TRIMMED = Counter(
+    "rag_llm_dead_letters_trimmed_total", "Oldest dead letters removed to keep RAG_LLM_DEAD_LETTER_MAX_LEN."
+)
 JOBS_RECLAIMED = Counter("rag_llm_jobs_reclaimed_total", "Jobs claimed from a worker that stopped answering.")
 JOBS_IN_FLIGHT = Gauge("rag_llm_jobs_in_flight", "Jobs this worker is generating now.")
 ENGINE_BATCH_SIZE = Histogram(

@@ -1,17 +1,20 @@
 """The LLM worker: reads jobs from the consumer group, has them generated, answers, acknowledges.
 
-Shaped like arq's and rq's worker loops: each turn checks the stop flag, takes
-at most as many jobs as it has free slots (stale jobs of dead workers first,
-looked for every third of the visibility timeout or every second, then new
-ones, with a blocking read), and runs each as a task. Jobs read after a stop
-was asked for are put back on the queue at once, not left pending. In-flight jobs
-are re-claimed by this worker every third of the visibility timeout, so only a
-worker that has really stopped loses its jobs to the others.
+Shaped like arq's and rq's worker loops: each turn checks the stop flag, looks
+for jobs of workers that stopped answering (every third of the visibility
+timeout or every second, following the pending list across calls), takes at
+most as many jobs as it has free slots, with a blocking read, and runs each as
+a task. Claimed jobs beyond its free slots go back to the end of the stream for
+any free worker; jobs read after a stop was asked for go back at once. In-flight
+jobs are re-claimed by this worker every third of the visibility timeout, so
+only a worker that has really stopped loses its jobs to the others.
 
-Tries are counted per job in ``<stream>:tries``. A failed try that may succeed
-again is put back at the end of the queue; after ``RAG_LLM_MAX_TRIES`` the job
-goes to the dead-letter stream and its caller hears about it at once. A job
-whose deadline has passed is dropped without being generated.
+Every Redis command is the queue module's (``services.common.queue``): this
+loop only reads, runs and reports. A report that meets a Redis error (a
+failover, a blip) is tried again with backoff until the job's deadline, so
+finished work is not thrown away. A job whose deadline has passed (on Redis'
+clock) is dropped without being generated; a job that has already ended is
+not generated again, and one that ends while generating stops at its next token.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import functools
 import os
 import socket
 import time
-from typing import Any
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import structlog
 from pydantic import ValidationError
@@ -33,6 +38,7 @@ from services.common.queue import Delivery, Job, JobQueue
 from services.llm.config import Settings
 from services.llm.engine import Engine, EngineError, GenerationRequest
 from services.llm.metrics import (
+    DEAD_LETTERS_TRIMMED,
     GENERATION_SECONDS,
     JOBS_ANSWERED,
     JOBS_DEAD_LETTERED,
@@ -44,6 +50,8 @@ from services.llm.metrics import (
     QUEUE_WAIT,
     TOKENS_GENERATED,
 )
+
+T = TypeVar("T")
 
 log = structlog.get_logger(__name__)
 
@@ -107,23 +115,29 @@ class Worker:
             await self.queue.ensure_group()
             self._group_ready = True
         free = self.settings.llm_concurrency - len(self._inflight)
+        now = time.monotonic()
+        if now >= self._next_reclaim:
+            claimed, went_round = await self.queue.reclaim(self.name, self.visibility_ms)
+            claimed = [d for d in claimed if d.message_id not in self._inflight]  # ours, slow: still running
+            JOBS_RECLAIMED.inc(len(claimed))
+            await self._start(claimed[: max(free, 0)])
+            if claimed[max(free, 0) :]:  # no slot here: back at the end of the stream for a free worker
+                await self.queue.hand_back(claimed[max(free, 0) :])
+                log.info("jobs_handed_back", count=len(claimed) - max(free, 0), reason="no_free_slot")
+            # A scan that has not gone round the pending list yet goes on at the next turn.
+            self._next_reclaim = now + (0.0 if not went_round else self.reclaim_interval)
+            free = self.settings.llm_concurrency - len(self._inflight)
         if free <= 0:
             await asyncio.wait(list(self._inflight.values()), timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
             return
-        deliveries: list[Delivery] = []
-        now = time.monotonic()
-        if now >= self._next_reclaim:
-            deliveries = await self.queue.reclaim(self.name, self.visibility_ms, count=free)
-            JOBS_RECLAIMED.inc(len(deliveries))
-            # A full claim may have left more behind: look again on the next turn.
-            self._next_reclaim = now if len(deliveries) >= free else now + self.reclaim_interval
-        if not deliveries:
-            deliveries = await self.queue.read(self.name, count=free, block_ms=1000)
+        await self._start(await self.queue.read(self.name, count=free, block_ms=1000))
+
+    async def _start(self, deliveries: list[Delivery]) -> None:
         for index, delivery in enumerate(deliveries):
             if self._stop.is_set():
                 await self.queue.hand_back(deliveries[index:])
-                log.info("jobs_handed_back", count=len(deliveries) - index)
-                break
+                log.info("jobs_handed_back", count=len(deliveries) - index, reason="stopping")
+                return
             if delivery.message_id in self._inflight:
                 continue  # our own job, re-claimed while it was slow: it is still running here
             task = asyncio.create_task(self._handle(delivery), name=f"job-{delivery.message_id}")
@@ -162,71 +176,130 @@ class Worker:
                 QUEUE_DEPTH.set(await self.queue.depth())
             await asyncio.sleep(2.0)
 
-    async def _dead_letter(self, delivery: Delivery, job_id: str | None, error: str, tries: int) -> None:
-        await self.queue.dead_letter(delivery, job_id, error, tries, self.name)
-        JOBS_DEAD_LETTERED.inc()
-        log.error("job_dead_lettered", job_id=job_id, error=error, tries=tries)
+    async def _persist(self, write: Callable[[], Awaitable[T]], until: float) -> T:
+        """Runs a queue write, again with backoff while Redis is unreachable, until ``until`` (monotonic).
+
+        Every write of the queue module can run twice without doing anything twice, so a write whose
+        reply was lost is simply sent again.
+        """
+        delay = 0.05
+        while True:
+            try:
+                return await write()
+            except RedisError as exc:
+                if time.monotonic() + delay >= until:
+                    raise
+                log.warning("queue_write_retry", error=str(exc)[:200], retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     async def _handle(self, delivery: Delivery) -> None:
         try:
             job = Job.decode(delivery.fields)
         except (KeyError, ValueError, ValidationError) as exc:
-            await self._dead_letter(delivery, None, f"malformed job: {exc}", 1)
+            await self._reject(delivery, f"malformed job: {exc}"[:2000])
             return
         with structlog.contextvars.bound_contextvars(request_id=job.request_id, job_id=job.id):
             try:
                 await self._process(delivery, job)
             except RedisError as exc:
                 # Not acknowledged: the job stays pending and is claimed again after the visibility timeout.
-                log.warning("job_redis_error", error=str(exc))
+                log.warning("job_redis_error", error=str(exc)[:200])
+
+    async def _reject(self, delivery: Delivery, error: str) -> None:
+        """A job that cannot be decoded: dead-lettered, and its caller told when its id can be read."""
+        job_id = delivery.job_id
+        until = time.monotonic() + self.settings.llm_visibility_timeout_seconds
+        try:
+            if job_id:
+                token = uuid.uuid4().hex
+                finish = await self._persist(
+                    lambda: self.queue.fail(delivery, job_id, 1, token, error, self.name), until
+                )
+            else:
+                finish = await self._persist(lambda: self.queue.bury(delivery, error, self.name), until)
+        except RedisError as exc:
+            log.warning("job_redis_error", error=str(exc)[:200])
+            return
+        self._count_dead_letter(finish.won, finish.trimmed, job_id, error, 1)
+
+    def _count_dead_letter(self, won: bool, trimmed: int, job_id: str, error: str, tries: int) -> None:
+        DEAD_LETTERS_TRIMMED.inc(trimmed)
+        if won:
+            JOBS_DEAD_LETTERED.inc()
+            log.error("job_dead_lettered", job_id=job_id or None, error=error, tries=tries)
+        else:
+            log.info("job_already_ended", job_id=job_id or None)
 
     async def _process(self, delivery: Delivery, job: Job) -> None:
-        tries, last_error = await self.queue.count_try(job.id)
-        if tries > self.settings.llm_max_tries:
-            error = last_error or f"the job was lost by {tries - 1} workers"
-            await self._dead_letter(delivery, job.id, f"gave up after {tries - 1} tries: {error}", tries - 1)
+        token = uuid.uuid4().hex  # this attempt: a try counts once however often its write is sent
+        max_tries = self.settings.llm_max_tries
+        start = await self._persist(
+            lambda: self.queue.begin(delivery, job, token, max_tries), time.monotonic() + max(job.timeout_s, 1.0)
+        )
+        if start.status == "answered":
+            log.info("job_already_ended")
             return
-        started = time.time()
-        if job.expired(started):
+        if start.status == "expired":
             JOBS_DROPPED_DEADLINE.inc()
-            log.info("job_expired", waited_s=round(started - job.enqueued_at, 3))
-            await self.queue.ack(delivery, job.id)
+            log.info("job_expired", waited_s=round(start.waited_s, 3))
             return
-        QUEUE_WAIT.observe(max(started - job.enqueued_at, 0.0))
+        until = time.monotonic() + start.remaining_s
+        tries = start.tries
+        if start.status == "exhausted":
+            error = f"gave up after {tries} tries: {start.last_error or f'the job was lost by {tries} workers'}"
+            finish = await self._persist(
+                lambda: self.queue.fail(delivery, job.id, tries, token, error, self.name), until
+            )
+            self._count_dead_letter(finish.won, finish.trimmed, job.id, error, tries)
+            return
+        QUEUE_WAIT.observe(start.waited_s)
         request = GenerationRequest(
             messages=job.messages,
             max_tokens=job.max_tokens or self.settings.llm_max_new_tokens,
             temperature=self.settings.llm_temperature,
         )
+        sequence = 0
 
         async def on_token(text: str) -> None:
-            await self.queue.publish(job.id, "token", tries, {"text": text})
+            nonlocal sequence
+            sequence += 1
+            seq = sequence
+            if not await self._persist(lambda: self.queue.publish_token(job.id, tries, seq, text), until):
+                raise _JobEnded
 
-        deadline = asyncio.timeout(max(job.deadline - time.time(), 0.001))
+        started = time.monotonic()
+        deadline = asyncio.timeout(max(start.remaining_s, 0.001))
         try:
             async with deadline:
                 generation = await self.engine.generate(request, on_token if job.stream else None)
+        except _JobEnded:
+            log.info("job_ended_elsewhere", tokens=sequence)
+            return
         except RedisError:
             raise
         except Exception as exc:
             if isinstance(exc, TimeoutError) and deadline.expired():
                 JOBS_DROPPED_DEADLINE.inc()
                 log.info("job_deadline_during_generation")
-                await self.queue.ack(delivery, job.id)
+                await self.queue.drop(delivery, job.id)
                 return
             if isinstance(exc, EngineError):
                 error, retryable = str(exc), exc.retryable
             else:  # not an EngineError: a bug or a malformed answer; counted as a try like any failure
                 log.exception("engine_unexpected_error")
                 error, retryable = f"{type(exc).__name__}: {exc}", True
-            if retryable and tries < self.settings.llm_max_tries:
-                await self.queue.retry_later(delivery, job.id, error)
-                JOBS_RETRIED.inc()
-                log.warning("job_retry", job_id=job.id, error=error)
+            if retryable and tries < max_tries:
+                if await self._persist(lambda: self.queue.retry_later(delivery, job, error), until):
+                    JOBS_RETRIED.inc()
+                    log.warning("job_retry", error=error, tries=tries)
             else:
-                await self._dead_letter(delivery, job.id, error, tries)
+                finish = await self._persist(
+                    lambda: self.queue.fail(delivery, job.id, tries, token, error, self.name), until
+                )
+                self._count_dead_letter(finish.won, finish.trimmed, job.id, error, tries)
             return
-        generate_s = time.time() - started
+        generate_s = time.monotonic() - started
         GENERATION_SECONDS.observe(generate_s)
         TOKENS_GENERATED.inc(generation.completion_tokens)
         result: dict[str, Any] = {
@@ -235,13 +308,20 @@ class Worker:
             "prompt_tokens": generation.prompt_tokens,
             "finish_reason": generation.finish_reason,
             "model": self.engine.model_name,
-            "queue_ms": max(started - job.enqueued_at, 0.0) * 1000,
+            "queue_ms": start.waited_s * 1000,
             "generate_ms": generate_s * 1000,
             "worker": self.name,
         }
-        if await self.queue.answer(job.id, tries, result):
+        # Past the caller's deadline the answer is still written (a caller may read it within the result
+        # TTL), but the write is tried again only for a little while.
+        if await self._persist(
+            lambda: self.queue.answer(delivery, job.id, tries, token, result), max(until, time.monotonic() + 5.0)
+        ):
             JOBS_ANSWERED.inc()
             log.info("job_answered", tokens=generation.completion_tokens, generate_ms=round(generate_s * 1000, 1))
         else:
-            log.info("job_already_answered")
-        await self.queue.ack(delivery, job.id)
+            log.info("job_already_ended")
+
+
+class _JobEnded(Exception):
+    """Raised from a token callback: another attempt has ended the job; stop generating it."""

@@ -34,11 +34,19 @@ ASK = {"question": "When was the Zorblax sold?", "top_k": 1}
 
 
 class Retriever:
+    """Answers one hit; with ``hold_for`` set, holds every search until that many have arrived."""
+
     def __init__(self) -> None:
         self.searches = 0
+        self.hold_for = 0
+        self._all_arrived = asyncio.Event()
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
         self.searches += 1
+        if self.hold_for:
+            if self.searches >= self.hold_for:
+                self._all_arrived.set()
+            await asyncio.wait_for(self._all_arrived.wait(), 20)
         return httpx.Response(200, json={"hits": [HIT], "embed_ms": 1.0, "search_ms": 1.0})
 
 
@@ -83,6 +91,21 @@ async def test_full_queue_is_503_with_retry_after_before_any_work(
         assert await redis_client.xlen(STREAM) == 3
         streamed = await client.post("/v1/ask", json={**ASK, "stream": True})
         assert streamed.status_code == 503 and streamed.headers["retry-after"] == "7"
+
+
+async def test_a_burst_of_callers_never_admits_more_than_the_limit(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    """50 callers at once against a limit of 8, nobody reading: all pass the early check together (the
+    queue is empty then), all retrieve, and only 8 jobs may enter the queue."""
+    async with gateway(redis_server.url, max_queue_depth=8, ask_timeout_seconds=3) as (client, retriever):
+        retriever.hold_for = 50
+        responses = await asyncio.gather(*(client.post("/v1/ask", json=ASK) for _ in range(50)))
+    statuses = sorted(response.status_code for response in responses)
+    assert await redis_client.xlen(STREAM) == 8
+    assert statuses == [503] * 42 + [504] * 8  # 8 admitted (nobody answers them), 42 refused
+    refused = [r for r in responses if r.status_code == 503]
+    assert all(r.json()["error"] == "queue_full" and r.headers["retry-after"] for r in refused)
 
 
 async def test_queue_below_the_limit_is_served(redis_server: RedisServer, redis_client: Redis) -> None:

@@ -92,7 +92,7 @@ async def test_kill_9_while_generating_another_worker_answers_once(
             == (done.data["answer"])
         )
         await wait_for(lambda: queue_is_empty(redis_client, stream, queue.group))
-        assert await redis_client.hlen(queue.tries_key()) == 0
+        assert await redis_client.exists(queue.job_key(question.id)) == 0  # its bookkeeping is gone
         assert survivor.metric("rag_llm_jobs_reclaimed_total") == 1
         await asyncio.sleep(0.5)  # nothing else arrives: one answer only
         assert [e.type for e in await all_events(redis_client, queue, question.id)].count("done") == 1
@@ -134,7 +134,7 @@ async def test_sigterm_finishes_jobs_in_flight_acknowledges_and_exits_0(
             assert int(done_id.split("-")[0]) > signalled_ms  # finished after the signal: drained, not dropped
         assert await queue_is_empty(redis_client, stream, queue.group)
         assert await redis_client.xinfo_consumers(stream, queue.group) == []  # left the group cleanly
-        assert await redis_client.hlen(queue.tries_key()) == 0
+        assert await redis_client.exists(*(queue.job_key(item.id) for item in jobs)) == 0
     finally:
         worker.proc.stop()
 

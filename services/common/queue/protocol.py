@@ -1,31 +1,43 @@
 """The queue protocol: one stream of jobs, one consumer group of workers, one event stream per job.
 
-One stream of jobs (``RAG_LLM_STREAM``) read by one consumer group of workers
-(``RAG_LLM_GROUP``). Each job's answer comes back on a small stream of its own,
-``<stream>:events:<job id>``: ``token`` events while streaming, then exactly one
-``done`` or ``error``. Events carry the attempt that produced them, so a caller
-can tell a retried generation from the first one. A ``<stream>:answered:<job
-id>`` key written with NX, in the same script that publishes ``done``, makes
-sure only the first finished attempt answers.
+Keys, all under the stream's name ``S`` (``RAG_LLM_STREAM``):
+
+- ``S``: the jobs, read by the consumer group ``RAG_LLM_GROUP``. An entry holds the job (``job``) and its
+  deadline on Redis' clock (``deadline_ms``); acknowledged entries are deleted, so the stream holds only
+  jobs not yet finished, and depth = XLEN - pending = jobs admitted and not yet started.
+- ``S:events:<job id>``: what the caller reads: ``token`` events while streaming, then exactly one
+  ``done`` or ``error``. Expires ``RAG_LLM_RESULT_TTL_SECONDS`` after the last write.
+- ``S:answered:<job id>``: the terminal mark, set (NX) in the script that publishes ``done`` or ``error``.
+  Checked before a try starts, on each token and before a job is put back or dead-lettered.
+- ``S:job:<job id>``: the job's bookkeeping while it lives (its entry, tries, the last try's error, the
+  last token sequence number per attempt). It expires with the job's budget and is deleted when it ends.
+- ``RAG_LLM_DEAD_LETTER_STREAM``: failed jobs with their error, capped at ``RAG_LLM_DEAD_LETTER_MAX_LEN``.
+
+Every write is one Lua script (``scripts.py``) that can run twice without doing anything twice, because
+the client sends a command again when a connection breaks and a reply may be lost after the command ran.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from services.common.queue.models import Event, EventType, Job
+from services.common.queue import scripts
+from services.common.queue.models import Event, Job
 from services.common.settings import QueueSettings
 
 # redis-py's replies as this module reads them (decode_responses=True).
 StreamEntries = list[tuple[str, dict[str, str]]]
 StreamReply = list[tuple[str, StreamEntries]] | None
+StartStatus = Literal["run", "answered", "expired", "exhausted"]
+CLAIM_BATCH = 16  # entries claimed per XAUTOCLAIM; Redis looks at up to ten times as many per call
 
 
 @dataclass(frozen=True)
@@ -35,25 +47,63 @@ class Delivery:
     message_id: str
     fields: dict[str, str]
 
+    @property
+    def job_id(self) -> str:
+        """The job's id when it can be read, even from a job that cannot be decoded; else ''."""
+        try:
+            value = json.loads(self.fields["job"]).get("id")
+        except (KeyError, ValueError, AttributeError):
+            return ""
+        return value if isinstance(value, str) else ""
 
-_ANSWER = """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
-  return 0
-end
-redis.call('XADD', KEYS[2], '*', 'type', 'done', 'attempt', ARGV[1], 'data', ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-return 1
-"""
+    def deadline_ms(self, job: Job) -> int:
+        """The job's deadline on Redis' clock: set at admission, else the entry's own time plus the budget."""
+        if "deadline_ms" in self.fields:
+            return int(self.fields["deadline_ms"])
+        return int(self.message_id.split("-")[0]) + int(job.timeout_s * 1000)
+
+
+@dataclass(frozen=True)
+class Admission:
+    admitted: bool
+    depth: int  # jobs waiting when it was decided (-1: a retried enqueue found its job already in)
+    message_id: str = ""
+
+
+@dataclass(frozen=True)
+class Start:
+    """What a worker learns when it starts a job (``JobQueue.begin``)."""
+
+    status: StartStatus
+    tries: int  # this try's number (for ``exhausted``: the tries made)
+    waited_s: float  # since admission, on Redis' clock
+    remaining_s: float  # of the caller's budget, on Redis' clock
+    last_error: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    won: bool  # this call ended the job (False: another attempt had ended it)
+    trimmed: int  # dead letters trimmed to keep the stream's cap
 
 
 class JobQueue:
     def __init__(self, redis: Redis, settings: QueueSettings) -> None:
         self.redis = redis
-        self._answer = redis.register_script(_ANSWER)
         self.stream = settings.llm_stream
         self.group = settings.llm_group
         self.dead_letter_stream = settings.llm_dead_letter_stream
+        self.dead_letter_max_len = settings.llm_dead_letter_max_len
         self.ttl = settings.llm_result_ttl_seconds
+        self._enqueue = redis.register_script(scripts.ENQUEUE)
+        self._depth = redis.register_script(scripts.DEPTH)
+        self._begin = redis.register_script(scripts.BEGIN)
+        self._token = redis.register_script(scripts.TOKEN)
+        self._finish = redis.register_script(scripts.FINISH)
+        self._bury = redis.register_script(scripts.BURY)
+        self._requeue = redis.register_script(scripts.REQUEUE)
+        self._drop = redis.register_script(scripts.DROP)
+        self._claim_cursor = "0-0"
 
     # --- keys ---------------------------------------------------------------------------------------------
 
@@ -63,11 +113,11 @@ class JobQueue:
     def answered_key(self, job_id: str) -> str:
         return f"{self.stream}:answered:{job_id}"
 
-    def tries_key(self) -> str:
-        return f"{self.stream}:tries"
+    def job_key(self, job_id: str) -> str:
+        return f"{self.stream}:job:{job_id}"
 
-    def errors_key(self) -> str:
-        return f"{self.stream}:errors"
+    def _state_ttl(self, remaining_s: float) -> int:
+        return max(int(remaining_s), 0) + self.ttl
 
     # --- both sides ---------------------------------------------------------------------------------------
 
@@ -79,28 +129,18 @@ class JobQueue:
                 raise
 
     async def depth(self) -> int:
-        """Jobs not yet acknowledged: the group's lag (never delivered) plus its pending entries."""
-        try:
-            groups = await self.redis.xinfo_groups(self.stream)
-        except ResponseError as exc:
-            if "no such key" in str(exc).lower():
-                return 0
-            raise
-        for group in groups:
-            if group["name"] != self.group:
-                continue
-            lag = group.get("lag")
-            if lag is None:  # lag is unknown after some deletions: count what is left by hand
-                rest = cast(StreamEntries, await self.redis.xrange(self.stream, f"({group['last-delivered-id']}", "+"))
-                lag = len(rest)
-            return int(lag) + int(group["pending"])
-        return int(await self.redis.xlen(self.stream))
+        """Jobs admitted and not yet started by a worker: entries never delivered to the group."""
+        return int(await self._depth(keys=[self.stream], args=[self.group]))
 
     # --- the gateway's side -------------------------------------------------------------------------------
 
-    async def enqueue(self, job: Job) -> str:
-        message_id = await self.redis.xadd(self.stream, job.encode())  # type: ignore[arg-type]
-        return str(message_id)
+    async def enqueue(self, job: Job, *, max_depth: int = 0) -> Admission:
+        """Adds the job unless ``max_depth`` jobs already wait (0: no bound), in one atomic step."""
+        keys = [self.stream, self.job_key(job.id)]
+        timeout_ms = int(job.timeout_s * 1000)
+        args: list[Any] = [self.group, max_depth, job.model_dump_json(), timeout_ms, self._state_ttl(job.timeout_s)]
+        admitted, message_id, depth = await self._enqueue(keys=keys, args=args)
+        return Admission(bool(admitted), int(depth), str(message_id))
 
     async def events(self, job_id: str, *, block_ms: int = 1000) -> AsyncIterator[Event]:
         """Follow a job's events from the first one, forever; the caller stops at done/error/deadline."""
@@ -119,17 +159,29 @@ class JobQueue:
     # --- the worker's side: reading -----------------------------------------------------------------------
 
     async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
-        """New jobs for ``consumer``, at most ``count``, waiting up to ``block_ms`` for the first."""
+        """New jobs for ``consumer``, at most ``count``, waiting up to ``block_ms`` for the first.
+
+        A read whose reply is lost leaves its entries pending for ``consumer``: they are claimed again
+        after the visibility timeout, by any worker.
+        """
         reply = cast(
             StreamReply,
             await self.redis.xreadgroup(self.group, consumer, {self.stream: ">"}, count=count, block=block_ms),
         )
         return [Delivery(message_id, fields) for _, entries in reply or [] for message_id, fields in entries]
 
-    async def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[Delivery]:
-        """Jobs idle for ``min_idle_ms`` (their worker stopped answering), now ``consumer``'s."""
-        _, claimed, _ = await self.redis.xautoclaim(self.stream, self.group, consumer, min_idle_ms, "0-0", count=count)
-        return [Delivery(message_id, fields) for message_id, fields in claimed if fields]
+    async def reclaim(self, consumer: str, min_idle_ms: int, count: int = CLAIM_BATCH) -> tuple[list[Delivery], bool]:
+        """Jobs idle for ``min_idle_ms`` (their worker stopped answering), now ``consumer``'s.
+
+        The scan goes on from where the last call stopped, so every pending entry is looked at in turn
+        however many live ones lie in front. Returns the claimed jobs and whether the scan went round
+        (True: the whole pending list has been looked at since the cursor was last at its start).
+        """
+        cursor, claimed, _ = await self.redis.xautoclaim(
+            self.stream, self.group, consumer, min_idle_ms, self._claim_cursor, count=count
+        )
+        self._claim_cursor = str(cursor)
+        return [Delivery(message_id, fields) for message_id, fields in claimed if fields], self._claim_cursor == "0-0"
 
     async def keep(self, consumer: str, message_ids: list[str]) -> None:
         """Resets the idle time of jobs still in flight, so live work is never taken away."""
@@ -146,69 +198,112 @@ class JobQueue:
 
     # --- the worker's side: one job -----------------------------------------------------------------------
 
-    async def count_try(self, job_id: str) -> tuple[int, str]:
-        """This start of the job counted: the number of tries so far, and the last try's error."""
-        tries = int(await self.redis.hincrby(self.tries_key(), job_id, 1))
-        last = await self.redis.hget(self.errors_key(), job_id) if tries > 1 else None
-        return tries, str(last or "")
+    async def begin(self, delivery: Delivery, job: Job, attempt_token: str, max_tries: int) -> Start:
+        """A worker starts a job: counts the try (once per ``attempt_token``) or finds it ended or expired."""
+        deadline_ms = delivery.deadline_ms(job)
+        keys = [self.stream, self.job_key(job.id), self.answered_key(job.id)]
+        ttl = self._state_ttl(job.timeout_s)
+        args: list[Any] = [self.group, delivery.message_id, attempt_token, max_tries, deadline_ms, ttl]
+        status, tries, now_ms, last_error = await self._begin(keys=keys, args=args)
+        admitted_ms = deadline_ms - int(job.timeout_s * 1000)
+        return Start(
+            status=cast(StartStatus, status),
+            tries=int(tries),
+            waited_s=max(int(now_ms) - admitted_ms, 0) / 1000,
+            remaining_s=(deadline_ms - int(now_ms)) / 1000,
+            last_error=str(last_error or ""),
+        )
 
-    async def ack(self, delivery: Delivery, job_id: str | None) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self.stream, self.group, delivery.message_id)
-            pipe.xdel(self.stream, delivery.message_id)
-            if job_id:
-                pipe.hdel(self.tries_key(), job_id)
-            await pipe.execute()
+    async def publish_token(self, job_id: str, attempt: int, seq: int, text: str) -> bool:
+        """Token ``seq`` (1, 2, ...) of ``attempt``, once; False when the job has ended: stop generating."""
+        keys = [self.events_key(job_id), self.job_key(job_id), self.answered_key(job_id)]
+        data = json.dumps({"text": text}, separators=(",", ":"))
+        return bool(await self._token(keys=keys, args=[attempt, seq, data, self.ttl]))
 
-    async def hand_back(self, deliveries: list[Delivery]) -> None:
+    async def answer(self, delivery: Delivery, job_id: str, attempt: int, token: str, data: dict[str, Any]) -> bool:
+        """Publishes ``done`` unless the job has ended already, and acknowledges it; False if it had."""
+        finish = await self._end(delivery, job_id, "done", attempt, token, data, {})
+        return finish.won
+
+    async def fail(
+        self, delivery: Delivery, job_id: str, attempt: int, token: str, error: str, consumer: str
+    ) -> Finish:
+        """Dead-letters the job and tells its caller (``error``), unless the job has ended already."""
+        entry = self._dead_entry(delivery, error, attempt, consumer)
+        data = {"error": "generation_failed", "detail": error}
+        return await self._end(delivery, job_id, "error", attempt, token, data, entry)
+
+    async def bury(self, delivery: Delivery, error: str, consumer: str) -> Finish:
+        """Dead-letters an entry with no readable job id: there is nobody to tell."""
+        entry = self._dead_entry(delivery, error, 1, consumer)
+        args: list[Any] = [self.group, delivery.message_id, self.dead_letter_max_len]
+        for name, value in entry.items():
+            args += [name, value]
+        moved, trimmed = await self._bury(keys=[self.stream, self.dead_letter_stream], args=args)
+        return Finish(bool(moved), int(trimmed))
+
+    async def retry_later(self, delivery: Delivery, job: Job, error: str) -> bool:
+        """A failed try that may succeed: back at the end of the stream, its error kept for the last try."""
+        return await self._requeue_one(delivery, job.id, error, job)
+
+    async def hand_back(self, deliveries: list[Delivery]) -> int:
         """Jobs read but not started: back at the end of the stream for the other workers, now."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for delivery in deliveries:
-                pipe.xadd(self.stream, delivery.fields)  # type: ignore[arg-type]
-                pipe.xack(self.stream, self.group, delivery.message_id)
-                pipe.xdel(self.stream, delivery.message_id)
-            await pipe.execute()
+        moved = 0
+        for delivery in deliveries:
+            moved += await self._requeue_one(delivery, delivery.job_id, "", None)
+        return moved
 
-    async def retry_later(self, delivery: Delivery, job_id: str, error: str) -> None:
-        """A failed try that may succeed: a copy at the end of the stream, the error kept for the last try."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.stream, delivery.fields)  # type: ignore[arg-type]
-            pipe.hset(self.errors_key(), job_id, error)
-            pipe.expire(self.errors_key(), self.ttl)
-            pipe.xack(self.stream, self.group, delivery.message_id)
-            pipe.xdel(self.stream, delivery.message_id)
-            await pipe.execute()
+    async def drop(self, delivery: Delivery, job_id: str) -> None:
+        """The caller has given up: acknowledged, nothing published."""
+        await self._drop(keys=[self.stream, self.job_key(job_id)], args=[self.group, delivery.message_id])
 
-    async def dead_letter(self, delivery: Delivery, job_id: str | None, error: str, tries: int, consumer: str) -> None:
-        """To the dead-letter stream with its error; its caller, when known, gets an ``error`` event."""
-        entry = {**delivery.fields, "error": error, "tries": str(tries), "failed_at": str(time.time())}
-        entry["consumer"] = consumer
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.dead_letter_stream, entry)  # type: ignore[arg-type]
-            pipe.xack(self.stream, self.group, delivery.message_id)
-            pipe.xdel(self.stream, delivery.message_id)
-            if job_id:
-                pipe.hdel(self.tries_key(), job_id)
-            await pipe.execute()
-        if job_id:
-            await self.publish(job_id, "error", tries, {"error": "generation_failed", "detail": error})
+    # --- internals ----------------------------------------------------------------------------------------
 
-    async def publish(self, job_id: str, event_type: EventType, attempt: int, data: dict[str, Any]) -> None:
-        key = self.events_key(job_id)
-        event = Event(type=event_type, attempt=attempt, data=data)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(key, event.encode())  # type: ignore[arg-type]
-            pipe.expire(key, self.ttl)
-            await pipe.execute()
-
-    async def answer(self, job_id: str, attempt: int, data: dict[str, Any]) -> bool:
-        """Claims the answer (``SET NX``) and publishes ``done`` in one atomic step; False if already answered.
-
-        One script, so a worker that dies between the two cannot leave a job
-        claimed but unanswered, and the answer costs one round trip. Run twice
-        (a retried call whose reply was lost), the second run finds the claim
-        and publishes nothing: ``done`` is written once.
-        """
+    async def _end(
+        self,
+        delivery: Delivery,
+        job_id: str,
+        kind: Literal["done", "error"],
+        attempt: int,
+        token: str,
+        data: dict[str, Any],
+        dead_entry: dict[str, str],
+    ) -> Finish:
+        keys = [
+            self.answered_key(job_id),
+            self.events_key(job_id),
+            self.job_key(job_id),
+            self.stream,
+            self.dead_letter_stream,
+        ]
         payload = json.dumps(data, separators=(",", ":"))
-        keys = [self.answered_key(job_id), self.events_key(job_id)]
-        return bool(await self._answer(keys=keys, args=[str(attempt), self.ttl, payload]))
+        args: list[Any] = [self.group, delivery.message_id, kind, attempt, token, payload, self.ttl]
+        args.append(self.dead_letter_max_len)
+        for name, value in dead_entry.items():
+            args += [name, value]
+        won, trimmed = await self._finish(keys=keys, args=args)
+        return Finish(bool(won), int(trimmed))
+
+    async def _requeue_one(self, delivery: Delivery, job_id: str, error: str, job: Job | None) -> bool:
+        fields = dict(delivery.fields)
+        if "deadline_ms" not in fields:  # an entry added without one: the new entry's own time is not the start
+            if job is None:
+                with contextlib.suppress(KeyError, ValueError):
+                    job = Job.decode(fields)
+            if job is not None:
+                fields["deadline_ms"] = str(delivery.deadline_ms(job))
+        key_id = job_id or f"entry-{delivery.message_id}"
+        keys = [self.stream, self.job_key(key_id), self.answered_key(key_id)]
+        args: list[Any] = [self.group, delivery.message_id, error]
+        for name, value in fields.items():
+            args += [name, value]
+        return bool(await self._requeue(keys=keys, args=args))
+
+    def _dead_entry(self, delivery: Delivery, error: str, tries: int, consumer: str) -> dict[str, str]:
+        return {
+            **delivery.fields,
+            "error": error,
+            "tries": str(tries),
+            "failed_at": str(time.time()),
+            "consumer": consumer,
+        }
