@@ -59,7 +59,7 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
                 state.batcher = None
 
     app = FastAPI(title="ragpod embedding", version="0.1.0", lifespan=lifespan)
-    add_common_routes(app, "embedding", readiness)
+    add_common_routes(app, "embedding", readiness, liveness=liveness)
     app.include_router(router)
     return app
 
@@ -69,3 +69,8 @@ async def readiness(state: StateDep) -> Checks:
     if state.batcher is not None:
         return {"model": OK}
     return {"model": f"failed: {state.load_error}" if state.load_error else "loading"}
+
+
+async def liveness(state: StateDep) -> Checks:
+    """Alive while loading or loaded; a model that failed to load will not load by waiting: restart."""
+    return {"model": f"failed: {state.load_error}"} if state.load_error else {}
