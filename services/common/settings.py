@@ -43,6 +43,9 @@ class QueueSettings(BaseSettings):
     llm_group: str = Field("rag-llm-workers", min_length=1, description="Consumer group of the LLM workers.")
     llm_dead_letter_stream: str = Field("rag:llm:dead", min_length=1, description="Where jobs go after too many tries.")
     llm_result_ttl_seconds: int = Field(300, ge=1, description="How long a job's result events are kept.")
+    llm_dead_letter_max_len: int = Field(
+        10000, ge=1, description="Most entries kept in the dead-letter stream; older ones are trimmed and counted."
+    )
 
     @field_validator("redis_url")
     @classmethod
