@@ -83,6 +83,7 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         self._on_batch = on_batch
         self._waiting: deque[_Entry[ItemT, ResultT]] = deque()
         self._pending = 0
+        self._processing = 0
         self._arrived = asyncio.Event()
         self._target = 1
         self._task: asyncio.Task[None] | None = None
@@ -92,6 +93,11 @@ class MicroBatcher(Generic[ItemT, ResultT]):
     def pending(self) -> int:
         """Weight waiting for a batch (not counting the batch being processed)."""
         return self._pending
+
+    @property
+    def processing(self) -> int:
+        """Weight of the batch being processed now (0 when the model is idle)."""
+        return self._processing
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=self.name)
@@ -172,8 +178,9 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         while True:
             batch = await self._take_batch()
             started = time.perf_counter()
+            self._processing = sum(e.weight for e in batch)
             if self._on_batch is not None:
-                self._on_batch(sum(e.weight for e in batch), [started - e.queued_at for e in batch])
+                self._on_batch(self._processing, [started - e.queued_at for e in batch])
             try:
                 results = await self.process([e.item for e in batch])
                 if len(results) != len(batch):
@@ -186,6 +193,7 @@ class MicroBatcher(Generic[ItemT, ResultT]):
             except Exception as exc:
                 log.warning("batch_failed", batcher=self.name, items=len(batch), error=str(exc)[:300])
                 results = [exc] * len(batch)
+            self._processing = 0
             for entry, result in zip(batch, results, strict=True):
                 if entry.future.done():
                     continue

@@ -226,6 +226,16 @@ class LocalEngine:
     async def ready(self) -> bool:
         return self._started
 
+    @property
+    def waiting(self) -> int:
+        """Sequences waiting for a batch (not counting the batch being decoded)."""
+        return self._batcher.pending
+
+    @property
+    def decoding(self) -> int:
+        """Sequences of the batch being decoded now."""
+        return self._batcher.processing
+
     async def generate(self, request: GenerationRequest, on_token: TokenCallback | None = None) -> Generation:
         if not self._started:
             raise EngineError("the model is not loaded yet", retryable=True)
