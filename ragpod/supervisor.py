@@ -166,7 +166,10 @@ class Supervisor:
             watch.restarts = 0
         if watch.restarts >= self.policy.max_restarts:
             self.failed = name
-            self.say(f"{name} {how} again after {watch.restarts} restarts; giving up{self.log_hint(name)}\n{log_tail}")
+            self.say(
+                f"{name} {how} again after {watch.restarts} restarts; giving up, the stack stops"
+                f"{self.log_hint(name)}\n{log_tail}"
+            )
             return
         delay = self.policy.delay(watch.restarts)
         watch.restarts += 1
