@@ -123,22 +123,19 @@ class Batcher:
 
     def start(self) -> None:
         self._batcher.start()
+        PENDING_TEXTS.set_function(lambda: self._batcher.pending)  # one batcher per process: read when scraped
 
     async def stop(self) -> None:
         await self._batcher.stop()
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
         """Vectors in the order of ``texts``; raises ``BatcherFull`` when too many texts are waiting."""
-        try:
-            return await self._batcher.submit(texts)
-        finally:
-            PENDING_TEXTS.set(self._batcher.pending)
+        return await self._batcher.submit(texts)
 
     def _observe(self, size: int, waits: Sequence[float]) -> None:
         BATCH_SIZE.observe(size)
         for wait in waits:
             BATCH_WAIT.observe(wait)
-        PENDING_TEXTS.set(self._batcher.pending)
 
     async def _process(self, requests: list[list[str]]) -> list[list[list[float]] | BaseException]:
         texts = [text for request in requests for text in request]

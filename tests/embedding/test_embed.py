@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -21,6 +23,8 @@ def client(embedder: Embedder) -> Iterator[TestClient]:
         for _ in range(100):
             if client.get("/readyz").status_code == 200:
                 break
+            time.sleep(0.05)
+        assert client.get("/readyz").status_code == 200, "the embedding model did not become ready"
         yield client
 
 
@@ -75,38 +79,47 @@ def test_health_ready_and_metrics(client: TestClient) -> None:
     assert 'route="/healthz"' not in text
 
 
-class RecordingEmbedder:
-    """Stands in for the model to observe how the batcher groups requests."""
+class GatedEncoder:
+    """Stands in for the model to observe how requests are grouped: each ``encode`` waits for ``gate``."""
+
+    name, device, dimension = "stand-in", "cpu", 1
 
     def __init__(self) -> None:
-        self.batches: list[int] = []
+        self.batches: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
 
     def encode(self, texts: list[str], batch_size: int = 64) -> list[list[float]]:
-        self.batches.append(len(texts))
+        self.batches.append(list(texts))
+        self.gate.wait(timeout=30)
         return [[float(len(t))] for t in texts]
 
 
-async def test_concurrent_requests_are_micro_batched_and_answered_in_order() -> None:
-    recorder = RecordingEmbedder()
-    batcher = Batcher(recorder, max_batch=64, max_wait_ms=50)  # type: ignore[arg-type]
+async def test_waiting_requests_are_batched_by_text_count_and_answered_in_order() -> None:
+    encoder = GatedEncoder()
+    batcher = Batcher(encoder, max_batch=6, max_wait_ms=0)
     batcher.start()
     try:
-        requests = [["a" * (i + 1), "b" * (i + 2)] for i in range(10)]
-        results = await asyncio.gather(*(batcher.embed(texts) for texts in requests))
+        encoder.gate.clear()
+        first = asyncio.create_task(batcher.embed(["held"]))  # the model is busy with this one...
+        await until(lambda: len(encoder.batches) == 1)
+        requests = [["a" * (i + 1), "b" * (i + 2)] for i in range(5)]  # ...while these five queue
+        tasks = [asyncio.create_task(batcher.embed(texts)) for texts in requests]
+        await until(lambda: batcher.pending == 10)
+        encoder.gate.set()
+        assert await first == [[4.0]]
+        results = await asyncio.gather(*tasks)
     finally:
         await batcher.stop()
-    assert results == [[[float(i + 1)], [float(i + 2)]] for i in range(10)]
-    assert sum(recorder.batches) == 20
-    assert len(recorder.batches) < 10  # ten requests, fewer model calls
+    assert results == [[[float(i + 1)], [float(i + 2)]] for i in range(5)]
+    # Six texts at most per model call, a request's texts never split: 3 requests, then 2.
+    assert [len(batch) for batch in encoder.batches] == [1, 6, 4]
 
 
-async def test_batches_never_exceed_max_batch_of_requests() -> None:
-    recorder = RecordingEmbedder()
-    batcher = Batcher(recorder, max_batch=4, max_wait_ms=50)  # type: ignore[arg-type]
-    batcher.start()
-    try:
-        await asyncio.gather(*(batcher.embed([str(i)]) for i in range(10)))
-    finally:
-        await batcher.stop()
-    assert max(recorder.batches) <= 4
-    assert sum(recorder.batches) == 10
+async def until(condition: Callable[[], bool]) -> None:
+    """Lets the loop run until ``condition`` holds (a state to reach, not a time to wait)."""
+    async with asyncio.timeout(30):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.001)

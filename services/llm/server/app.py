@@ -28,6 +28,7 @@ as with vLLM. Errors use OpenAI's shape, ``{"error": {"message", "type",
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -39,6 +40,7 @@ from fastapi.responses import JSONResponse
 
 from services.common.app import OK, Checks, add_common_routes
 from services.common.deps import lifespan_state
+from services.common.gpu import sample_forever
 from services.common.metrics import MODEL_INFO
 from services.llm.engine import Engine
 from services.llm.server.config import Settings
@@ -64,9 +66,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             await served.start()
         MODEL_INFO.labels(SERVICE, served.model_name, served.device).set(1)
         log.info("llm_server_ready", model=settings.llm_model_name, device=served.device)
+        gpu_task = asyncio.create_task(sample_forever())
         try:
             yield lifespan_state(State(settings=settings, engine=served))
         finally:
+            gpu_task.cancel()
             if owned:
                 await served.close()
 
