@@ -38,6 +38,23 @@ def redis_errors() -> Iterator[None]:
         raise UpstreamUnavailable("the job queue (redis) is unavailable") from exc
 
 
+def queue_full(depth: int, settings: Settings) -> QueueFull:
+    REJECTED.labels("queue_full").inc()
+    return QueueFull(
+        f"the LLM queue is full ({depth} jobs waiting); retry later",
+        headers={"Retry-After": str(settings.retry_after_seconds)},
+    )
+
+
+async def admit(queue: JobQueue, job: Job, settings: Settings) -> None:
+    """Enqueues the job unless RAG_MAX_QUEUE_DEPTH jobs wait, checked and added in one step in Redis,
+    so the bound holds across any number of gateway replicas (the early depth check only saves work)."""
+    with redis_errors():
+        admission = await queue.enqueue(job, max_depth=settings.max_queue_depth)
+    if not admission.admitted:
+        raise queue_full(admission.depth, settings)
+
+
 @dataclass
 class Prepared:
     """A question retrieved and enqueued: what the waiting side needs."""
@@ -57,18 +74,14 @@ async def prepare(
     with redis_errors():
         depth = await queue.depth()
     if depth >= settings.max_queue_depth:
-        REJECTED.labels("queue_full").inc()
-        raise QueueFull(
-            f"the LLM queue is full ({depth} jobs waiting); retry later",
-            headers={"Retry-After": str(settings.retry_after_seconds)},
-        )
+        raise queue_full(depth, settings)
     payload: dict[str, Any] = {"query": body.question, "top_k": body.top_k, "filters": body.filters}
     search = SearchResponse.model_validate(await retriever.post("/v1/search", payload, request_id=request_id))
     ASK_STAGE_SECONDS.labels("retrieve").observe(time.perf_counter() - started)
     messages = build_messages(body.question, search.hits, settings.max_context_chars, settings.system_prompt)
-    job = Job(messages=messages, deadline=deadline, stream=body.stream, request_id=request_id)
-    with redis_errors():
-        await queue.enqueue(job)
+    remaining = deadline - time.time()  # the caller's budget from now; workers count it on Redis' clock
+    job = Job(messages=messages, deadline=deadline, timeout_s=remaining, stream=body.stream, request_id=request_id)
+    await admit(queue, job, settings)
     return Prepared(job=job, sources=search.hits, search=search, started=started)
 
 
