@@ -8,11 +8,15 @@ a source stays the chunk itself.
 Keyword vectors are BM25 term frequencies of stemmed words (Snowball, English
 stop words dropped), hashed to sparse indices by Qdrant Edge's own BM25
 model; the inverse document frequency is applied by Qdrant at search time
-(``modifier=IDF``), so both backends score them the same way.
+(``modifier=IDF``), so both backends score them the same way. Identifiers
+written in camelCase or PascalCase also count as their words
+(``JSONRenderer`` as json and renderer too), in documents and queries alike,
+so technical text is found by the words a person types.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +24,8 @@ from typing import Any
 from qdrant_edge import Bm25, Bm25Config
 
 TITLE_MAX_CHARS = 160
+_IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9]*")
+_WORD_PART = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z0-9]+|[A-Z][A-Z0-9]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +75,19 @@ class KeywordEncoder:
         self._model = Bm25(Bm25Config(avg_len=max(chunk_size / 8, 16.0)))
 
     def document(self, text: str) -> Sparse:
-        vector = self._model.embed_document(text)
+        vector = self._model.embed_document(with_word_parts(text))
         return Sparse(list(vector.indices), list(vector.values))
 
     def query(self, text: str) -> Sparse:
-        vector = self._model.embed_query(text)
+        vector = self._model.embed_query(with_word_parts(text))
         return Sparse(list(vector.indices), list(vector.values))
+
+
+def with_word_parts(text: str) -> str:
+    """The text, followed by the words inside its camelCase and PascalCase identifiers."""
+    parts: list[str] = []
+    for identifier in _IDENTIFIER.findall(text):
+        words = _WORD_PART.findall(identifier)
+        if len(words) > 1:
+            parts.extend(words)
+    return f"{text}\n{' '.join(parts)}" if parts else text

@@ -15,7 +15,8 @@ from services.retriever.text import Sparse
 SearchMode = Literal["hybrid", "dense"]
 DENSE = "dense"
 SPARSE = "bm25"
-RRF_K = 60
+RRF_K = 2
+"""Qdrant's own default for reciprocal-rank fusion, set explicitly so both backends fuse alike."""
 
 
 class LegacyStore(RuntimeError):
