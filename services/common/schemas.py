@@ -7,6 +7,10 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 FilterValue = str | int | bool
+# A metadata field name as a filter names it: letters, digits, "_" and "-" (the vector store reads it as a
+# path under "metadata", where dots, brackets and quotes would mean something else).
+FilterKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+Filters = dict[FilterKey, FilterValue]
 
 
 def not_blank(value: str) -> str:
@@ -15,7 +19,8 @@ def not_blank(value: str) -> str:
     return value
 
 
-NonBlankStr = Annotated[str, AfterValidator(not_blank)]
+# The pattern tells OpenAPI readers (and generated clients and fuzzers) what not_blank checks.
+NonBlankStr = Annotated[str, AfterValidator(not_blank), Field(json_schema_extra={"pattern": r"\S"})]
 
 
 class Document(BaseModel):
@@ -50,7 +55,7 @@ class DocumentsResponse(BaseModel):
 class SearchRequest(BaseModel):
     query: NonBlankStr = Field(..., min_length=1)
     top_k: int = Field(5, ge=1, le=100)
-    filters: dict[str, FilterValue] | None = Field(None, description="Metadata fields that must equal these values.")
+    filters: Filters | None = Field(None, description="Metadata fields that must equal these values.")
 
 
 class Source(BaseModel):

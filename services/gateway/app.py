@@ -13,10 +13,12 @@ from services.common.deps import lifespan_state
 from services.common.errors import QueueFull, UpstreamUnavailable
 from services.common.http import ServiceClient
 from services.common.queue import JobQueue, make_redis
+from services.gateway import chat, documents
+from services.gateway.chat import ERROR_SHAPES
 from services.gateway.config import Settings
 from services.gateway.deps import Guarded, State, StateDep
 from services.gateway.routes import router
-from services.gateway.security import Guard
+from services.gateway.security import BodyLimitMiddleware, Guard
 
 CHAIN_BELOW_RETRIEVER = ("embedding", "qdrant")
 
@@ -52,8 +54,15 @@ def create_app(
         description="Ask questions over your own documents; answers come with their sources.",
         lifespan=lifespan,
     )
-    add_common_routes(app, "gateway", readiness, status=status, status_dependencies=[Guarded])
+    # Innermost of the middleware (the common ones wrap it): a body over the limit is refused before
+    # anything reads it, and the refusal is still counted and carries the request id.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, shapes=ERROR_SHAPES)
+    add_common_routes(
+        app, "gateway", readiness, status=status, status_dependencies=[Guarded], error_shapes=ERROR_SHAPES
+    )
     app.include_router(router)
+    app.include_router(documents.router)
+    app.include_router(chat.router)
     return app
 
 

@@ -18,8 +18,23 @@ class Settings(ServiceSettings, QueueSettings):
     max_question_chars: int = Field(2000, ge=1)
     max_documents_per_request: int = Field(256, ge=1)
     max_document_chars: int = Field(1_000_000, ge=1)
-    api_keys: str = Field("", description="Comma-separated API keys; empty disables authentication.")
-    rate_limit_per_minute: int = Field(0, ge=0, description="Requests per minute per client; 0 disables.")
+    api_keys: str = Field(
+        "",
+        description="Comma-separated API keys or sha256:<hex> digests of them; empty disables authentication.",
+    )
+    rate_limit_per_minute: int = Field(
+        0, ge=0, description="Requests per minute per API key (per client address without keys), in Redis; 0 disables."
+    )
+    rate_limit_fail_open: bool = Field(
+        True, description="When Redis does not answer the rate limiter: let requests through (true) or answer 503."
+    )
+    max_body_bytes: int = Field(
+        25 * 1024 * 1024, ge=1024, description="Largest request body; a larger one is answered 413 unread."
+    )
+    chat_history_chars: int = Field(
+        4000, ge=0, description="Characters of earlier chat turns kept in the prompt (newest first)."
+    )
+    served_model: str = Field("ragpod", min_length=1, description="Model name /v1/models lists.")
     retry_after_seconds: int = Field(2, ge=1, description="Retry-After sent with a 503 for a full queue.")
     max_context_chars: int = Field(6000, ge=100, description="Characters of retrieved text put into the prompt.")
     system_prompt: str = Field(SYSTEM, min_length=1, description="The system message put before the sources.")

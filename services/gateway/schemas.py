@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
-from services.common.schemas import DocumentsRequest, DocumentsResponse, FilterValue, NonBlankStr, Source
+from services.common.openai_schemas import ChatCompletion
+from services.common.schemas import DocumentsRequest, DocumentsResponse, Filters, NonBlankStr, Source
 
 __all__ = [
     "AskRequest",
@@ -19,7 +22,7 @@ __all__ = [
 class AskRequest(BaseModel):
     question: NonBlankStr = Field(..., min_length=1, description="The question, in plain text.")
     top_k: int = Field(5, ge=1, description="How many chunks to retrieve as context.")
-    filters: dict[str, FilterValue] | None = Field(None, description="Metadata fields that sources must match.")
+    filters: Filters | None = Field(None, description="Metadata fields that sources must match.")
     stream: bool = Field(False, description="Answer as server-sent events, token by token.")
 
 
@@ -57,3 +60,86 @@ class AskResponse(BaseModel):
     )
     timings: Timings
     model: str = ""
+
+
+class SearchQuery(BaseModel):
+    question: NonBlankStr = Field(..., min_length=1, description="The question, in plain text.")
+    top_k: int = Field(5, ge=1, description="How many chunks to return at most.")
+    filters: Filters | None = Field(None, description="Metadata fields that sources must match.")
+
+
+class SearchTimings(BaseModel):
+    embed_ms: float
+    search_ms: float
+    total_ms: float
+
+
+class SearchResults(BaseModel):
+    sources: list[Source] = Field(..., description="Chunks at or above the relevance floor, best first.")
+    timings: SearchTimings
+
+
+class DocumentInfo(BaseModel):
+    id: str
+    chunks: int = Field(..., description="Chunks stored for the document.")
+    metadata: dict[str, Any]
+
+
+class DocumentList(BaseModel):
+    documents: list[DocumentInfo]
+    next_cursor: str | None = Field(None, description="Pass as cursor to get the next page; null on the last.")
+
+
+class FileIndexed(BaseModel):
+    id: str
+    title: str
+    format: str
+    chars: int = Field(..., description="Characters of text taken from the file.")
+
+
+class FilesResponse(BaseModel):
+    indexed: int = Field(..., description="Files indexed.")
+    chunks: int = Field(..., description="Chunks written for them.")
+    files: list[FileIndexed]
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(..., description="The kind of error, e.g. validation_error, not_found, upstream_unavailable.")
+    detail: str = Field(..., description="What happened, in words; a bad field is named first.")
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "The request cannot be read.",
+    401: "RAG_API_KEYS is set and no valid key was sent.",
+    404: "No such document.",
+    405: "The route does not take this method.",
+    413: "The body is larger than RAG_MAX_BODY_BYTES; nothing was read.",
+    415: "The body is not of a media type the route takes.",
+    422: "Bad input; the detail names the field. Nothing was written or queued.",
+    429: "Over the rate limit; Retry-After says when to try again.",
+    502: "A dependency failed on the request.",
+    503: "A dependency is down (named in the detail) or the LLM queue is full (with Retry-After).",
+    504: "A dependency or the answer took too long.",
+}
+
+
+def error_responses(*statuses: int, model: type[BaseModel] = ErrorBody) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` documenting the error statuses a route can answer, in its error shape."""
+    return {status: {"model": model, "description": _ERROR_DESCRIPTIONS.get(status, "Error.")} for status in statuses}
+
+
+class RagpodExtra(BaseModel):
+    sources: list[Source] = Field(..., description="The chunks the answer was written from, as [n] numbers them.")
+    citations: list[Citation] = Field(default_factory=list, description="One per sentence of the answer.")
+    grounded: bool = Field(False, description="Every sentence reaches RAG_MIN_SUPPORT.")
+    citation_warnings: list[CitationWarning] = Field(default_factory=list)
+    timings: Timings
+    answer: str | None = Field(
+        None, description="Streams only: the whole answer, when a retried generation replaced what was streamed."
+    )
+
+
+class RagpodCompletion(ChatCompletion):
+    """OpenAI's chat completion with one more top-level field, ``ragpod``."""
+
+    ragpod: RagpodExtra

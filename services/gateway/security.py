@@ -1,63 +1,240 @@
-"""Optional API keys and a per-client rate limit (both off by default)."""
+"""The gateway's front-door checks: body size, API keys, and a rate limit shared by every replica.
+
+- A body over ``RAG_MAX_BODY_BYTES`` is answered 413 before any of it is parsed.
+- ``RAG_API_KEYS`` holds keys or ``sha256:<hex>`` digests; both are kept as digests only, compared in
+  constant time, and never logged (a client is named in logs and Redis keys by a short digest prefix).
+- The rate limit is a moving window per client kept in Redis (the ``limits`` library), so every gateway
+  replica counts against the same window. When that Redis does not answer, the limiter lets requests
+  through (``RAG_RATE_LIMIT_FAIL_OPEN=true``, the default, with a warning) or answers 503 naming it.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 
+import structlog
 from fastapi import Request
+from limits import RateLimitItemPerMinute
+from limits.aio.storage import RedisSentinelStorage, RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.errors import StorageError
+from redis.asyncio import ConnectionPool
+from redis.exceptions import RedisError
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.common.errors import TooManyRequests, Unauthorized
+from services.common.errors import ErrorRenderer, PayloadTooLarge, TooManyRequests, Unauthorized, UpstreamUnavailable
 from services.gateway.config import Settings
 from services.gateway.metrics import REJECTED
 
+log = structlog.get_logger(__name__)
 
-def _presented_key(request: Request) -> str:
+DIGEST_PREFIX = "sha256:"
+RATE_LIMIT_PREFIX = "rag:ratelimit"
+
+
+def digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def parse_api_keys(value: str) -> list[bytes]:
+    """``RAG_API_KEYS`` as digests: plain keys are hashed here, ``sha256:<hex>`` entries taken as they are."""
+    digests: list[bytes] = []
+    for entry in (item.strip() for item in value.split(",")):
+        if not entry:
+            continue
+        if entry.lower().startswith(DIGEST_PREFIX):
+            hex_digest = entry[len(DIGEST_PREFIX) :]
+            try:
+                raw = bytes.fromhex(hex_digest)
+            except ValueError:
+                raw = b""
+            if len(raw) != 32:
+                raise ValueError("RAG_API_KEYS: a sha256: entry must be followed by 64 hexadecimal digits")
+            digests.append(raw)
+        else:
+            digests.append(digest(entry))
+    return digests
+
+
+def presented_key(request: Request) -> str:
     auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
+    if auth[:7].lower() == "bearer ":
         return auth[7:].strip()
     return request.headers.get("x-api-key", "").strip()
 
 
-@dataclass
-class _Bucket:
-    tokens: float
-    updated: float = field(default_factory=time.monotonic)
+class ApiKeys:
+    """Known key digests; ``identify`` names the caller by a digest prefix, never by the key."""
+
+    def __init__(self, digests: list[bytes]) -> None:
+        self.digests = digests
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.digests)
+
+    def identify(self, request: Request) -> str:
+        if not self.digests:
+            return "ip:" + (request.client.host if request.client else "unknown")
+        presented = digest(presented_key(request))
+        # Compare with every known digest, so the time taken does not tell which one matched.
+        matched = False
+        for known in self.digests:
+            matched |= hmac.compare_digest(presented, known)
+        if not matched:
+            REJECTED.labels("unauthorized").inc()
+            raise Unauthorized("missing or invalid API key (Authorization: Bearer <key> or X-API-Key)")
+        return "key:" + presented.hex()[:16]
+
+
+class RateLimiter:
+    """``per_minute`` requests per client in any 60 s (a moving window), counted in Redis."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.per_minute = settings.rate_limit_per_minute
+        self.fail_open = settings.rate_limit_fail_open
+        self.item = RateLimitItemPerMinute(self.per_minute)
+        self._pool: ConnectionPool | None = None
+        storage: RedisStorage
+        if settings.redis_sentinels:
+            hosts = ",".join(item.strip() for item in settings.redis_sentinels.split(",") if item.strip())
+            storage = RedisSentinelStorage(
+                f"async+redis+sentinel://{hosts}/{settings.redis_sentinel_master}",
+                implementation="redispy",
+                key_prefix=RATE_LIMIT_PREFIX,
+                wrap_exceptions=True,
+                socket_connect_timeout=1.0,
+                socket_timeout=2.0,
+            )
+        else:
+            self._pool = ConnectionPool.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
+            storage = RedisStorage(
+                "async+" + settings.redis_url,
+                implementation="redispy",
+                key_prefix=RATE_LIMIT_PREFIX,
+                wrap_exceptions=True,
+                connection_pool=self._pool,  # type: ignore[arg-type]
+            )
+        self.strategy = MovingWindowRateLimiter(storage)
+        self._warned_at = 0.0
+        self._clock: Callable[[], float] = time.time
+
+    async def hit(self, identity: str) -> None:
+        try:
+            if await self.strategy.hit(self.item, identity):
+                return
+            stats = await self.strategy.get_window_stats(self.item, identity)
+        except (StorageError, RedisError, OSError) as exc:
+            self._unavailable(exc)
+            return
+        REJECTED.labels("rate_limited").inc()
+        wait = max(1, math.ceil(stats.reset_time - self._clock()))
+        log.info("rate_limited", client=identity, limit_per_minute=self.per_minute, retry_after=wait)
+        raise TooManyRequests(
+            f"rate limit of {self.per_minute} requests per minute exceeded; retry in {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
+
+    def _unavailable(self, exc: BaseException) -> None:
+        error = type(getattr(exc, "storage_error", None) or exc).__name__
+        if not self.fail_open:
+            REJECTED.labels("rate_limiter_unavailable").inc()
+            raise UpstreamUnavailable("the rate limiter's store (redis) is unavailable") from exc
+        now = time.monotonic()
+        if now - self._warned_at > 10.0:  # one warning per 10 s of outage, not one per request
+            self._warned_at = now
+            log.warning("rate_limit_unavailable_fail_open", error=error)
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            await self._pool.aclose()
 
 
 class Guard:
-    """Checks the API key and takes one token from the client's bucket (per gateway pod)."""
+    """Authenticates the caller, then counts the request against the caller's rate limit."""
 
     def __init__(self, settings: Settings) -> None:
-        self.keys = [k.strip() for k in settings.api_keys.split(",") if k.strip()]
-        self.per_minute = settings.rate_limit_per_minute
-        self._buckets: dict[str, _Bucket] = {}
+        self.keys = ApiKeys(parse_api_keys(settings.api_keys))
+        self.limiter = RateLimiter(settings) if settings.rate_limit_per_minute else None
 
-    def check(self, request: Request) -> None:
-        client = request.client.host if request.client else "unknown"
-        if self.keys:
-            key = _presented_key(request)
-            if not key or not any(hmac.compare_digest(key, k) for k in self.keys):
-                REJECTED.labels("unauthorized").inc()
-                raise Unauthorized("missing or invalid API key (Authorization: Bearer <key> or X-API-Key)")
-            client = key
-        if self.per_minute:
-            self._take(client)
+    async def check(self, request: Request) -> None:
+        identity = self.keys.identify(request)
+        if self.limiter is not None:
+            await self.limiter.hit(identity)
 
-    def _take(self, client: str) -> None:
-        now = time.monotonic()
-        bucket = self._buckets.get(client) or _Bucket(tokens=float(self.per_minute))
-        bucket.tokens = min(float(self.per_minute), bucket.tokens + (now - bucket.updated) * self.per_minute / 60.0)
-        bucket.updated = now
-        if bucket.tokens < 1.0:
-            REJECTED.labels("rate_limited").inc()
-            wait = int((1.0 - bucket.tokens) * 60.0 / self.per_minute) + 1
-            raise TooManyRequests(
-                f"rate limit of {self.per_minute} requests per minute", headers={"Retry-After": str(wait)}
-            )
-        bucket.tokens -= 1.0
-        self._buckets[client] = bucket
-        if len(self._buckets) > 10_000:  # forget idle clients
-            cutoff = now - 120
-            self._buckets = {k: b for k, b in self._buckets.items() if b.updated > cutoff}
+    async def aclose(self) -> None:
+        if self.limiter is not None:
+            await self.limiter.aclose()
+
+
+class BodyLimitMiddleware:
+    """Answers 413 to a body over ``max_bytes`` before the application reads any of it.
+
+    A declared ``Content-Length`` over the limit is refused at once; a body without one (chunked) is
+    read up to the limit first and handed on only when it fits, so no handler sees part of it.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, shapes: Mapping[str, ErrorRenderer] | None = None) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.shapes = dict(shapes or {})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                length = -1
+            if length > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            if length >= 0:  # the server stops a body at its declared length
+                await self.app(scope, receive, send)
+                return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        REJECTED.labels("body_too_large").inc()
+        error = PayloadTooLarge(f"request body larger than {self.max_bytes} bytes (RAG_MAX_BODY_BYTES)")
+        path = str(scope.get("path", ""))
+        renderer = next((r for prefix, r in self.shapes.items() if path.startswith(prefix)), None)
+        response: Response = (
+            renderer(error, {})
+            if renderer is not None
+            else JSONResponse({"error": error.error, "detail": error.detail}, status_code=error.status_code)
+        )
+        await response(scope, receive, send)

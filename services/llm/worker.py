@@ -257,7 +257,7 @@ class Worker:
         request = GenerationRequest(
             messages=job.messages,
             max_tokens=job.max_tokens or self.settings.llm_max_new_tokens,
-            temperature=self.settings.llm_temperature,
+            temperature=self.settings.llm_temperature if job.temperature is None else job.temperature,
         )
         sequence = 0
 

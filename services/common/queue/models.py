@@ -32,6 +32,7 @@ class Job(BaseModel):
     deadline: float = 0.0
     stream: bool = False
     max_tokens: int | None = None
+    temperature: float | None = None  # None: the worker's RAG_LLM_TEMPERATURE
     request_id: str = ""
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     enqueued_at: float = Field(default_factory=time.time)

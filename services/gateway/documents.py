@@ -1,0 +1,184 @@
+"""Search without generation, the documents in the index (list, get, delete), and file uploads.
+
+The documents routes pass through to the retriever, which owns the index; file uploads are parsed here
+(``services.gateway.files``) and sent to the retriever as one batch, so a request is all or nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import structlog
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from pydantic import ValidationError
+
+from services.common.errors import InvalidInput, NotFound
+from services.common.schemas import Document, DocumentsResponse, SearchResponse
+from services.gateway.config import Settings
+from services.gateway.deps import Guarded, RequestIdDep, RetrieverDep, SettingsDep
+from services.gateway.files import Unparseable, parse_file
+from services.gateway.schemas import (
+    DocumentInfo,
+    DocumentList,
+    FileIndexed,
+    FilesResponse,
+    SearchQuery,
+    SearchResults,
+    SearchTimings,
+    error_responses,
+)
+
+log = structlog.get_logger(__name__)
+router = APIRouter(tags=["documents"])
+
+GUARDED = (401, 413, 429)  # what the front door itself can answer on any guarded route
+UPSTREAM = (502, 503, 504)  # the retriever (or what it uses) failed, is down or too slow
+
+
+def check_question(question: str, top_k: int, settings: Settings, *, field: str = "question") -> None:
+    if top_k > settings.top_k_max:
+        raise InvalidInput(f"top_k: must be between 1 and {settings.top_k_max}")
+    if len(question) > settings.max_question_chars:
+        raise InvalidInput(f"{field}: longer than {settings.max_question_chars} characters")
+
+
+def document_path(document_id: str) -> str:
+    """The retriever's path for one document; the id travels as a single escaped segment."""
+    if not document_id:
+        raise NotFound("no document has an empty id")
+    return "/v1/documents/" + quote(document_id, safe="")
+
+
+@router.post(
+    "/v1/search",
+    response_model=SearchResults,
+    dependencies=[Guarded],
+    responses=error_responses(400, *GUARDED, 422, *UPSTREAM),
+    summary="Retrieve the chunks that answer a question, without generating an answer",
+)
+async def search(body: SearchQuery, settings: SettingsDep, retriever: RetrieverDep, rid: RequestIdDep) -> SearchResults:
+    check_question(body.question, body.top_k, settings)
+    started = time.perf_counter()
+    payload: dict[str, Any] = {"query": body.question, "top_k": body.top_k, "filters": body.filters}
+    found = await retriever.post("/v1/search", payload, request_id=rid, model=SearchResponse)
+    sources = [hit for hit in found.hits if hit.score >= settings.min_relevance]
+    total_ms = (time.perf_counter() - started) * 1000
+    log.info("search_done", k=body.top_k, hits=len(found.hits), kept=len(sources), total_ms=round(total_ms, 2))
+    return SearchResults(
+        sources=sources,
+        timings=SearchTimings(
+            embed_ms=round(found.embed_ms, 2), search_ms=round(found.search_ms, 2), total_ms=round(total_ms, 2)
+        ),
+    )
+
+
+@router.get(
+    "/v1/documents",
+    response_model=DocumentList,
+    dependencies=[Guarded],
+    responses=error_responses(*GUARDED, 422, *UPSTREAM),
+    summary="The indexed documents, a page at a time",
+)
+async def list_documents(
+    retriever: RetrieverDep,
+    rid: RequestIdDep,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Documents per page.")] = 100,
+    cursor: Annotated[
+        str | None, Query(max_length=1024, description="next_cursor of the previous page; absent for the first.")
+    ] = None,
+) -> DocumentList:
+    params: dict[str, Any] = {"limit": limit}
+    if cursor:
+        params["cursor"] = cursor
+    return await retriever.get("/v1/documents", params=params, request_id=rid, model=DocumentList)
+
+
+@router.get(
+    "/v1/documents/{document_id:path}",
+    response_model=DocumentInfo,
+    dependencies=[Guarded],
+    responses=error_responses(*GUARDED, 404, *UPSTREAM),
+    summary="One document: its chunk count and metadata",
+)
+async def get_document(document_id: str, retriever: RetrieverDep, rid: RequestIdDep) -> DocumentInfo:
+    return await retriever.get(document_path(document_id), request_id=rid, model=DocumentInfo)
+
+
+@router.delete(
+    "/v1/documents/{document_id:path}",
+    status_code=204,
+    response_class=Response,
+    dependencies=[Guarded],
+    responses=error_responses(*GUARDED, 404, *UPSTREAM),
+    summary="Remove a document and every one of its chunks",
+)
+async def delete_document(document_id: str, retriever: RetrieverDep, rid: RequestIdDep) -> Response:
+    await retriever.request("DELETE", document_path(document_id), request_id=rid)
+    log.info("document_deleted", document_id=document_id)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/v1/files",
+    response_model=FilesResponse,
+    dependencies=[Guarded],
+    responses=error_responses(400, *GUARDED, 422, *UPSTREAM),
+    summary="Index files (.pdf, .html, .docx, .md, .txt); all of them or none",
+)
+async def upload_files(
+    settings: SettingsDep,
+    retriever: RetrieverDep,
+    rid: RequestIdDep,
+    files: Annotated[list[UploadFile], File(description="One or more files; a file's id is its name.")],
+    id: Annotated[
+        list[str] | None, Form(description="Ids for the files, in the same order (default: their names).")
+    ] = None,
+    metadata: Annotated[str | None, Form(description="A JSON object added to the metadata of every file.")] = None,
+) -> FilesResponse:
+    if len(files) > settings.max_documents_per_request:
+        raise InvalidInput(f"files: at most {settings.max_documents_per_request} files per request")
+    if id is not None and len(id) != len(files):
+        raise InvalidInput(f"id: {len(id)} ids given for {len(files)} files; give one per file or none")
+    extra = _metadata(metadata)
+    documents: list[Document] = []
+    indexed: list[FileIndexed] = []
+    for index, upload in enumerate(files):
+        name = upload.filename or ""
+        document_id = id[index] if id is not None else name
+        label = name or f"files.{index}"
+        if not document_id.strip():
+            raise InvalidInput(f"files.{index}: the file has no name; give its id in the form field id")
+        try:
+            parsed = parse_file(name or document_id, await upload.read())
+        except Unparseable as exc:
+            raise InvalidInput(f"files.{index} ({label}): cannot be parsed: {exc}") from None
+        if len(parsed.text) > settings.max_document_chars:
+            raise InvalidInput(f"files.{index} ({label}): longer than {settings.max_document_chars} characters")
+        meta = {**extra, "title": parsed.title, "filename": name, "format": parsed.format}
+        try:
+            documents.append(Document(id=document_id, text=parsed.text, metadata=meta))
+        except ValidationError as exc:
+            reason = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise InvalidInput(f"files.{index} ({label}): {reason}") from None
+        if any(doc.id == document_id for doc in documents[:-1]):
+            raise InvalidInput(f"files.{index}: id {document_id!r} appears more than once")
+        indexed.append(FileIndexed(id=document_id, title=parsed.title, format=parsed.format, chars=len(parsed.text)))
+    payload = {"documents": [doc.model_dump() for doc in documents]}
+    result = await retriever.post("/v1/documents", payload, request_id=rid, model=DocumentsResponse)
+    log.info("files_indexed", files=len(indexed), chunks=result.chunks)
+    return FilesResponse(indexed=result.indexed, chunks=result.chunks, files=indexed)
+
+
+def _metadata(raw: str | None) -> dict[str, Any]:
+    if raw is None or not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise InvalidInput("metadata: not valid JSON") from None
+    if not isinstance(value, dict):
+        raise InvalidInput("metadata: must be a JSON object")
+    return value
