@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH_INDEX ?=
 TORCH_PIP_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: install system-deps run test test-fast lint bench compose-smoke clean
+.PHONY: install system-deps run test test-fast test-gpu lint bench compose-smoke clean
 
 install: $(STAMP)
 
@@ -38,8 +38,19 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# Every benchmark (each prints RESULT ... last and records docs/benchmarks/<name>.json), then the plots.
 bench: install
-	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	@for script in bench/*.py; do \
+		case $$script in bench/plot.py) continue;; esac; \
+		echo "== $$script"; $(BIN)/python $$script || exit 1; \
+	done
+	$(BIN)/python bench/plot.py
+
+# The CUDA suite (tests/gpu): skipped, saying why, where no CUDA device is present. On an accelerator
+# image without this venv: make test-gpu GPU_PYTHON=python3 (see tests/gpu/test_cuda.py).
+GPU_PYTHON ?= $(BIN)/python
+test-gpu:
+	$(GPU_PYTHON) -m pytest -m gpu tests/gpu -rs -s
 
 compose-smoke:
 	scripts/compose-smoke.sh

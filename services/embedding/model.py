@@ -66,7 +66,9 @@ class Embedder:
         self._model: Any = SentenceTransformer(self.model_path, device=self.device)
         self._cpu_model: Any = self._model if self.device == "cpu" else None
         self._cpu_lock = threading.Lock()
-        dimension = self._model.get_embedding_dimension()
+        # sentence-transformers >= 5 names it get_embedding_dimension; older releases only the long name.
+        measure = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+        dimension = measure()
         if dimension is None:
             raise ValueError(f"{self.model_path} does not say its embedding dimension")
         self.dimension = int(dimension)
