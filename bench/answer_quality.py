@@ -40,6 +40,7 @@ if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
     sys.path[0] = str(ROOT)  # bench/ holds scripts named like standard modules
 
 import argparse  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -187,34 +188,44 @@ def ratio(part: int, whole: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--top-k", type=int, default=3)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--min-relevance", type=float, default=None, help="Override RAG_MIN_RELEVANCE.")
     parser.add_argument("--verbose", action="store_true", help="Print every answer.")
     args = parser.parse_args()
 
-    env = {"RAG_LLM_MODEL_CACHE_DIR": str(MODEL_CACHE), "RAG_LLM_MAX_NEW_TOKENS": str(args.max_new_tokens)}
+    env = {
+        "RAG_LLM_MODEL_CACHE_DIR": str(MODEL_CACHE),
+        "RAG_LLM_MAX_NEW_TOKENS": str(args.max_new_tokens),
+        # Quality, not speed: a shared or busy machine must not turn slow answers into timeouts.
+        "RAG_ASK_TIMEOUT_SECONDS": "900",
+        "RAG_UPSTREAM_TIMEOUT_SECONDS": "300",
+    }
     if args.min_relevance is not None:
         env["RAG_MIN_RELEVANCE"] = str(args.min_relevance)
     settings = GatewaySettings(**({} if args.min_relevance is None else {"min_relevance": args.min_relevance}))
-    with tempfile.TemporaryDirectory(prefix="answer-quality-") as tmp:
-        data = Path(tmp)
-        ports = {name: free_port() for name in ("gateway", "embedding", "retriever", "llm")}
-        stack = Stack(ports=ports, redis_port=free_port(), data_dir=data, log_dir=data / "logs", extra_env=env)
-        print(f"starting the stack (logs in {data / 'logs'})", flush=True)
-        stack.start(ready_timeout=300)
-        baseline_port = free_port()
-        baseline = spawn(
-            "gateway-floor-off",
-            [sys.executable, "-m", "services.gateway"],
-            {**stack.env_for("gateway"), "RAG_PORT": str(baseline_port), "RAG_MIN_RELEVANCE": "0"},
-            data / "logs",
-        )
-        try:
-            wait_until(lambda: ready(baseline_port), 60, "baseline gateway", baseline)
-            return run(stack, baseline_port, settings, args)
-        finally:
-            baseline.stop()
-            stack.stop()
+    data = Path(tempfile.mkdtemp(prefix="answer-quality-"))
+    ports = {name: free_port() for name in ("gateway", "embedding", "retriever", "llm")}
+    stack = Stack(ports=ports, redis_port=free_port(), data_dir=data, log_dir=data / "logs", extra_env=env)
+    print(f"starting the stack (logs in {data / 'logs'})", flush=True)
+    stack.start(ready_timeout=300)
+    baseline_port = free_port()
+    baseline = spawn(
+        "gateway-floor-off",
+        [sys.executable, "-m", "services.gateway"],
+        {**stack.env_for("gateway"), "RAG_PORT": str(baseline_port), "RAG_MIN_RELEVANCE": "0"},
+        data / "logs",
+    )
+    try:
+        wait_until(lambda: ready(baseline_port), 60, "baseline gateway", baseline)
+        code = run(stack, baseline_port, settings, args)
+    except BaseException:
+        print(f"failed; the services' logs are kept in {data / 'logs'}", file=sys.stderr)
+        raise
+    finally:
+        baseline.stop()
+        stack.stop()
+    shutil.rmtree(data, ignore_errors=True)
+    return code
 
 
 def run(stack: Stack, baseline_port: int, settings: GatewaySettings, args: argparse.Namespace) -> int:

@@ -31,17 +31,38 @@ _ABBREVIATION = re.compile(r"(?:^|[\s(])(?:e\.g|i\.e|etc|vs|cf|dr|mr|mrs|ms|fig|
 # Only enumerators (and markers) so far: "1." or "1. [1] 2." does not end a sentence.
 _ENUMERATION = re.compile(r"^(?:\s*(?:\d{1,3}[.)]|\[\s*\d+(?:\s*[,;]\s*\d+)*\s*\]))*\s*\d{1,3}$")
 _LIST_PREFIX = re.compile(r"^\s*(?:#{1,6}\s+|[-*•]\s+|>\s*)")
+_BLOCK_START = re.compile(r"^\s*(?:#{1,6}\s|[-*•>]\s|\d{1,3}[.)]\s|\[\d+\]\s*\()")
+
+
+def _paragraph_lines(text: str) -> list[str]:
+    """Lines joined into paragraphs where text was wrapped at a fixed width: a line continues the one before
+    when that one was long (60 characters or more) or it starts in lower case; blank lines, headings and list
+    items always start anew."""
+    lines: list[str] = []
+    previous = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped:
+            previous = ""
+            continue
+        wrapped = len(previous) >= 60 or (bool(previous) and stripped[0].islower())
+        if wrapped and not previous.startswith("#") and not _BLOCK_START.match(line):
+            lines[-1] = f"{lines[-1]} {stripped}"
+        else:
+            lines.append(stripped)
+        previous = stripped
+    return lines
 
 
 def split_sentences(text: str) -> list[str]:
-    """Sentences of ``text``: cut at line breaks and sentence ends, markers kept with their sentence.
+    """Sentences of ``text``: cut at paragraph breaks and sentence ends, markers kept with their sentence.
 
     An enumerator ("1."), an initial ("J.") or a common abbreviation does not end a
     sentence; ``[n]`` markers written just after a full stop belong to the sentence
     before them.
     """
     sentences: list[str] = []
-    for line in text.splitlines():
+    for line in _paragraph_lines(text):
         start = 0
         for match in _END.finditer(line):
             core = line[start : match.start()]

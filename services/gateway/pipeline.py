@@ -1,4 +1,9 @@
-"""The path of one question: retrieve, enqueue one job, wait for its events."""
+"""The path of one question: retrieve, keep the sources above the relevance floor, enqueue one job, wait
+for its events, attribute the answer's sentences to the sources.
+
+A question none of whose sources reaches ``RAG_MIN_RELEVANCE`` is answered at
+once as not covered by the documents: no job, no generation.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
 from services.common.errors import (
@@ -21,12 +27,20 @@ from services.common.errors import (
 from services.common.http import ServiceClient
 from services.common.queue import Event, Job, JobQueue
 from services.common.schemas import SearchResponse, Source
+from services.gateway.attribution import attribute
 from services.gateway.config import Settings
-from services.gateway.metrics import ASK_STAGE_SECONDS, REJECTED
-from services.gateway.prompt import build_messages
-from services.gateway.schemas import AskRequest, Timings
+from services.gateway.metrics import ASK_STAGE_SECONDS, REJECTED, UNANSWERED, UNGROUNDED
+from services.gateway.prompt import build_messages, context_texts
+from services.gateway.schemas import AskRequest, AskResponse, Timings
 
 log = structlog.get_logger(__name__)
+
+NOT_COVERED = "The indexed documents do not cover this question."
+
+
+def above_floor(sources: list[Source], min_relevance: float) -> list[Source]:
+    """The sources whose score (dense cosine similarity to the question) reaches the relevance floor."""
+    return [source for source in sources if source.score >= min_relevance]
 
 
 @contextlib.contextmanager
@@ -57,10 +71,10 @@ async def admit(queue: JobQueue, job: Job, settings: Settings) -> None:
 
 @dataclass
 class Prepared:
-    """A question retrieved and enqueued: what the waiting side needs."""
+    """A question retrieved and, unless no source passed the floor, enqueued: what the waiting side needs."""
 
-    job: Job
-    sources: list[Source]
+    job: Job | None  # None: not covered by the documents, nothing was queued
+    sources: list[Source]  # those above the floor, numbered [1].. in the prompt
     search: SearchResponse
     started: float  # perf_counter at arrival
 
@@ -76,18 +90,26 @@ async def prepare(
     if depth >= settings.max_queue_depth:
         raise queue_full(depth, settings)
     payload: dict[str, Any] = {"query": body.question, "top_k": body.top_k, "filters": body.filters}
-    search = SearchResponse.model_validate(await retriever.post("/v1/search", payload, request_id=request_id))
+    search = await retriever.post("/v1/search", payload, request_id=request_id, model=SearchResponse)
     ASK_STAGE_SECONDS.labels("retrieve").observe(time.perf_counter() - started)
-    messages = build_messages(body.question, search.hits, settings.max_context_chars, settings.system_prompt)
+    sources = above_floor(search.hits, settings.min_relevance)
+    if not sources:
+        UNANSWERED.inc()
+        best = max((hit.score for hit in search.hits), default=None)
+        log.info("ask_not_covered", hits=len(search.hits), best_score=best, min_relevance=settings.min_relevance)
+        return Prepared(job=None, sources=[], search=search, started=started)
+    messages = build_messages(body.question, sources, settings.max_context_chars, settings.system_prompt)
     remaining = deadline - time.time()  # the caller's budget from now; workers count it on Redis' clock
     job = Job(messages=messages, deadline=deadline, timeout_s=remaining, stream=body.stream, request_id=request_id)
     await admit(queue, job, settings)
-    return Prepared(job=job, sources=search.hits, search=search, started=started)
+    return Prepared(job=job, sources=sources, search=search, started=started)
 
 
 async def follow(queue: JobQueue, prepared: Prepared) -> AsyncIterator[Event]:
     """The job's events until ``done`` or ``error``; raises DeadlineExceeded at the caller's deadline."""
     job = prepared.job
+    if job is None:
+        return
     try:
         with redis_errors():
             remaining = job.deadline - time.time()
@@ -115,13 +137,66 @@ def raise_for_error(event: Event) -> None:
         raise GenerationFailed(str(event.data.get("detail") or "generation failed"))
 
 
-def timings(prepared: Prepared, done: Event) -> Timings:
+def timings(prepared: Prepared, done: Event | None) -> Timings:
     total = (time.perf_counter() - prepared.started) * 1000
     ASK_STAGE_SECONDS.labels("total").observe(total / 1000)
+    data = done.data if done is not None else {}
     return Timings(
         embed_ms=round(prepared.search.embed_ms, 2),
         search_ms=round(prepared.search.search_ms, 2),
-        queue_ms=round(float(done.data.get("queue_ms", 0.0)), 2),
-        generate_ms=round(float(done.data.get("generate_ms", 0.0)), 2),
+        queue_ms=round(float(data.get("queue_ms", 0.0)), 2),
+        generate_ms=round(float(data.get("generate_ms", 0.0)), 2),
         total_ms=round(total, 2),
+    )
+
+
+def not_covered(prepared: Prepared) -> AskResponse:
+    """The answer to a question no source passed the floor for: nothing was generated."""
+    return AskResponse(answer=NOT_COVERED, sources=[], grounded=False, timings=timings(prepared, None))
+
+
+class _Vectors(BaseModel):
+    vectors: list[list[float]]
+
+
+async def answered(
+    prepared: Prepared, done: Event, settings: Settings, retriever: ServiceClient, request_id: str
+) -> AskResponse:
+    """The full answer to a ``done`` event: citations from one batched embedding call through the retriever.
+
+    The plain and the streamed answer are both built here, so they carry the same citations.
+    """
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        body = await retriever.post("/v1/embed", {"texts": texts}, request_id=request_id)
+        try:
+            vectors = _Vectors.model_validate(body).vectors
+        except ValidationError as exc:
+            raise UpstreamUnavailable("retriever answered /v1/embed without vectors") from exc
+        if len(vectors) != len(texts):
+            raise UpstreamUnavailable(f"retriever returned {len(vectors)} vectors for {len(texts)} texts")
+        return vectors
+
+    answer = str(done.data.get("answer", ""))
+    started = time.perf_counter()
+    texts = context_texts(prepared.sources, settings.max_context_chars)
+    attribution = await attribute(answer, texts, embed, settings.min_support)
+    ASK_STAGE_SECONDS.labels("attribute").observe(time.perf_counter() - started)
+    if not attribution.grounded:
+        UNGROUNDED.inc()
+    log.info(
+        "answer_attributed",
+        sentences=len(attribution.citations),
+        grounded=attribution.grounded,
+        warnings=len(attribution.warnings),
+        attribute_ms=round((time.perf_counter() - started) * 1000, 2),
+    )
+    return AskResponse(
+        answer=answer,
+        sources=prepared.sources,
+        citations=attribution.citations,
+        grounded=attribution.grounded,
+        citation_warnings=attribution.warnings,
+        timings=timings(prepared, done),
+        model=str(done.data.get("model", "")),
     )

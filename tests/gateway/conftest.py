@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +12,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from services.embedding.model import Embedder
 from services.gateway.app import create_app
 from services.gateway.config import Settings
 from services.llm.config import Settings as LlmSettings
@@ -28,13 +29,22 @@ HITS = [
 
 @dataclass
 class RetrieverDouble:
+    """Search answers ``hits``; ``/v1/embed`` (the gateway's attribution) embeds with ``embed`` when given."""
+
     requests: list[httpx.Request] = field(default_factory=list)
+    embed: Callable[[list[str]], list[list[float]]] | None = None
+    hits: list[dict[str, Any]] = field(default_factory=lambda: list(HITS))
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
         if request.url.path == "/v1/search":
             top_k = json.loads(request.content)["top_k"]
-            return httpx.Response(200, json={"hits": HITS[:top_k], "embed_ms": 3.0, "search_ms": 2.0})
+            return httpx.Response(200, json={"hits": self.hits[:top_k], "embed_ms": 3.0, "search_ms": 2.0})
+        if request.url.path == "/v1/embed" and self.embed is not None:
+            vectors = self.embed(json.loads(request.content)["texts"])
+            return httpx.Response(
+                200, json={"vectors": vectors, "model": "all-MiniLM-L6-v2", "dimension": len(vectors[0])}
+            )
         if request.url.path == "/v1/documents":
             docs = json.loads(request.content)["documents"]
             return httpx.Response(200, json={"indexed": len(docs), "chunks": len(docs)})
@@ -53,9 +63,9 @@ class Gateway:
 
 
 @pytest.fixture
-async def gateway(redis_server: RedisServer, redis_client: Redis) -> AsyncIterator[Gateway]:
+async def gateway(redis_server: RedisServer, redis_client: Redis, embedder: Embedder) -> AsyncIterator[Gateway]:
     settings = Settings(redis_url=redis_server.url, top_k_max=10, max_question_chars=300, max_documents_per_request=3)
-    retriever = RetrieverDouble()
+    retriever = RetrieverDouble(embed=embedder.encode)
     engine = ScriptedEngine()
     app = create_app(settings, retriever_transport=httpx.MockTransport(retriever))
     async with in_process(app, base_url="http://gateway") as client:

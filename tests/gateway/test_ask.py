@@ -2,10 +2,38 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 
+from services.gateway.config import Settings
+from services.gateway.pipeline import NOT_COVERED
 from tests.gateway.conftest import HITS, Gateway
+
+FLOOR = Settings().min_relevance
+FAR = [
+    {"document_id": "far", "chunk": 0, "score": round(FLOOR - 0.05, 3), "text": "Bread needs flour.", "metadata": {}},
+    {"document_id": "farther", "chunk": 1, "score": 0.02, "text": "Rivers flow.", "metadata": {}},
+]
+
+
+def sse_events(raw: str) -> list[tuple[str, dict[str, Any]]]:
+    blocks = [block for block in raw.split("\n\n") if block]
+    return [
+        (b.split("\n")[0].removeprefix("event: "), json.loads(b.split("\n")[1].removeprefix("data: "))) for b in blocks
+    ]
+
+
+async def stream_ask(gateway: Gateway, payload: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    async with gateway.client.stream("POST", "/v1/ask", json={**payload, "stream": True}) as response:
+        assert response.status_code == 200
+        return sse_events((await response.aread()).decode())
+
+
+async def unanswered_count(gateway: Gateway) -> float:
+    text = (await gateway.client.get("/metrics")).text
+    line = next(line for line in text.splitlines() if line.startswith("rag_ask_unanswered_total "))
+    return float(line.split()[1])
 
 
 async def test_ask_returns_the_answer_with_sources_and_timings(gateway: Gateway) -> None:
@@ -86,3 +114,65 @@ async def test_web_page_is_served(gateway: Gateway) -> None:
 async def test_health(gateway: Gateway, path: str) -> None:
     response = await gateway.client.get(path)
     assert response.status_code == 200
+
+
+async def test_an_uncovered_question_is_answered_at_once_and_no_job_reaches_the_stream(gateway: Gateway) -> None:
+    gateway.retriever.hits = FAR
+    before = await unanswered_count(gateway)
+    response = await gateway.client.post("/v1/ask", json={"question": "How do I bake bread?", "top_k": 2})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["answer"] == NOT_COVERED and "do not cover" in body["answer"]
+    assert body["sources"] == [] and body["citations"] == [] and body["grounded"] is False
+    assert body["timings"]["generate_ms"] == 0 and body["timings"]["queue_ms"] == 0
+    # Nothing was ever added to the job stream, and the model was never called.
+    stream = await gateway.redis.xinfo_stream("rag:llm:jobs")
+    assert stream["entries-added"] == 0 and stream["length"] == 0
+    assert gateway.engine.calls == []
+    assert await unanswered_count(gateway) == before + 1
+    assert [r.url.path for r in gateway.retriever.requests] == ["/v1/search"]  # no attribution call either
+
+
+async def test_an_uncovered_question_streams_the_same_answer_without_a_job(gateway: Gateway) -> None:
+    gateway.retriever.hits = FAR
+    events = await stream_ask(gateway, {"question": "How do I bake bread?"})
+    assert [name for name, _ in events] == ["token", "done"]
+    assert events[0][1]["text"] == NOT_COVERED
+    done = events[1][1]
+    assert done["answer"] == NOT_COVERED and done["sources"] == [] and done["grounded"] is False
+    assert done["timings"]["generate_ms"] == 0
+    assert (await gateway.redis.xinfo_stream("rag:llm:jobs"))["entries-added"] == 0
+
+
+async def test_sources_below_the_floor_are_neither_in_the_prompt_nor_in_the_answer(gateway: Gateway) -> None:
+    gateway.retriever.hits = [*HITS, *FAR]
+    body = (await gateway.client.post("/v1/ask", json={"question": "When?", "top_k": 4})).json()
+    assert [s["document_id"] for s in body["sources"]] == ["zorblax", "other"]
+    (request,) = gateway.engine.calls
+    assert "far" not in request.messages[-1]["content"] and "[3]" not in request.messages[-1]["content"]
+
+
+async def test_a_covered_answer_has_one_citation_per_sentence_naming_existing_sources(gateway: Gateway) -> None:
+    response = await gateway.client.post("/v1/ask", json={"question": "When was the Zorblax first sold?", "top_k": 2})
+    body = response.json()
+    assert len(body["sources"]) == 2
+    (citation,) = body["citations"]  # the scripted answer is one sentence
+    assert citation["sentence"] == body["answer"]
+    assert 1 <= citation["source"] <= len(body["sources"])
+    assert citation["source"] == 1  # the Zorblax chunk, not "Unrelated."
+    assert body["grounded"] == (citation["support"] >= Settings().min_support)
+    assert body["citation_warnings"] == []
+    embed_calls = [r for r in gateway.retriever.requests if r.url.path == "/v1/embed"]
+    assert len(embed_calls) == 1  # one batched call per answer
+    assert "The Zorblax was first sold in 1987." in json.loads(embed_calls[0].content)["texts"]
+
+
+async def test_streaming_and_plain_answers_carry_the_same_citations(gateway: Gateway) -> None:
+    payload = {"question": "When was the Zorblax first sold?", "top_k": 2}
+    plain = (await gateway.client.post("/v1/ask", json=payload)).json()
+    events = await stream_ask(gateway, payload)
+    name, done = events[-1]
+    assert name == "done"
+    assert plain["citations"] and done["citations"] == plain["citations"]
+    for key in ("answer", "sources", "grounded", "citation_warnings"):
+        assert done[key] == plain[key]

@@ -1,0 +1,160 @@
+"""Sentence attribution with the real embedding model, and the thresholds' checks at start."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from ragpod.processes import free_port
+from services.embedding.model import Embedder
+from services.gateway.attribution import attribute, markers, split_sentences
+from services.gateway.config import Settings
+from services.gateway.pipeline import above_floor
+from services.gateway.schemas import Source
+
+KETTLE = (
+    "The Orbital Kettle boils 1.7 litres of water in four minutes. It switches itself off 30 seconds after the "
+    "water boils. The kettle comes with a warranty of two years."
+)
+TRAIL = "The Glacier Ridge Trail is 14 kilometres long. Dogs are not allowed on the trail."
+
+
+class CountingEmbed:
+    """The real model behind the gateway's embed call, counting calls and texts."""
+
+    def __init__(self, embedder: Embedder) -> None:
+        self.embedder = embedder
+        self.calls: list[list[str]] = []
+
+    async def __call__(self, texts: list[str]) -> list[list[float]]:
+        self.calls.append(texts)
+        return self.embedder.encode(texts)
+
+
+@pytest.fixture
+def embed(embedder: Embedder) -> CountingEmbed:
+    return CountingEmbed(embedder)
+
+
+def test_sentences_are_cut_at_sentence_ends_and_lines_keeping_markers() -> None:
+    text = (
+        "KEDA scales the workers.[1] It adds one per five jobs [2]. E.g. this stays whole.\n- a bullet\n1. [1] 2. [2]"
+    )
+    assert split_sentences(text) == [
+        "KEDA scales the workers.[1]",
+        "It adds one per five jobs [2].",
+        "E.g. this stays whole.",
+        "- a bullet",
+        "1. [1] 2. [2]",
+    ]
+    assert split_sentences("Sold in 1987. Then [3] more.") == ["Sold in 1987.", "Then [3] more."]
+    assert split_sentences("  \n[1]\n") == []
+
+
+def test_text_wrapped_at_a_fixed_width_is_read_as_paragraphs() -> None:
+    wrapped = (
+        "# Where each service runs\n\nThe retriever prefers nodes near Qdrant to keep search latency low, and never\n"
+        "shares a node with an LLM pod, as the scheduling rules say. Qdrant runs as a\n"
+        "StatefulSet on high-memory nodes.\nShort line\nNext line"
+    )
+    assert split_sentences(wrapped) == [
+        "# Where each service runs",
+        "The retriever prefers nodes near Qdrant to keep search latency low, and never shares a node with an LLM pod, "
+        "as the scheduling rules say.",
+        "Qdrant runs as a StatefulSet on high-memory nodes.",
+        "Short line",
+        "Next line",
+    ]
+
+
+def test_markers_are_read_in_order_once_each() -> None:
+    assert markers("a [2] b [1, 3] c [2]") == [2, 1, 3]
+    assert markers("no markers, [x] or [] here") == []
+
+
+async def test_a_sentence_copied_from_a_source_is_supported_and_an_invented_one_is_not(embed: CountingEmbed) -> None:
+    answer = "The kettle comes with a warranty of two years. The kettle was designed by a team in Milan in 1962."
+    result = await attribute(answer, [TRAIL, KETTLE], embed, Settings().min_support)
+    copied, invented = result.citations
+    assert copied.sentence == "The kettle comes with a warranty of two years."
+    assert copied.source == 2 and copied.support > 0.99
+    assert invented.support < Settings().min_support
+    assert result.grounded is False
+
+
+async def test_a_paraphrase_is_supported_by_its_source_and_the_answer_is_grounded(embed: CountingEmbed) -> None:
+    answer = (
+        "The trail is fourteen kilometres long and dogs may not walk on it.\nThe kettle boils water in four minutes."
+    )
+    result = await attribute(answer, [TRAIL, KETTLE], embed, Settings().min_support)
+    assert [c.source for c in result.citations] == [1, 2]
+    assert all(c.support >= Settings().min_support for c in result.citations), result.citations
+    assert result.grounded is True and result.warnings == []
+
+
+async def test_one_batched_call_embeds_each_distinct_sentence_once(embed: CountingEmbed) -> None:
+    answer = "Dogs are not allowed on the trail. Dogs are not allowed on the trail [1]."
+    await attribute(answer, [TRAIL, TRAIL + " It is steep.", KETTLE], embed, 0.5)
+    (texts,) = embed.calls
+    assert len(texts) == len(set(texts))
+    assert "Dogs are not allowed on the trail." in texts and "It is steep." in texts
+
+
+async def test_markers_that_disagree_with_the_sources_are_reported(embed: CountingEmbed) -> None:
+    answer = (
+        "The kettle comes with a warranty of two years [2]. "  # right
+        "The trail is 14 kilometres long [2]. "  # names the kettle's source
+        "Dogs are not allowed on the trail [7]."  # names no source
+    )
+    result = await attribute(answer, [TRAIL, KETTLE], embed, Settings().min_support)
+    assert [c.source for c in result.citations] == [2, 1, 1]
+    assert [(w.marker, w.source) for w in result.warnings] == [(2, 1), (7, 1)]
+    wrong, missing = result.warnings
+    assert wrong.sentence == "The trail is 14 kilometres long [2]." and wrong.support < Settings().min_support
+    assert "best source is [1]" in wrong.detail
+    assert "names no source" in missing.detail
+
+
+async def test_nothing_is_embedded_without_an_answer_or_sources(embed: CountingEmbed) -> None:
+    for answer, sources in (("", [KETTLE]), ("[1]", [KETTLE]), ("An answer.", [])):
+        result = await attribute(answer, sources, embed, 0.5)
+        assert result.citations == [] and result.grounded is False
+    assert embed.calls == []
+
+
+async def test_an_enumeration_of_markers_is_not_supported(embed: CountingEmbed) -> None:
+    result = await attribute("1. [1] 2. [2] 3. [3] 4. [4]", [TRAIL, KETTLE], embed, 0.5)
+    (citation,) = result.citations
+    assert citation.support == 0.0 and result.grounded is False
+    assert sorted(w.marker for w in result.warnings) == [1, 2, 3, 4]
+
+
+def test_the_floor_keeps_sources_that_reach_it() -> None:
+    hits = [
+        Source(document_id=d, chunk=0, score=s, text="t", metadata={}) for d, s in (("a", 0.6), ("b", 0.25), ("c", 0.1))
+    ]
+    assert [s.document_id for s in above_floor(hits, 0.25)] == ["a", "b"]
+    assert above_floor(hits, 0.7) == []
+
+
+@pytest.mark.parametrize("name", ["RAG_MIN_RELEVANCE", "RAG_MIN_SUPPORT"])
+@pytest.mark.parametrize("value", ["-0.1", "1.5", "nan"])
+def test_a_threshold_outside_0_to_1_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=name):
+        Settings()
+
+
+def test_the_service_stops_at_start_on_a_bad_threshold() -> None:
+    env = {**os.environ, "RAG_MIN_RELEVANCE": "2", "RAG_PORT": str(free_port())}
+    done = subprocess.run(
+        [sys.executable, "-m", "services.gateway"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode != 0
+    assert "RAG_MIN_RELEVANCE must be between 0 and 1" in done.stderr
