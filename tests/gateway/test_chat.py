@@ -249,3 +249,26 @@ async def test_a_body_over_the_limit_is_a_413_in_openai_shape(redis_server: Redi
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "payload_too_large"
     assert retriever.requests == [] and await redis_client.xlen("rag:llm:jobs") == 0
+
+
+async def test_a_failed_generation_is_an_openai_error_plain_and_streamed(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    chat = Chat(_settings(redis_server), EmbeddingRetriever(), ScriptedEngine(fail_times=2, retryable=False))
+    app = create_app(chat.settings, retriever_transport=httpx.MockTransport(chat.retriever))
+    question = {"model": "m", "messages": [{"role": "user", "content": QUESTION}]}
+    async with (
+        serving(app) as url,
+        _worker(redis_server.url, chat.engine),
+        openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client,
+    ):
+        with pytest.raises(openai.APIStatusError) as plain:
+            await client.chat.completions.create(**question)  # type: ignore[call-overload]
+        stream = await client.chat.completions.create(**question, stream=True)  # type: ignore[call-overload]
+        with pytest.raises(openai.APIError) as streamed:
+            async for _ in stream:
+                pass
+    assert plain.value.status_code == 502
+    assert isinstance(plain.value.body, dict) and plain.value.body["code"] == "generation_failed"
+    assert isinstance(streamed.value.body, dict) and streamed.value.body["code"] == "generation_failed"
+    assert "scripted failure" in streamed.value.message
