@@ -73,6 +73,7 @@ def add_common_routes(
     liveness: ChecksDependency | None = None,
     status: ChecksDependency | None = None,
     status_dependencies: Sequence[Any] = (),
+    status_responses: Mapping[int | str, dict[str, Any]] | None = None,
     error_shapes: Mapping[str, ErrorRenderer] | None = None,
 ) -> None:
     """``/healthz`` (the process is alive), ``/readyz`` (the pod can serve), ``/metrics``; ``/v1/status``.
@@ -118,6 +119,7 @@ def add_common_routes(
             methods=["GET"],
             response_model=StatusResponse,
             dependencies=list(status_dependencies),
+            responses=dict(status_responses or {}),  # what status_dependencies can answer (401, 429, ...)
             summary="The state of this service and of every service it depends on",
         )
 

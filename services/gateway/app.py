@@ -18,6 +18,7 @@ from services.gateway.chat import ERROR_SHAPES
 from services.gateway.config import Settings
 from services.gateway.deps import Guarded, State, StateDep
 from services.gateway.routes import router
+from services.gateway.schemas import error_responses
 from services.gateway.security import BodyLimitMiddleware, Guard
 
 CHAIN_BELOW_RETRIEVER = ("embedding", "qdrant")
@@ -58,7 +59,13 @@ def create_app(
     # anything reads it, and the refusal is still counted and carries the request id.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, shapes=ERROR_SHAPES)
     add_common_routes(
-        app, "gateway", readiness, status=status, status_dependencies=[Guarded], error_shapes=ERROR_SHAPES
+        app,
+        "gateway",
+        readiness,
+        status=status,
+        status_dependencies=[Guarded],
+        status_responses=error_responses(401, 413, 429, 503),
+        error_shapes=ERROR_SHAPES,
     )
     app.include_router(router)
     app.include_router(documents.router)

@@ -90,7 +90,7 @@ ERROR_SHAPES = dict.fromkeys(OPENAI_PREFIXES, openai_error)
     "/v1/models",
     response_model=ModelList,
     dependencies=[Guarded],
-    responses=error_responses(401, 429, 503, model=ErrorResponse),
+    responses=error_responses(401, 413, 429, 503, model=ErrorResponse),
     summary="The model served (OpenAI's list shape)",
 )
 async def list_models(settings: SettingsDep) -> ModelList:
@@ -101,7 +101,7 @@ async def list_models(settings: SettingsDep) -> ModelList:
     "/v1/models/{model_id:path}",
     response_model=Model,
     dependencies=[Guarded],
-    responses=error_responses(401, 404, 429, 503, model=ErrorResponse),
+    responses=error_responses(401, 404, 413, 422, 429, 503, model=ErrorResponse),
     summary="One model, if it is the one served",
 )
 async def get_model(model_id: str, settings: SettingsDep) -> Model:

@@ -100,7 +100,7 @@ async def list_documents(
     "/v1/documents/{document_id:path}",
     response_model=DocumentInfo,
     dependencies=[Guarded],
-    responses=error_responses(*GUARDED, 404, *UPSTREAM),
+    responses=error_responses(*GUARDED, 404, 422, *UPSTREAM),
     summary="One document: its chunk count and metadata",
 )
 async def get_document(document_id: str, retriever: RetrieverDep, rid: RequestIdDep) -> DocumentInfo:
@@ -112,7 +112,7 @@ async def get_document(document_id: str, retriever: RetrieverDep, rid: RequestId
     status_code=204,
     response_class=Response,
     dependencies=[Guarded],
-    responses=error_responses(*GUARDED, 404, *UPSTREAM),
+    responses=error_responses(*GUARDED, 404, 422, *UPSTREAM),
     summary="Remove a document and every one of its chunks",
 )
 async def delete_document(document_id: str, retriever: RetrieverDep, rid: RequestIdDep) -> Response:
