@@ -70,6 +70,7 @@ def create_app(
     app.include_router(router)
     app.include_router(documents.router)
     app.include_router(chat.router)
+    documents.describe_limits(app, settings)
     return app
 
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 import structlog
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, Query, Response, UploadFile
 from pydantic import ValidationError
 
 from services.common.errors import InvalidInput, NotFound
@@ -182,3 +182,27 @@ def _metadata(raw: str | None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidInput("metadata: must be a JSON object")
     return value
+
+
+def describe_limits(app: FastAPI, settings: Settings) -> None:
+    """The OpenAPI document states the limits this gateway enforces (RAG_TOP_K_MAX, RAG_MAX_QUESTION_CHARS,
+    RAG_MAX_DOCUMENTS_PER_REQUEST, RAG_MAX_DOCUMENT_CHARS), so clients and generators see them."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            models = build().get("components", {}).get("schemas", {})
+
+            def limit(model: str, field: str, key: str, value: int) -> None:
+                prop = models.get(model, {}).get("properties", {}).get(field)
+                if prop is not None:
+                    prop[key] = value
+
+            for model in ("AskRequest", "SearchQuery"):
+                limit(model, "top_k", "maximum", settings.top_k_max)
+                limit(model, "question", "maxLength", settings.max_question_chars)
+            limit("DocumentsRequest", "documents", "maxItems", settings.max_documents_per_request)
+            limit("Document", "text", "maxLength", settings.max_document_chars)
+        return app.openapi_schema or build()
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -94,3 +94,8 @@ def test_the_schema_covers_every_route(api_schema: BaseSchema) -> None:
         "/v1/models",
         "/v1/status",
     } <= paths
+    models = api_schema.raw_schema["components"]["schemas"]
+    # The limits this gateway enforces (settings) are in the schema: the defaults here.
+    assert models["SearchQuery"]["properties"]["top_k"]["maximum"] == 20
+    assert models["AskRequest"]["properties"]["question"]["maxLength"] == 2000
+    assert models["DocumentsRequest"]["properties"]["documents"]["maxItems"] == 256
