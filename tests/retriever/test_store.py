@@ -252,3 +252,20 @@ def test_replication_defaults_fit_the_three_node_statefulset() -> None:
     assert (settings.qdrant_replication_factor, settings.qdrant_shards, settings.qdrant_write_consistency) == (2, 3, 1)
     with pytest.raises(ValueError, match="RAG_QDRANT_WRITE_CONSISTENCY"):
         Settings(qdrant_replication_factor=1, qdrant_write_consistency=2)
+
+
+def test_the_service_refuses_to_start_on_an_old_store_with_one_clear_line(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    old = QdrantClient(path=str(tmp_path / "qdrant"))
+    old.create_collection("ragpod_chunks", vectors_config=models.VectorParams(size=4, distance=models.Distance.COSINE))
+    old.close()
+    env = {**os.environ, "RAG_QDRANT_PATH": str(tmp_path / "qdrant"), "RAG_QDRANT_URL": "", "RAG_PORT": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "services.retriever"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "qdrant-client's local mode" in done.stderr and "ragpod ingest" in done.stderr
