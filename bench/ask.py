@@ -1,0 +1,404 @@
+"""What the four services cost one question: /v1/ask through real processes against the same stages in one process.
+
+    .venv/bin/python bench/ask.py [--rounds 3] [--top-k 5]
+
+Both paths do the same work for every question, at concurrency 1, with the
+same models, the same store contents and one generated token (so generation
+does not hide the hops):
+
+- services: ``POST /v1/ask`` to the gateway of a stack of real processes
+  (``python -m services.<name>`` for gateway, retriever, embedding and LLM
+  worker, as ``make run`` starts them, on free ports, with a redis-server of
+  their own): API key check and rate limit in Redis, retriever over HTTP,
+  query embedding over HTTP, hybrid search in Qdrant Edge, one job through
+  the Redis stream to the worker's local engine, attribution of the answer
+  with one more embedding call through the retriever, the JSON answer.
+- in process: the same stage functions called directly in this process: the
+  gateway's rate limiter (same Redis), the embedding model's ``encode``, the
+  retriever's keyword encoder and store (a store of its own on a temporary
+  path, indexed by the retriever's indexing code with the same documents and
+  settings), the gateway's prompt, the worker's local engine (same settings),
+  the gateway's attribution.
+
+The questions are made from the demo corpus the stack indexes, one per
+sentence ("What is said about <its first words>?"), nothing picked by hand;
+``RAG_MIN_RELEVANCE`` is 0 on both paths, so every question goes the whole way
+(the not-covered shortcut would skip the queue). Each round is one pass of
+each path over every question, the in-process pass first; ``overhead_p50_ms``
+is the p50 of the services' latency (measured by the client) minus the p50 of
+the in-process latency, ``ratio`` the first over the second (goal: overhead
+p50 <= 15 ms).
+
+Then the hops one at a time, each against its own work in process: the
+embedding service's ``/v1/embed`` for the question against ``encode``; the
+retriever's ``/v1/search`` against embedding plus search; a Redis round trip
+(PING). The per-stage timings the gateway returns (embed, search, queue,
+generate) are recorded as well, and ``docs/benchmarks/ask.json`` + ``.png``
+keep p50 and p99 of every stage.
+
+The machine may be shared: the load average at the end goes into the JSON.
+Needs the converted LLM in data/models (any earlier ``make run`` or test run
+makes it; the first start converts it, about 30 s). Runs in about two minutes
+on 2 CPU cores. Prints ``RESULT ...`` last.
+"""
+
+from __future__ import annotations
+
+import os
+
+# One thread per model on both paths: on a shared machine, torch's threads of one process wait for each
+# other at every layer whenever one of them loses its core, which makes generation slow and erratic.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse
+import asyncio
+import json
+import re
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from plot import bars, record
+from redis.asyncio import Redis
+from starlette.requests import Request
+
+from ragpod.documents import read_documents
+from ragpod.processes import free_port
+from ragpod.redis_server import start_redis
+from ragpod.supervisor import SERVICES, Stack
+from services.common.schemas import Document
+from services.embedding.model import Embedder
+from services.gateway.attribution import attribute, split_sentences
+from services.gateway.config import Settings as GatewaySettings
+from services.gateway.pipeline import above_floor
+from services.gateway.prompt import build_messages, context_texts
+from services.gateway.security import Guard
+from services.llm.config import Settings as LlmSettings
+from services.llm.engine import GenerationRequest, build_engine
+from services.retriever.config import Settings as RetrieverSettings
+from services.retriever.embedding import EmbeddingClient
+from services.retriever.indexing import DimensionCheck, index_documents
+from services.retriever.store import open_store
+from services.retriever.text import KeywordEncoder
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "demo" / "corpus"
+API_KEY = "bench-key"
+RATE_LIMIT = 1_000_000  # per minute: counted on every request, never reached
+MODEL_CACHE = ROOT / "data" / "models"
+
+# The same settings for both paths (and the stack's environment, below).
+ENV = {
+    "RAG_LLM_MODEL_CACHE_DIR": str(MODEL_CACHE),
+    "RAG_LLM_MAX_NEW_TOKENS": "1",
+    "RAG_MIN_RELEVANCE": "0.0",
+    "RAG_API_KEYS": API_KEY,
+    "RAG_RATE_LIMIT_PER_MINUTE": str(RATE_LIMIT),
+}
+
+
+def questions_from(corpus: Path) -> list[str]:
+    """One question per sentence of the corpus: its first words, asked about; markdown headings left out."""
+    questions = []
+    for path in sorted(corpus.glob("*.md")):
+        text = "\n".join(line for line in path.read_text(encoding="utf-8").splitlines() if not line.startswith("#"))
+        for sentence in split_sentences(text):
+            words = re.findall(r"[\w'-]+", sentence)
+            if len(words) >= 4:
+                questions.append(f"What is said about {' '.join(words[:8])}?")
+    return questions
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+
+
+# --- the in-process path --------------------------------------------------------------------------------
+
+
+class InProcess:
+    """Every stage of /v1/ask as a direct call."""
+
+    def __init__(self, redis_url: str, store_dir: Path, top_k: int) -> None:
+        self.top_k = top_k
+        self.gateway = GatewaySettings(
+            redis_url=redis_url, api_keys=API_KEY, rate_limit_per_minute=RATE_LIMIT, min_relevance=0.0
+        )
+        self.retriever = RetrieverSettings(qdrant_path=str(store_dir))
+        self.llm = LlmSettings(redis_url=redis_url, llm_model_cache_dir=str(MODEL_CACHE), llm_max_new_tokens=1)
+        self.guard = Guard(self.gateway)
+        self.embedder = Embedder("", "cpu")
+        self.encoder = KeywordEncoder(self.retriever.chunk_size)
+        self.engine = build_engine(self.llm)
+        self.store: Any = None
+        headers = [(b"authorization", f"Bearer {API_KEY}".encode())]
+        self.request = Request({"type": "http", "headers": headers, "client": ("127.0.0.1", 0)})
+
+    async def start(self, documents: list[Document]) -> None:
+        await self.engine.start()
+        self.store = await open_store(self.retriever)
+
+        def embed(request: httpx.Request) -> httpx.Response:
+            vectors = self.embedder.encode(json.loads(request.content)["texts"])
+            return httpx.Response(200, json={"vectors": vectors, "model": "m", "dimension": len(vectors[0])})
+
+        client = EmbeddingClient.from_settings(self.retriever, httpx.MockTransport(embed))
+        try:
+            await index_documents(
+                documents,
+                store=self.store,
+                embedding=client,
+                encoder=self.encoder,
+                dimensions=DimensionCheck(self.store),
+                chunk_size=self.retriever.chunk_size,
+                overlap=self.retriever.chunk_overlap,
+                batch_size=self.retriever.embed_batch_size,
+                concurrency=self.retriever.embed_concurrency,
+            )
+        finally:
+            await client.aclose()
+
+    async def close(self) -> None:
+        await self.engine.close()
+        await self.store.close()
+        await self.guard.aclose()
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        return self.embedder.encode(texts)
+
+    async def search(self, question: str) -> list[Any]:
+        vector = self.embedder.encode([question])[0]
+        sparse = self.encoder.query(question)
+        return list(await self.store.search(vector, sparse, self.top_k, None, self.retriever.search_mode))
+
+    async def ask(self, question: str) -> dict[str, float]:
+        """One question; milliseconds per stage and in all."""
+        marks = [time.perf_counter()]
+        await self.guard.check(self.request)  # the API key and the rate limit in Redis, as the gateway does
+        marks.append(time.perf_counter())
+        vector = self.embedder.encode([question])[0]
+        marks.append(time.perf_counter())
+        hits = await self.store.search(
+            vector, self.encoder.query(question), self.top_k, None, self.retriever.search_mode
+        )
+        marks.append(time.perf_counter())
+        sources = above_floor(hits, self.gateway.min_relevance)
+        messages = build_messages(question, sources, self.gateway.max_context_chars, self.gateway.system_prompt)
+        generation = await self.engine.generate(
+            GenerationRequest(messages=messages, max_tokens=1, temperature=self.llm.llm_temperature)
+        )
+        marks.append(time.perf_counter())
+        texts = context_texts(sources, self.gateway.max_context_chars)
+        await attribute(generation.text, texts, self.embed, self.gateway.min_support)
+        marks.append(time.perf_counter())
+        names = ("rate_limit", "embed", "search", "generate", "attribute")
+        stages = {name: (marks[i + 1] - marks[i]) * 1000 for i, name in enumerate(names)}
+        stages["total"] = (marks[-1] - marks[0]) * 1000
+        return stages
+
+
+# --- the services path ----------------------------------------------------------------------------------
+
+
+async def ask_services(client: httpx.AsyncClient, question: str, top_k: int) -> dict[str, float]:
+    started = time.perf_counter()
+    response = await client.post("/v1/ask", json={"question": question, "top_k": top_k})
+    wall = (time.perf_counter() - started) * 1000
+    response.raise_for_status()
+    timings = response.json()["timings"]
+    stages = {name.removesuffix("_ms"): float(value) for name, value in timings.items()}
+    known = sum(stages[name] for name in ("embed", "search", "queue", "generate"))
+    stages["rest"] = stages["total"] - known  # hops to the retriever, enqueue, wait for events, attribution
+    stages["client"] = wall - stages["total"]  # the gateway's own HTTP in and out, as the client sees it
+    stages["total"] = wall
+    return stages
+
+
+async def timed(calls: int, one: Callable[[], Awaitable[object]]) -> list[float]:
+    out = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        await one()
+        out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
+async def hops(
+    inproc: InProcess, stack: Stack, redis_url: str, question: str, calls: int
+) -> dict[str, tuple[float, float]]:
+    """p50 milliseconds of each hop and of the same work in process, calls interleaved so that the machine's
+    load changes both alike."""
+    embedding = f"http://127.0.0.1:{stack.ports['embedding']}"
+    retriever = f"http://127.0.0.1:{stack.ports['retriever']}"
+    redis = Redis.from_url(redis_url)
+    async with httpx.AsyncClient(timeout=60) as client:
+
+        async def embed_http() -> None:
+            (await client.post(f"{embedding}/v1/embed", json={"texts": [question]})).raise_for_status()
+
+        async def search_http() -> None:
+            body = {"query": question, "top_k": inproc.top_k}
+            (await client.post(f"{retriever}/v1/search", json=body)).raise_for_status()
+
+        pairs: dict[str, tuple[Callable[[], Awaitable[object]], Callable[[], Awaitable[object]]]] = {
+            "embedding": (embed_http, lambda: inproc.embed([question])),
+            "retriever": (search_http, lambda: inproc.search(question)),
+        }
+        out: dict[str, tuple[float, float]] = {}
+        try:
+            for name, (remote, local) in pairs.items():
+                await timed(5, remote)
+                remote_ms, local_ms = [], []
+                for _ in range(calls):
+                    remote_ms += await timed(1, remote)
+                    local_ms += await timed(1, local)
+                out[name] = (statistics.median(remote_ms), statistics.median(local_ms))
+            await timed(5, redis.ping)
+            out["redis_rtt"] = (statistics.median(await timed(calls, redis.ping)), 0.0)
+        finally:
+            await redis.aclose()
+    return out
+
+
+async def run(args: argparse.Namespace, stack: Stack, redis_url: str, store_dir: Path) -> str:
+    questions = questions_from(CORPUS)
+    documents = [Document.model_validate(doc) for doc in read_documents(CORPUS)]
+    inproc = InProcess(redis_url, store_dir, args.top_k)
+    await inproc.start(documents)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    gateway = f"http://127.0.0.1:{stack.ports['gateway']}"
+    samples: dict[str, list[dict[str, float]]] = {"in_process": [], "services": []}
+    try:
+        async with httpx.AsyncClient(base_url=gateway, timeout=120, headers=headers) as client:
+            for question in questions[:3]:  # warm up both paths: first calls load lazily
+                await inproc.ask(question)
+                await ask_services(client, question, args.top_k)
+            print(f"{len(questions)} questions, {args.rounds} rounds, top_k {args.top_k}", flush=True)
+            for number in range(args.rounds):
+                for question in questions:
+                    samples["in_process"].append(await inproc.ask(question))
+                for question in questions:
+                    samples["services"].append(await ask_services(client, question, args.top_k))
+                p50s = {path: statistics.median(s["total"] for s in runs) for path, runs in samples.items()}
+                print(
+                    f"round {number + 1}: p50 in process {p50s['in_process']:.1f} ms, "
+                    f"services {p50s['services']:.1f} ms",
+                    flush=True,
+                )
+        probes = await hops(inproc, stack, redis_url, questions[0], args.hop_calls)
+    finally:
+        await inproc.close()
+
+    def stage_pcts(path: str, q: float) -> dict[str, float]:
+        by_stage: dict[str, list[float]] = defaultdict(list)
+        for sample in samples[path]:
+            for name, value in sample.items():
+                by_stage[name].append(value)
+        return {name: pct(values, q) for name, values in by_stage.items()}
+
+    inp50, inp99 = stage_pcts("in_process", 0.5), stage_pcts("in_process", 0.99)
+    svc50, svc99 = stage_pcts("services", 0.5), stage_pcts("services", 0.99)
+    for label, p50, p99 in (("in process", inp50, inp99), ("services", svc50, svc99)):
+        stages = ", ".join(f"{name} {p50[name]:.1f}/{p99[name]:.1f}" for name in p50)
+        print(f"{label} p50/p99 ms: {stages}", flush=True)
+    for name, (http, local) in probes.items():
+        print(f"hop {name}: {http:.2f} ms p50" + (f" against {local:.2f} ms in process" if local else ""), flush=True)
+
+    def without_generation(path: str) -> list[float]:
+        return [sample["total"] - sample["generate"] for sample in samples[path]]
+
+    hops_p50 = statistics.median(without_generation("services")) - statistics.median(without_generation("in_process"))
+    overhead_p50 = svc50["total"] - inp50["total"]
+    overhead_p99 = svc99["total"] - inp99["total"]
+    ratio = svc50["total"] / inp50["total"]
+    figures = {
+        "overhead_p50_ms": round(overhead_p50, 2),
+        "overhead_p99_ms": round(overhead_p99, 2),
+        "ratio": round(ratio, 3),
+        "hops_p50_ms": round(hops_p50, 2),
+        "services_p50_ms": round(svc50["total"], 2),
+        "services_p99_ms": round(svc99["total"], 2),
+        "in_process_p50_ms": round(inp50["total"], 2),
+        "in_process_p99_ms": round(inp99["total"], 2),
+        "embedding_hop_p50_ms": round(probes["embedding"][0] - probes["embedding"][1], 2),
+        "retriever_hop_p50_ms": round(probes["retriever"][0] - probes["retriever"][1], 2),
+        "redis_rtt_p50_ms": round(probes["redis_rtt"][0], 3),
+        "questions": len(questions) * args.rounds,
+    }
+    groups = ["rate limit", "embed", "search", "queue", "generate", "rest", "total"]
+    svc_keys = [None, "embed", "search", "queue", "generate", "rest", "total"]
+    in_keys = ["rate_limit", "embed", "search", None, "generate", "attribute", "total"]
+
+    def column(values: dict[str, float], keys: list[str | None]) -> list[float]:
+        return [round(values[k], 2) if k is not None else 0.0 for k in keys]
+
+    charts = [
+        bars(
+            f"/v1/ask at concurrency 1, p50 per stage (ms); overhead p50 {overhead_p50:.1f} ms",
+            "milliseconds",
+            groups,
+            {"in process": column(inp50, in_keys), "four services": column(svc50, svc_keys)},
+        ),
+        bars(
+            f"p99 per stage (ms); overhead p99 {overhead_p99:.1f} ms",
+            "milliseconds",
+            groups,
+            {"in process": column(inp99, in_keys), "four services": column(svc99, svc_keys)},
+        ),
+    ]
+    record(
+        "ask",
+        figures,
+        charts,
+        note="services 'rest' = retriever hop, enqueue, waiting for events, attribution (with its embedding call); "
+        "in-process 'rest' is the attribution. One generated token. The machine was shared with other work.",
+    )
+    return "RESULT " + " ".join(f"{k}={v}" for k, v in figures.items())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2, help="passes of each path over every question")
+    parser.add_argument("--top-k", type=int, default=1, help="sources per question (fewer: a shorter prompt)")
+    parser.add_argument("--hop-calls", type=int, default=60, help="calls per hop probe")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the stack on the way out
+
+    with tempfile.TemporaryDirectory(prefix="ragpod-ask-") as tmp:
+        data = Path(tmp)
+        log_dir = ROOT / "data" / "bench" / "ask"
+        redis_port = free_port()
+        redis = start_redis(redis_port, log_dir=log_dir)
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        stack = Stack(
+            ports={name: free_port() for name in SERVICES},
+            redis_port=redis_port,
+            data_dir=data,
+            log_dir=log_dir,
+            extra_env=ENV,
+        )
+        try:
+            print("starting the stack ...", flush=True)
+            stack.start(redis=False, ready_timeout=300)
+            documents = {"documents": read_documents(CORPUS)}
+            headers = {"Authorization": f"Bearer {API_KEY}"}
+            gateway = f"http://127.0.0.1:{stack.ports['gateway']}"
+            httpx.post(f"{gateway}/v1/documents", json=documents, headers=headers, timeout=300).raise_for_status()
+            result = asyncio.run(run(args, stack, redis_url, data / "in-process-store"))
+        finally:
+            stack.stop()
+            redis.stop()
+    print(result, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
