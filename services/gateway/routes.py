@@ -15,7 +15,13 @@ from services.common.queue import JobQueue
 from services.gateway.config import Settings
 from services.gateway.deps import Guarded, QueueDep, RequestIdDep, RetrieverDep, SettingsDep
 from services.gateway.pipeline import Prepared, answered, follow, not_covered, prepare, raise_for_error
-from services.gateway.schemas import AskRequest, AskResponse, DocumentsRequest, DocumentsResponse
+from services.gateway.schemas import (
+    AskRequest,
+    AskResponse,
+    DocumentsRequest,
+    DocumentsResponse,
+    error_responses,
+)
 
 log = structlog.get_logger(__name__)
 router = APIRouter()
@@ -28,7 +34,12 @@ async def index(settings: SettingsDep) -> HTMLResponse:
     return HTMLResponse(page)
 
 
-@router.post("/v1/documents", response_model=DocumentsResponse, dependencies=[Guarded])
+@router.post(
+    "/v1/documents",
+    response_model=DocumentsResponse,
+    dependencies=[Guarded],
+    responses=error_responses(400, 401, 413, 422, 429, 502, 503, 504),
+)
 async def add_documents(
     body: DocumentsRequest, settings: SettingsDep, retriever: RetrieverDep, rid: RequestIdDep
 ) -> DocumentsResponse:
@@ -51,7 +62,10 @@ def _check_ask(body: AskRequest, settings: Settings) -> None:
     "/v1/ask",
     response_model=AskResponse,
     dependencies=[Guarded],
-    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream is true"}},
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream is true"},
+        **error_responses(400, 401, 413, 422, 429, 502, 503, 504),
+    },
 )
 async def ask(
     body: AskRequest, settings: SettingsDep, retriever: RetrieverDep, queue: QueueDep, rid: RequestIdDep
