@@ -285,6 +285,14 @@ def run(stack: Stack, baseline_port: int, settings: GatewaySettings, args: argpa
         "top_k": args.top_k,
         "max_new_tokens": args.max_new_tokens,
     }
+    from plot import bars, record  # bench/plot.py, beside this script
+
+    shares = ["refused_uncovered", "refused_covered", "fact_in_answer", "supported_sentences", "grounded_answers"]
+    record(
+        "answer_quality",
+        figures,
+        [bars("Answers: refusals, facts, grounding", "fraction", shares, {"share": [figures[k] for k in shares]})],
+    )
     print("RESULT " + " ".join(f"{name}={value}" for name, value in figures.items()))
     return 0
 

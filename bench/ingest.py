@@ -136,6 +136,20 @@ def main() -> int:
     after = raw_rate(embedder, texts)
     print(f"raw encode (after): {after:.1f} chunks/s", flush=True)
     raw = (before + after) / 2
+    from plot import bars, record  # bench/plot.py, beside this script
+
+    record(
+        "ingest",
+        {"ratio": round(service / raw, 3), "chunks_per_s": round(service, 1), "raw_per_s": round(raw, 1)},
+        [
+            bars(
+                f"Indexing {written} chunks",
+                "chunks/s",
+                ["raw encode", "POST /v1/documents"],
+                {"throughput": [raw, service]},
+            )
+        ],
+    )
     print(f"RESULT ratio={service / raw:.3f} chunks_per_s={service:.1f} raw_per_s={raw:.1f}")
     return 0
 

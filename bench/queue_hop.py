@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from plot import lines, record  # bench/plot.py, beside this script
 from redis.asyncio import Redis
 
 from ragpod.processes import Proc, free_port, spawn, wait_until
@@ -231,6 +232,18 @@ async def hop_latency(args: argparse.Namespace, redis_url: str, log_dir: Path) -
         await redis.aclose()
 
 
+async def sweep(args: argparse.Namespace, redis_url: str, log_dir: Path) -> dict[int, tuple[float, float]]:
+    """Throughput at each ``--sweep`` concurrency: (direct, queued) jobs/s, with 16 jobs per slot."""
+    curve = {}
+    for concurrency in args.sweep:
+        level = argparse.Namespace(**{**vars(args), "concurrency": concurrency, "jobs": 16 * concurrency})
+        direct = await direct_throughput(level)
+        queued = await queued_throughput(level, redis_url, log_dir)
+        print(f"concurrency {concurrency}: direct {direct:.2f} jobs/s, queued {queued:.2f} jobs/s", flush=True)
+        curve[concurrency] = (direct, queued)
+    return curve
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
@@ -251,8 +264,36 @@ async def bench(args: argparse.Namespace) -> str:
         hops = await hop_latency(args, redis_url, log_dir)
         p50, p99 = statistics.median(hops), percentile(hops, 0.99)
         print(f"hop:     p50 {p50:.2f} ms, p99 {p99:.2f} ms over {len(hops)} jobs", flush=True)
+        curve = await sweep(args, redis_url, log_dir)
     finally:
         redis_proc.stop()
+    levels = sorted(curve)
+    figures = {
+        "throughput_ratio": round(queued / direct, 3),
+        "queued_jobs_per_s": round(queued, 2),
+        "direct_jobs_per_s": round(direct, 2),
+        "hop_p50_ms": round(p50, 2),
+        "hop_p99_ms": round(p99, 2),
+        "concurrency": args.concurrency,
+        "engine": args.engine,
+    }
+    tokens = f"{args.tokens} tokens of {args.token_ms:g} ms" if args.engine == "paced" else f"{args.tokens} tokens"
+    record(
+        "queue_hop" if args.engine == "paced" else f"queue_hop-{args.engine}",
+        figures,
+        [
+            lines(
+                f"LLM jobs through the Redis queue ({args.engine} engine, {tokens})",
+                "jobs in flight (worker concurrency)",
+                "jobs/s",
+                {
+                    "engine called directly": (levels, [curve[c][0] for c in levels]),
+                    "through the queue and a worker process": (levels, [curve[c][1] for c in levels]),
+                },
+            )
+        ],
+        note=f"Queue hop alone: p50 {p50:.2f} ms, p99 {p99:.2f} ms. Callers, Redis and the worker share the CPU.",
+    )
     return (
         f"RESULT throughput_ratio={queued / direct:.3f} queued_jobs_per_s={queued:.2f} direct_jobs_per_s={direct:.2f} "
         f"hop_p50_ms={p50:.2f} hop_p99_ms={p99:.2f} concurrency={args.concurrency} jobs={args.jobs} "
@@ -268,6 +309,12 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=None, help="tokens per job (default 32 paced, 16 local)")
     parser.add_argument("--token-ms", type=float, default=10.0, help="paced engine: milliseconds per token")
     parser.add_argument("--hops", type=int, default=300, help="jobs for the hop latency")
+    parser.add_argument(
+        "--sweep",
+        type=lambda text: [int(c) for c in text.split(",") if c],
+        default=[1, 2, 4, 8, 16],
+        help="concurrencies for the throughput curve (comma-separated; empty: none)",
+    )
     parser.add_argument("--role", choices=["bench", "worker"], default="bench", help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", default="", help=argparse.SUPPRESS)
     parser.add_argument("--ready-file", default="", help=argparse.SUPPRESS)

@@ -242,6 +242,20 @@ async def run() -> int:
             if rank != 1:
                 print(f"  rank {rank}: {question!r} -> {target}")
         await store.close()
+    from plot import bars, record  # bench/plot.py, beside this script
+
+    record(
+        "retrieval_quality",
+        {"recall_at_1": round(r1, 3), "recall_at_5": round(r5, 3), "mrr": round(mrr, 3), "dense_recall_at_1": dense_r1},
+        [
+            bars(
+                f"Retrieval quality, {len(QUESTIONS)} questions ({settings.search_mode}+headers)",
+                "fraction",
+                ["recall@1", "recall@5", "MRR"],
+                {settings.search_mode: [r1, r5, mrr]},
+            )
+        ],
+    )
     print(f"RESULT recall_at_1={r1:.3f} recall_at_5={r5:.3f} mrr={mrr:.3f} dense_recall_at_1={dense_r1:.3f}")
     return 0
 

@@ -7,6 +7,7 @@ from typing import Any, TypeVar, overload
 import httpx
 import structlog
 from pydantic import BaseModel, ValidationError
+from pydantic_core import from_json
 
 from services.common.errors import BY_STATUS, BadRequest, RagError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from services.common.logging import REQUEST_ID_HEADER
@@ -79,8 +80,10 @@ class ServiceClient:
         if response.status_code == 204 or not response.content:
             return None
         try:
-            body = response.json()
-            return model.model_validate(body) if model is not None else body
+            # Parsed by pydantic's Rust JSON parser: several times faster than json.loads on a body of vectors.
+            if model is not None:
+                return model.model_validate_json(response.content)
+            return from_json(response.content)
         except (ValueError, ValidationError) as exc:
             log.warning("upstream_bad_answer", upstream=self.name, path=path, error=type(exc).__name__)
             raise UpstreamError(f"{self.name} answered {path} with something other than the JSON expected") from exc
