@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
+from services.common.http import ServiceClient
 from services.common.queue import Job, JobQueue
 from services.common.schemas import SearchResponse
+from services.gateway.config import Settings as GatewaySettings
 from services.gateway.pipeline import Prepared
 from services.gateway.routes import _sse
 from services.llm.config import Settings
@@ -209,7 +213,12 @@ async def test_two_workers_finishing_one_job_answer_it_once(redis_server: RedisS
 
     # The caller's stream shows one attempt's tokens, and they join to the answer it gets.
     prepared = Prepared(job=job, sources=[], search=SearchResponse(hits=[], embed_ms=1, search_ms=1), started=0.0)
-    streamed = parse_sse(await asyncio.wait_for(_collect(_sse(queue, prepared)), 5))
+    retriever = ServiceClient("retriever", "http://retriever", 5, transport=httpx.MockTransport(_embed))
+    try:
+        sse = _sse(queue, prepared, GatewaySettings(**_queue_names(settings)), retriever, "request-1")
+        streamed = parse_sse(await asyncio.wait_for(_collect(sse), 5))
+    finally:
+        await retriever.aclose()
     shown: list[str] = []
     for name, data in streamed:
         if name == "reset":
@@ -222,6 +231,16 @@ async def test_two_workers_finishing_one_job_answer_it_once(redis_server: RedisS
 
 async def _collect(chunks: AsyncIterator[str]) -> str:
     return "".join([chunk async for chunk in chunks])
+
+
+def _embed(request: httpx.Request) -> httpx.Response:
+    """The retriever's /v1/embed for the gateway's attribution: one fixed vector per text."""
+    texts = json.loads(request.content)["texts"]
+    return httpx.Response(200, json={"vectors": [[1.0, float(len(text) % 7)] for text in texts]})
+
+
+def _queue_names(settings: Settings) -> dict[str, str]:
+    return {"llm_stream": settings.llm_stream, "llm_group": settings.llm_group}
 
 
 class Counting(ScriptedEngine):

@@ -8,6 +8,7 @@ same things again with every service as a real process.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -42,12 +43,19 @@ class Retriever:
         self._all_arrived = asyncio.Event()
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/embed":  # the gateway's attribution: any fixed vectors do here
+            return httpx.Response(200, json={"vectors": embed(json.loads(request.content)["texts"])})
         self.searches += 1
         if self.hold_for:
             if self.searches >= self.hold_for:
                 self._all_arrived.set()
             await asyncio.wait_for(self._all_arrived.wait(), 20)
         return httpx.Response(200, json={"hits": [HIT], "embed_ms": 1.0, "search_ms": 1.0})
+
+
+def embed(texts: list[str]) -> list[list[float]]:
+    """Stand-in vectors: one per text, the same for the same text."""
+    return [[1.0, float(len(text) % 7), float(sum(map(ord, text)) % 11)] for text in texts]
 
 
 @asynccontextmanager
