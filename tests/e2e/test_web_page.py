@@ -46,7 +46,8 @@ def test_asking_on_the_web_page_streams_an_answer_with_sources(
     with page.expect_response(f"{gateway}/v1/ask") as asked:
         page.click("#go")
     assert asked.value.headers["content-type"].startswith("text/event-stream")
-    page.wait_for_selector("#timings:has-text('total')", timeout=120_000)
+    # A generous bound for a shared, busy machine: this waits for the answer, it does not time it.
+    page.wait_for_selector("#timings:has-text('total')", timeout=300_000)
     answer = page.inner_text("#answer")
     answer_class = page.get_attribute("#answer", "class") or ""
     sources = page.locator(".source").all_inner_texts()
