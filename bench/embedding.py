@@ -125,15 +125,19 @@ def main() -> None:
     parser.add_argument("--model", default="", help="sentence-transformers model directory (default: packaged)")
     parser.add_argument("--max-wait-ms", type=float, default=None, help="RAG_EMBEDDING_MAX_WAIT_MS for the service")
     parser.add_argument("--name", default="embedding", help="JSON written to docs/benchmarks/<name>.json")
+    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the service (repeatable)")
     args = parser.parse_args()
 
     per_batch, device = raw_throughput(args.device, args.model, args.seconds)
     best_batch = max(per_batch, key=lambda b: per_batch[b])
     raw = per_batch[best_batch]
     tuned = {"RAG_EMBEDDING_MAX_WAIT_MS": str(args.max_wait_ms)} if args.max_wait_ms is not None else {}
+    tuned |= dict(item.split("=", 1) for item in args.env)
     levels = sorted({1, 4, 16, args.clients})
     batched = http_throughput(device, args.model, levels, args.seconds, tuned)
-    unbatched = http_throughput(device, args.model, [args.clients], args.seconds, {"RAG_EMBEDDING_MAX_BATCH": "1"})
+    unbatched = http_throughput(
+        device, args.model, [args.clients], args.seconds, {**tuned, "RAG_EMBEDDING_MAX_BATCH": "1"}
+    )
     http = batched[args.clients]
     result = {
         "ratio": round(http / raw, 3),

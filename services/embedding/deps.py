@@ -26,7 +26,7 @@ StateDep = Annotated[State, Depends(state_getter(State))]
 SettingsDep = Annotated[Settings, Depends(settings_getter(Settings))]
 
 
-def get_batcher(state: StateDep) -> Batcher:
+async def get_batcher(state: StateDep) -> Batcher:
     if state.batcher is None:
         raise NotReady(
             f"embedding model failed to load: {state.load_error}"

@@ -32,11 +32,11 @@ StateDep = Annotated[State, Depends(state_getter(State))]
 SettingsDep = Annotated[Settings, Depends(settings_getter(Settings))]
 
 
-def get_retriever(state: StateDep) -> ServiceClient:
+async def get_retriever(state: StateDep) -> ServiceClient:
     return state.retriever
 
 
-def get_queue(state: StateDep) -> JobQueue:
+async def get_queue(state: StateDep) -> JobQueue:
     return state.queue
 
 

@@ -41,21 +41,21 @@ StateDep = Annotated[State, Depends(state_getter(State))]
 SettingsDep = Annotated[Settings, Depends(settings_getter(Settings))]
 
 
-def get_dimensions(state: StateDep) -> DimensionCheck:
+async def get_dimensions(state: StateDep) -> DimensionCheck:
     """Every request that touches the store fails once the store is known to hold another model's vectors."""
     state.dimensions.raise_if_failed()
     return state.dimensions
 
 
-def get_store(state: StateDep, _: Annotated[DimensionCheck, Depends(get_dimensions)]) -> VectorStore:
+async def get_store(state: StateDep, _: Annotated[DimensionCheck, Depends(get_dimensions)]) -> VectorStore:
     return state.store
 
 
-def get_embedding(state: StateDep) -> EmbeddingClient:
+async def get_embedding(state: StateDep) -> EmbeddingClient:
     return state.embedding
 
 
-def get_encoder(state: StateDep) -> KeywordEncoder:
+async def get_encoder(state: StateDep) -> KeywordEncoder:
     return state.encoder
 
 

@@ -24,7 +24,7 @@ StateDep = Annotated[State, Depends(state_getter(State))]
 SettingsDep = Annotated[Settings, Depends(settings_getter(Settings))]
 
 
-def get_engine(state: StateDep) -> Engine:
+async def get_engine(state: StateDep) -> Engine:
     return state.engine
 
 
