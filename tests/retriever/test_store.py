@@ -269,3 +269,29 @@ def test_the_service_refuses_to_start_on_an_old_store_with_one_clear_line(tmp_pa
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert "qdrant-client's local mode" in done.stderr and "ragpod ingest" in done.stderr
+
+
+async def test_the_embedded_store_builds_its_hnsw_index_as_points_arrive(tmp_path: Path) -> None:
+    import qdrant_edge
+
+    store = EdgeStore(tmp_path / "edge", "c", index_after=100, indexing_threshold_kb=50)
+    rng = np.random.default_rng(3)
+    await store.ensure_collection(64)
+    vectors = rng.standard_normal((400, 64)).astype(np.float32)
+    points = [
+        ChunkPoint(
+            point_id("d", i),
+            vectors[i].tolist(),
+            ENCODER.document(f"chunk {i}"),
+            {"document_id": f"d{i}", "chunk": 0, "chunks": 1, "text": f"chunk {i}", "metadata": {}},
+        )
+        for i in range(400)
+    ]
+    for start in range(0, 400, 50):
+        await store.write(points[start : start + 50], {})
+    shard = store._shard
+    assert isinstance(shard, qdrant_edge.EdgeShard)
+    assert shard.info().indexed_vectors_count >= 300  # written and put in the index without being asked
+    hits = await store.search(vectors[7].tolist(), None, 1, None, "dense")
+    assert hits[0].text == "chunk 7"
+    await store.close()

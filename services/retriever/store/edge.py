@@ -2,14 +2,22 @@
 
 Segments, a write-ahead log, HNSW for dense vectors, an inverted index for
 sparse ones and payload indexes, in one directory per collection under
-``RAG_QDRANT_PATH``. One process at a time may open a directory. Calls run in
-a worker thread so a long write never blocks the event loop.
+``RAG_QDRANT_PATH``. One process at a time may open a directory.
+
+Qdrant Edge builds its HNSW index only when asked (``optimize``), and holds
+Python's interpreter lock while it does, so the whole process waits for it.
+The store therefore asks at moments it chooses: when it opens (before the
+service answers) and after every ``index_after`` points written, so a search
+scans at most that many points that are not in the index yet. Qdrant's
+optimizer only builds segments past its indexing threshold, so most of these
+calls return at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -54,8 +62,18 @@ def check_not_legacy(root: Path) -> None:
 class EdgeStore:
     location = "embedded"
 
-    def __init__(self, root: str | Path, collection: str) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        collection: str,
+        index_after: int | None = 20_000,
+        indexing_threshold_kb: int | None = None,
+    ) -> None:
+        """``indexing_threshold_kb``: segment size from which Qdrant builds HNSW (None: Qdrant's default)."""
         self.collection = collection
+        self._threshold_kb = indexing_threshold_kb
+        self._index_after = index_after
+        self._unindexed = 0
         self._root = Path(root)
         check_not_legacy(self._root)
         self._path = self._root / collection
@@ -67,7 +85,16 @@ class EdgeStore:
             stored = json.loads(config.read_text())
             self._dimension = int(stored["vectors"][DENSE]["size"])
             self._shard = qe.EdgeShard.load(str(self._path))
-            log.info("store_opened", backend="edge", path=str(self._path), dimension=self._dimension)
+            started = time.perf_counter()
+            self._shard.optimize()
+            log.info(
+                "store_opened",
+                backend="edge",
+                path=str(self._path),
+                dimension=self._dimension,
+                points=self._shard.info().points_count,
+                index_seconds=round(time.perf_counter() - started, 2),
+            )
 
     @property
     def dimension(self) -> int | None:
@@ -86,7 +113,7 @@ class EdgeStore:
             return
         async with self._create_lock:
             if self._shard is None:
-                self._shard = await self._run(lambda: _create(self._path, dimension))
+                self._shard = await self._run(lambda: _create(self._path, dimension, self._threshold_kb))
                 self._dimension = dimension
                 log.info("collection_created", backend="edge", path=str(self._path), dimension=dimension)
 
@@ -103,6 +130,9 @@ class EdgeStore:
                 shard.update(qe.UpdateOperation.delete_points_by_filter(_stale_filter(chunk_counts)))
 
         await self._run(write)
+        self._unindexed += len(edge_points)
+        if self._index_after is not None and self._unindexed >= self._index_after:
+            await self.optimize()
 
     async def search(
         self,
@@ -197,10 +227,21 @@ class EdgeStore:
         return await self._run(lambda: shard.count(qe.CountRequest(exact=True)))
 
     async def optimize(self) -> None:
-        """Builds the HNSW index over what was written (it is also built as segments grow)."""
+        """Builds the HNSW index over what was written since the last time (the process waits meanwhile)."""
         shard = self._shard
-        if shard is not None:
-            await self._run(shard.optimize)
+        if shard is None:
+            return
+        started = time.perf_counter()
+        optimized = await self._run(shard.optimize)
+        self._unindexed = 0
+        if optimized:
+            info = shard.info()
+            log.info(
+                "store_indexed",
+                points=info.points_count,
+                indexed_vectors=info.indexed_vectors_count,
+                seconds=round(time.perf_counter() - started, 2),
+            )
 
     async def close(self) -> None:
         shard, self._shard = self._shard, None
@@ -209,10 +250,11 @@ class EdgeStore:
             await self._run(shard.close)
 
 
-def _create(path: Path, dimension: int) -> qe.EdgeShard:
+def _create(path: Path, dimension: int, threshold_kb: int | None) -> qe.EdgeShard:
     config = qe.EdgeConfig(
         vectors={DENSE: qe.EdgeVectorParams(size=dimension, distance=qe.Distance.Cosine)},
         sparse_vectors={SPARSE: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)},
+        optimizers=None if threshold_kb is None else qe.EdgeOptimizersConfig(indexing_threshold=threshold_kb),
     )
     shard = qe.EdgeShard.create(str(path), config)
     shard.update(qe.UpdateOperation.create_field_index("document_id", qe.PayloadSchemaType.Keyword))
