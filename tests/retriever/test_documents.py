@@ -218,6 +218,8 @@ def test_documents_are_listed_read_and_deleted(client: TestClient) -> None:
     assert seen["team/doc-3.md"] == {"id": "team/doc-3.md", "chunks": 1, "metadata": {"i": 3}}
     assert seen["team/doc-0.md"]["chunks"] == points(client) - 4
 
+    quoted = client.get("/v1/documents/team%2Fdoc-3.md")  # a slash sent percent-encoded is the same id
+    assert quoted.status_code == 200 and quoted.json()["id"] == "team/doc-3.md"
     one = client.get("/v1/documents/team/doc-0.md")
     assert one.status_code == 200 and one.json()["id"] == "team/doc-0.md" and one.json()["chunks"] > 1
     deleted = client.delete("/v1/documents/team/doc-0.md")
