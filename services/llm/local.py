@@ -283,9 +283,7 @@ class LocalEngine:
             item.emit(_DONE)
         return [results[id(item)] for item in batch]
 
-    async def _retry_alone(
-        self, item: _Pending, temperature: float, failure: Exception
-    ) -> Generation | EngineError:
+    async def _retry_alone(self, item: _Pending, temperature: float, failure: Exception) -> Generation | EngineError:
         if item.text and item.streaming:
             # Its caller has seen part of an answer: a second one would repeat it. The job is tried again whole.
             return EngineError(f"generation failed mid-stream: {classify(failure)}", retryable=True)
