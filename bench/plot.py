@@ -16,8 +16,9 @@ Charts are plain data, so a figure can be redrawn without running anything:
 
 - ``lines(title, x_label, y_label, {label: (xs, ys)})``: one line per label,
   e.g. throughput against concurrency;
-- ``bars(title, y_label, groups, {label: values})``: grouped bars, one group
-  per entry of ``groups`` (e.g. latency percentiles per stage).
+- ``bars(title, y_label, groups, {label: values}, log=False)``: grouped bars,
+  one group per entry of ``groups`` (e.g. latency percentiles per stage); a
+  log scale where small stages sit beside a large one.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,13 +53,16 @@ def lines(
     }
 
 
-def bars(title: str, y_label: str, groups: Sequence[str], series: Mapping[str, Sequence[float]]) -> Chart:
+def bars(
+    title: str, y_label: str, groups: Sequence[str], series: Mapping[str, Sequence[float]], log: bool = False
+) -> Chart:
     return {
         "kind": "bars",
         "title": title,
         "y_label": y_label,
         "groups": list(groups),
         "bars": {label: list(values) for label, values in series.items()},
+        "log": log,
     }
 
 
@@ -147,6 +152,10 @@ def _draw_lines(ax: Any, chart: Chart) -> None:
     ax.legend(fontsize=8)
 
 
+def _label(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def _draw_bars(ax: Any, chart: Chart) -> None:
     groups = chart["groups"]
     series = chart["bars"]
@@ -154,8 +163,10 @@ def _draw_bars(ax: Any, chart: Chart) -> None:
     for index, (label, values) in enumerate(series.items()):
         positions = [g + (index - (len(series) - 1) / 2) * width for g in range(len(groups))]
         drawn = ax.bar(positions, values, width, label=label)
-        ax.bar_label(drawn, labels=[f"{v:.3g}" for v in values], fontsize=7, padding=1)
+        ax.bar_label(drawn, labels=[_label(v) for v in values], fontsize=7, padding=1)
     ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    if chart.get("log"):
+        ax.set_yscale("log")
     ax.set_ylabel(chart["y_label"])
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
@@ -172,18 +183,24 @@ def draw(json_path: Path) -> Path | None:
     charts = body.get("charts") or []
     if not charts:
         return None
-    fig, axes = plt.subplots(1, len(charts), figsize=(6.2 * len(charts), 4.6), squeeze=False)
-    for ax, chart in zip(axes[0], charts, strict=True):
+    columns = min(len(charts), 2)
+    rows = -(-len(charts) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.4 * columns, 4.4 * rows + 0.4), squeeze=False)
+    for ax in axes.flat[len(charts) :]:
+        ax.set_visible(False)
+    for ax, chart in zip(axes.flat, charts, strict=False):
         (_draw_lines if chart["kind"] == "lines" else _draw_bars)(ax, chart)
         ax.set_title(chart["title"], fontsize=10)
-    footer = f"{body['name']}  ·  {body['date']}  ·  {body['machine']['summary']}"
-    load = body["machine"].get("load_average_1m")
-    if load is not None:
-        footer += f"  ·  load average {load}"
-    fig.text(0.01, 0.01, footer, fontsize=7, color="0.35")
-    if body.get("note"):
-        fig.text(0.01, 0.045, body["note"], fontsize=7, color="0.35")
-    fig.tight_layout(rect=(0, 0.07 if body.get("note") else 0.04, 1, 1))
+    machine = body["machine"]
+    load = machine.get("load_average_1m")
+    lines_below = [
+        *textwrap.wrap(body.get("note") or "", width=int(17 * 6.4 * columns)),
+        f"{body['name']}  ·  {body['date']}" + (f"  ·  load average {load} when it ended" if load is not None else ""),
+        machine["summary"],
+    ]
+    for row, text in enumerate(reversed(lines_below)):
+        fig.text(0.01, (0.06 + row * 0.14) / fig.get_figheight(), text, fontsize=7, color="0.35")
+    fig.tight_layout(rect=(0, (0.1 + 0.14 * len(lines_below)) / fig.get_figheight(), 1, 1))
     png = json_path.with_suffix(".png")
     fig.savefig(png, dpi=110)
     plt.close(fig)
