@@ -171,7 +171,7 @@ async def drive(gateway: str, seconds: float, factor: float) -> str:
         },
         [
             bars(
-                f"/v1/ask at {factor:g}x capacity: goodput holds",
+                f"/v1/ask offered {factor:g}x capacity: goodput {goodput / capacity:.2f} of capacity",
                 "requests per second",
                 ["capacity (closed loop)", f"offered ({factor:g}x)", "answered", "503 queue full"],
                 {"rate": [capacity, rate, goodput, rejected / window]},
