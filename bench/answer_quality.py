@@ -36,8 +36,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
-    sys.path[0] = str(ROOT)  # bench/ holds scripts named like standard modules
+sys.path.insert(0, str(ROOT))  # the project's packages; bench/ (for plot.py) stays on the path after it
 
 import argparse  # noqa: E402
 import shutil  # noqa: E402
