@@ -42,12 +42,16 @@ embedding service's ``/v1/embed`` for the question against ``encode``; the
 retriever's ``/v1/search`` against embedding plus search; a Redis round trip
 (PING). The per-stage timings the gateway returns (embed, search, queue,
 generate) are recorded as well, and ``docs/benchmarks/ask.json`` + ``.png``
-keep p50 and p99 of every stage.
+keep p50 and p99 of every stage. CPU time per question is measured too, for
+this process during its own passes and for every process of the stack (Redis
+included) during theirs: the machine's load changes it far less than latency,
+so ``cpu_overhead_ms`` (services minus in process) is what the hops cost in
+work.
 
 The machine may be shared: the load average at the end goes into the JSON.
 Needs the converted LLM in data/models (any earlier ``make run`` or test run
-makes it; the first start converts it, about 30 s). Runs in about two minutes
-on 2 CPU cores. Prints ``RESULT ...`` last.
+makes it; the first start converts it, about 30 s). Runs in about five
+minutes on 2 busy CPU cores, most of it generation. Prints ``RESULT ...`` last.
 """
 
 from __future__ import annotations
