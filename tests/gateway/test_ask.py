@@ -133,6 +133,18 @@ async def test_an_uncovered_question_is_answered_at_once_and_no_job_reaches_the_
     assert [r.url.path for r in gateway.retriever.requests] == ["/v1/search"]  # no attribution call either
 
 
+async def test_an_uncovered_chat_question_counts_as_unanswered_too(gateway: Gateway) -> None:
+    gateway.retriever.hits = FAR
+    before = await unanswered_count(gateway)
+    response = await gateway.client.post(
+        "/v1/chat/completions", json={"model": "ragpod", "messages": [{"role": "user", "content": "Bake bread?"}]}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == NOT_COVERED
+    assert gateway.engine.calls == []
+    assert await unanswered_count(gateway) == before + 1
+
+
 async def test_an_uncovered_question_streams_the_same_answer_without_a_job(gateway: Gateway) -> None:
     gateway.retriever.hits = FAR
     events = await stream_ask(gateway, {"question": "How do I bake bread?"})
