@@ -15,8 +15,9 @@ costs the same in both phases):
    its p99 latency is the latency at capacity.
 2. Overload: an open loop at ``--factor`` (3) times that capacity for
    ``--seconds``: requests are sent on a fixed schedule whatever happens to the
-   earlier ones, as independent clients do. ``RAG_MAX_QUEUE_DEPTH`` is twice
-   ``RAG_LLM_CONCURRENCY``: one batch generating, one waiting.
+   earlier ones, as independent clients do. ``RAG_MAX_QUEUE_DEPTH`` (jobs admitted and
+   not yet started) is twice ``RAG_LLM_CONCURRENCY``: two batches waiting beside the one generating,
+   a limit the baseline's closed loop never reaches.
 
 Reported: goodput (answers per second while overloaded, over the time from the
 first request to the last answer, computed the same way as capacity) against
@@ -64,6 +65,7 @@ class Outcome:
     seconds: float
     status: int | None  # None: no HTTP answer at all (lost)
     error: str = ""
+    timings: dict[str, float] | None = None  # of an answer: queue_ms, generate_ms, total_ms, ...
 
     @property
     def done(self) -> float:
@@ -78,7 +80,7 @@ async def ask(client: httpx.AsyncClient) -> Outcome:
         return Outcome(sent, time.perf_counter() - sent, None, type(exc).__name__)
     seconds = time.perf_counter() - sent
     if response.status_code == 200:
-        return Outcome(sent, seconds, 200)
+        return Outcome(sent, seconds, 200, timings=response.json().get("timings"))
     try:
         error = str(response.json().get("error", ""))
     except ValueError:
@@ -114,6 +116,16 @@ def p99(values: list[float]) -> float:
     return ordered[min(int(0.99 * len(ordered)), len(ordered) - 1)] if ordered else float("nan")
 
 
+def stages(outcomes: list[Outcome]) -> str:
+    """Median queue wait and generation of the answers, where a phase's time went."""
+    timed = [o.timings for o in outcomes if o.timings]
+    if not timed:
+        return "no answers"
+    return ", ".join(
+        f"{name} p50 {statistics.median(t[name] for t in timed) / 1000:.1f} s" for name in ("queue_ms", "generate_ms")
+    )
+
+
 def answered_per_second(outcomes: list[Outcome]) -> float:
     answered = [o for o in outcomes if o.status == 200]
     if not answered:
@@ -134,7 +146,7 @@ async def drive(gateway: str, seconds: float, factor: float) -> str:
         failed = [o for o in baseline if o.status != 200]
         print(
             f"capacity: {capacity:.2f} answers/s, p99 {p99_capacity:.2f} s, {len(baseline)} requests, "
-            f"{len(failed)} not answered",
+            f"{len(failed)} not answered {dict(Counter(o.error or str(o.status) for o in failed))}; {stages(baseline)}",
             flush=True,
         )
 
@@ -151,7 +163,7 @@ async def drive(gateway: str, seconds: float, factor: float) -> str:
     median_503 = statistics.median([o.seconds for o in loaded if o.status == 503] or [float("nan")])
     print(
         f"overload: {dict(kinds)}; goodput {goodput:.2f} answers/s, p99 {p99_loaded:.2f} s, "
-        f"503s answered in {median_503 * 1000:.0f} ms (median)",
+        f"503s answered in {median_503 * 1000:.0f} ms (median); {stages(loaded)}",
         flush=True,
     )
     answered_s = [o.seconds for o in baseline if o.status == 200], [o.seconds for o in loaded if o.status == 200]
