@@ -36,7 +36,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the project's packages; bench/ (for plot.py) stays on the path after it
 
 import argparse  # noqa: E402
 import shutil  # noqa: E402

@@ -26,24 +26,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from retrieval_quality import docstring_corpus
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from retrieval_quality import docstring_corpus  # noqa: E402
-
-from ragpod.processes import free_port, ready, start_service, wait_until  # noqa: E402
-from services.common.schemas import Document  # noqa: E402
-from services.embedding.model import Embedder  # noqa: E402
-from services.retriever.config import Settings  # noqa: E402
-from services.retriever.indexing import plan  # noqa: E402
+from ragpod.processes import free_port, ready, start_service, wait_until
+from services.common.schemas import Document
+from services.embedding.model import Embedder
+from services.retriever.config import Settings
+from services.retriever.indexing import plan
 
 
 def corpus(target_chunks: int, settings: Settings) -> list[Document]:

@@ -30,13 +30,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
-import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from answer_quality import COVERED, DOCUMENTS, UNCOVERED  # noqa: E402
 from retrieval_quality import QUESTIONS, docstring_corpus, in_process_embedding  # noqa: E402

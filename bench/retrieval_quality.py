@@ -32,7 +32,6 @@ import importlib
 import inspect
 import json
 import pkgutil
-import sys
 import tempfile
 import warnings
 from collections import Counter
@@ -40,18 +39,15 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from services.common.http import ServiceClient  # noqa: E402
-from services.common.schemas import Document  # noqa: E402
-from services.embedding.model import Embedder  # noqa: E402
-from services.retriever.chunking import chunk_text, point_id  # noqa: E402
-from services.retriever.config import Settings  # noqa: E402
-from services.retriever.embedding import EmbeddingClient  # noqa: E402
-from services.retriever.indexing import DimensionCheck, index_documents  # noqa: E402
-from services.retriever.store import ChunkPoint, EdgeStore, SearchMode, VectorStore  # noqa: E402
-from services.retriever.text import KeywordEncoder  # noqa: E402
+from services.common.http import ServiceClient
+from services.common.schemas import Document
+from services.embedding.model import Embedder
+from services.retriever.chunking import chunk_text, point_id
+from services.retriever.config import Settings
+from services.retriever.embedding import EmbeddingClient
+from services.retriever.indexing import DimensionCheck, index_documents
+from services.retriever.store import ChunkPoint, EdgeStore, SearchMode, VectorStore
+from services.retriever.text import KeywordEncoder
 
 PACKAGES = [
     "httpx",

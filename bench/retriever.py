@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,13 +31,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from ragpod.processes import free_port, ready, start_service, wait_until  # noqa: E402
-from services.retriever.chunking import point_id  # noqa: E402
-from services.retriever.store import ChunkPoint, EdgeStore  # noqa: E402
-from services.retriever.text import KeywordEncoder  # noqa: E402
+from ragpod.processes import free_port, ready, start_service, wait_until
+from services.retriever.chunking import point_id
+from services.retriever.store import ChunkPoint, EdgeStore
+from services.retriever.text import KeywordEncoder
 
 DIM = 384
 COLLECTION = "ragpod_chunks"
