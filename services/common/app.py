@@ -17,7 +17,7 @@ from services.common.metrics import MetricsMiddleware, metrics_endpoint
 
 OK = "ok"
 Checks = dict[str, str]
-"""One entry per part: ``"ok"`` or, in words, why not."""
+"""One entry per part: ``"ok"`` (perhaps with a note in brackets: ``"ok (2 live)"``) or, in words, why not."""
 ChecksDependency = Callable[..., Awaitable[Checks]]
 """A FastAPI dependency (it may itself take ``StateDep`` and the like) returning ``Checks``."""
 Probe = Callable[[], Awaitable[object]]
@@ -50,15 +50,19 @@ class StatusResponse(BaseModel):
     checks: Checks
 
 
+def is_ok(value: str) -> bool:
+    return value == OK or value.startswith(f"{OK} (")
+
+
 def all_ok(checks: Mapping[str, str]) -> bool:
-    return all(value == OK for value in checks.values())
+    return all(is_ok(value) for value in checks.values())
 
 
 def _probe_answer(service: str, checks: Checks, *, failed: str) -> JSONResponse:
     """200 with the checks, or 503 in the error shape with the checks beside it."""
     if all_ok(checks):
         return JSONResponse({"status": OK, "service": service, **({"checks": checks} if checks else {})})
-    detail = "; ".join(f"{name}: {value}" for name, value in checks.items() if value != OK)
+    detail = "; ".join(f"{name}: {value}" for name, value in checks.items() if not is_ok(value))
     return JSONResponse(
         {"error": failed, "detail": detail, "status": failed, "service": service, "checks": checks},
         status_code=503,

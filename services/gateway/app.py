@@ -81,9 +81,10 @@ async def readiness(state: StateDep) -> Checks:
 
 
 async def status(state: StateDep) -> Checks:
-    """The whole chain, for people and ``make run``: Redis, the LLM queue, the retriever and what it uses
-    (Qdrant, the embedding service). LLM workers are not listed: Redis 7.0 does not tell an idle worker
-    from a gone one (a read that finds nothing does not refresh the consumer's idle time)."""
+    """The whole chain, for people and ``make run``: Redis, the LLM queue, the LLM workers, the retriever
+    and what it uses (Qdrant, the embedding service). Workers are counted from their heartbeats
+    (``JobQueue.live_workers``), not from ``XINFO CONSUMERS``: Redis 7.0 does not tell an idle worker from a
+    gone one (a read that finds nothing does not refresh the consumer's idle time)."""
     settings = state.settings
 
     async def redis() -> None:
@@ -94,6 +95,14 @@ async def status(state: StateDep) -> Checks:
         if depth >= settings.max_queue_depth:
             raise QueueFull(f"full: {depth} jobs waiting (limit {settings.max_queue_depth})")
 
+    workers: Checks = {}
+
+    async def llm_workers() -> None:
+        live = await state.queue.live_workers()
+        if live == 0:
+            raise UpstreamUnavailable("no live LLM worker")
+        workers["llm_workers"] = f"{OK} ({live} live)"
+
     retriever: Checks = {}
 
     async def below() -> None:
@@ -103,9 +112,11 @@ async def status(state: StateDep) -> Checks:
             raise UpstreamUnavailable(report.checks["retriever"])
 
     checks = await check_all(
-        {"redis": redis, "llm_queue": queue, "retriever": below},
+        {"redis": redis, "llm_queue": queue, "llm_workers": llm_workers, "retriever": below},
         within=min(5.0, settings.upstream_timeout_seconds),
     )
     for name in CHAIN_BELOW_RETRIEVER:
         checks[name] = retriever.get(name, f"unknown: {checks['retriever']}")
+    if checks["llm_workers"] == OK:
+        checks["llm_workers"] = workers["llm_workers"]
     return {"gateway": OK, **checks}

@@ -7,7 +7,10 @@ most as many jobs as it has free slots, with a blocking read, and runs each as
 a task. Claimed jobs beyond its free slots go back to the end of the stream for
 any free worker; jobs read after a stop was asked for go back at once. In-flight
 jobs are re-claimed by this worker every third of the visibility timeout, so
-only a worker that has really stopped loses its jobs to the others.
+only a worker that has really stopped loses its jobs to the others. A heartbeat, at
+start and then every third of the visibility timeout (at most every 5 s), keeps
+the worker in the queue's live workers, which the gateway's ``/v1/status``
+counts; a clean stop takes it out at once, a dead worker ages out.
 
 Every Redis command is the queue module's (``services.common.queue``): this
 loop only reads, runs and reports. A report that meets a Redis error (a
@@ -34,7 +37,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from services.common.queue import Delivery, Job, JobQueue
+from services.common.queue import HEARTBEAT_SECONDS, Delivery, Job, JobQueue
 from services.llm.config import Settings
 from services.llm.engine import Engine, EngineError, GenerationRequest
 from services.llm.metrics import (
@@ -72,6 +75,7 @@ class Worker:
         # whole visibility timeout anyway, and a job that just arrived should not wait behind an XAUTOCLAIM.
         self.reclaim_interval = min(settings.llm_visibility_timeout_seconds / 3, 1.0)
         self._next_reclaim = 0.0
+        self.heartbeat_interval = max(min(settings.llm_visibility_timeout_seconds / 3, HEARTBEAT_SECONDS), 0.1)
         self._stop = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._group_ready = False
@@ -88,6 +92,7 @@ class Worker:
     async def run(self) -> None:
         """Until asked to stop; then drains in-flight jobs for at most RAG_LLM_DRAIN_SECONDS."""
         side_tasks = [
+            asyncio.create_task(self._heartbeat(), name="heartbeat"),
             asyncio.create_task(self._keep_claims(), name="keep-claims"),
             asyncio.create_task(self._watch_depth(), name="watch-depth"),
         ]
@@ -169,6 +174,15 @@ class Worker:
                 await self.queue.keep(self.name, list(self._inflight))
             except RedisError as exc:
                 log.warning("keep_claims_failed", error=str(exc))
+
+    async def _heartbeat(self) -> None:
+        """Says this worker is alive: at once, then every ``heartbeat_interval``."""
+        while True:
+            try:
+                await self.queue.heartbeat(self.name, self.heartbeat_interval)
+            except RedisError as exc:
+                log.warning("heartbeat_failed", error=str(exc)[:200])
+            await asyncio.sleep(self.heartbeat_interval)
 
     async def _watch_depth(self) -> None:
         while True:

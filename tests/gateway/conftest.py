@@ -19,6 +19,7 @@ from services.llm.config import Settings as LlmSettings
 from services.llm.worker import Worker
 from tests.fixtures.apps import in_process
 from tests.fixtures.engines import ScriptedEngine
+from tests.fixtures.llm import wait_for
 from tests.fixtures.redis import RedisServer
 
 HITS = [
@@ -72,10 +73,15 @@ async def gateway(redis_server: RedisServer, redis_client: Redis, embedder: Embe
         worker_redis = Redis.from_url(redis_server.url, decode_responses=True)
         worker = Worker(LlmSettings(redis_url=redis_server.url), engine, worker_redis, name="test-worker")
         task = asyncio.create_task(worker.run())
+        await wait_for(lambda: _has_live_worker(worker))  # its first heartbeat: /v1/status counts it
         yield Gateway(client, retriever, engine, redis_client)
         worker.request_stop()
         await asyncio.wait_for(task, 10)
         await worker_redis.aclose()
+
+
+async def _has_live_worker(worker: Worker) -> bool:
+    return await worker.queue.live_workers() > 0
 
 
 def body(response: httpx.Response) -> Any:

@@ -1,13 +1,20 @@
-"""Readiness follows only the gateway itself; a dependency down is a 503 per request and shows in /v1/status."""
+"""Readiness follows only the gateway itself; a dependency down is a 503 per request and shows in /v1/status,
+as does the absence of a live LLM worker."""
 
 from __future__ import annotations
+
+import asyncio
 
 import httpx
 from redis.asyncio import Redis
 
 from services.gateway.app import create_app
 from services.gateway.config import Settings
+from services.llm.config import Settings as LlmSettings
+from services.llm.worker import Worker
 from tests.fixtures.apps import in_process
+from tests.fixtures.engines import ScriptedEngine
+from tests.fixtures.llm import wait_for
 from tests.fixtures.redis import RedisServer
 from tests.gateway.conftest import Gateway, RetrieverDouble
 
@@ -24,6 +31,7 @@ async def test_status_reports_the_whole_chain(gateway: Gateway) -> None:
             "gateway": "ok",
             "redis": "ok",
             "llm_queue": "ok",
+            "llm_workers": "ok (1 live)",
             "retriever": "ok",
             "embedding": "ok",
             "qdrant": "ok",
@@ -90,3 +98,38 @@ async def test_status_passes_on_what_the_retriever_reports_below_it(
         assert body["status"] == "degraded"
         assert body["checks"]["embedding"] == "embedding is unavailable"
         assert body["checks"]["retriever"] == body["checks"]["qdrant"] == "ok"
+
+
+async def test_status_is_degraded_without_a_live_worker_and_ok_once_one_beats(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    settings = Settings(redis_url=redis_server.url, llm_stream="t:status:workers")
+    app = create_app(settings, retriever_transport=httpx.MockTransport(RetrieverDouble()))
+    async with in_process(app) as client:
+        response = await client.get("/v1/status")
+        assert response.status_code == 200
+        body = response.json()
+        assert body["status"] == "degraded"
+        assert body["checks"]["llm_workers"] == "no live LLM worker"
+        assert {name for name, value in body["checks"].items() if value != "ok"} == {"llm_workers"}
+
+        worker_redis = Redis.from_url(redis_server.url, decode_responses=True)
+        worker_settings = LlmSettings(redis_url=redis_server.url, llm_stream="t:status:workers")
+        worker = Worker(worker_settings, ScriptedEngine(), worker_redis, name="status-worker")
+        task = asyncio.create_task(worker.run())
+        try:
+            await wait_for(lambda: _live(worker, 1))
+            body = (await client.get("/v1/status")).json()
+            assert body["status"] == "ok"
+            assert body["checks"]["llm_workers"] == "ok (1 live)"
+        finally:
+            worker.request_stop()
+            await asyncio.wait_for(task, 10)
+            await worker_redis.aclose()
+        body = (await client.get("/v1/status")).json()  # a clean stop takes the worker out at once
+        assert body["status"] == "degraded"
+        assert body["checks"]["llm_workers"] == "no live LLM worker"
+
+
+async def _live(worker: Worker, count: int) -> bool:
+    return await worker.queue.live_workers() == count

@@ -323,9 +323,11 @@ async def test_bookkeeping_expires_while_a_job_runs_and_is_cleared_when_it_ends(
     # In flight after a failed try: every key but the two streams expires by itself.
     assert await _keys_without_expiry(redis_client, STREAM, settings.llm_dead_letter_stream) == []
     assert (await events_until_end(queue, job.id))[-1].type == "done"
-    # Ended: only what the caller reads (its events, the answered mark) is left, and it expires.
+    # Ended: only what the caller reads (its events, the answered mark) is left, and it expires; beside it
+    # the running worker's heartbeat, which expires too.
     leftovers = [key async for key in redis_client.scan_iter(match=f"{STREAM}:*")]
-    assert sorted(leftovers) == sorted([queue.events_key(job.id), queue.answered_key(job.id)])
+    expected = [queue.events_key(job.id), queue.answered_key(job.id), queue.workers_key()]
+    assert sorted(leftovers) == sorted(expected)
     assert await _keys_without_expiry(redis_client, STREAM, settings.llm_dead_letter_stream) == []
 
 

@@ -11,6 +11,10 @@ Keys, all under the stream's name ``S`` (``RAG_LLM_STREAM``):
   Checked before a try starts, on each token and before a job is put back or dead-lettered.
 - ``S:job:<job id>``: the job's bookkeeping while it lives (its entry, tries, the last try's error, the
   last token sequence number per attempt). It expires with the job's budget and is deleted when it ends.
+- ``S:workers``: the live workers, a sorted set of consumer names, each scored by the moment (Redis' clock,
+  ms) until which its last heartbeat counts. A worker beats at start and every ``HEARTBEAT_SECONDS`` at
+  most, counts as live for three of its beats, and takes itself out when it stops cleanly. (``XINFO
+  CONSUMERS`` cannot tell: Redis 7.0 does not refresh an idle consumer's idle time on an empty read.)
 - ``RAG_LLM_DEAD_LETTER_STREAM``: failed jobs with their error, capped at ``RAG_LLM_DEAD_LETTER_MAX_LEN``.
 
 Every write is one Lua script (``scripts.py``) that can run twice without doing anything twice, because
@@ -38,6 +42,8 @@ StreamEntries = list[tuple[str, dict[str, str]]]
 StreamReply = list[tuple[str, StreamEntries]] | None
 StartStatus = Literal["run", "answered", "expired", "exhausted"]
 CLAIM_BATCH = 16  # entries claimed per XAUTOCLAIM; Redis looks at up to ten times as many per call
+HEARTBEAT_SECONDS = 5.0  # a worker's longest time between heartbeats (less with a short visibility timeout)
+HEARTBEATS_LIVE = 3  # a worker counts as live for this many of its heartbeat intervals after each beat
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,8 @@ class JobQueue:
         self._bury = redis.register_script(scripts.BURY)
         self._requeue = redis.register_script(scripts.REQUEUE)
         self._drop = redis.register_script(scripts.DROP)
+        self._heartbeat = redis.register_script(scripts.HEARTBEAT)
+        self._live_workers = redis.register_script(scripts.LIVE_WORKERS)
         self._claim_cursor = "0-0"
 
     # --- keys ---------------------------------------------------------------------------------------------
@@ -115,6 +123,9 @@ class JobQueue:
 
     def job_key(self, job_id: str) -> str:
         return f"{self.stream}:job:{job_id}"
+
+    def workers_key(self) -> str:
+        return f"{self.stream}:workers"
 
     def _state_ttl(self, remaining_s: float) -> int:
         return max(int(remaining_s), 0) + self.ttl
@@ -131,6 +142,10 @@ class JobQueue:
     async def depth(self) -> int:
         """Jobs admitted and not yet started by a worker: entries never delivered to the group."""
         return int(await self._depth(keys=[self.stream], args=[self.group]))
+
+    async def live_workers(self) -> int:
+        """Workers whose last heartbeat still counts (Redis' clock), in one round trip; trims the others."""
+        return int(await self._live_workers(keys=[self.workers_key()]))
 
     # --- the gateway's side -------------------------------------------------------------------------------
 
@@ -188,8 +203,14 @@ class JobQueue:
         if message_ids:
             await self.redis.xclaim(self.stream, self.group, consumer, 0, list[Any](message_ids), justid=True)
 
+    async def heartbeat(self, consumer: str, interval_s: float) -> None:
+        """``consumer`` is alive and beats again within ``interval_s``: live for ``HEARTBEATS_LIVE`` of them."""
+        live_for_ms = max(int(interval_s * HEARTBEATS_LIVE * 1000), 1)
+        await self._heartbeat(keys=[self.workers_key()], args=[consumer, live_for_ms])
+
     async def leave(self, consumer: str) -> None:
-        """A consumer with nothing pending leaves the group."""
+        """A consumer stops: no longer a live worker, and out of the group when it has nothing pending."""
+        await self.redis.zrem(self.workers_key(), consumer)
         pending = await self.redis.xpending_range(
             self.stream, self.group, min="-", max="+", count=1, consumername=consumer
         )

@@ -138,3 +138,25 @@ redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('DEL', KEYS[2])
 return 1
 """
+
+# KEYS: live workers (sorted set). ARGV: consumer, live for ms. A worker says it is alive: its score is the
+# moment (Redis' clock, ms) until which it counts as live; members whose moment has passed are trimmed, and
+# the set expires with its latest member, so it does not outlive the last worker.
+HEARTBEAT = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
+redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[1])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], math.ceil(tonumber(last[2])))
+return 1
+"""
+
+# KEYS: live workers (sorted set). -> workers whose last heartbeat still counts (Redis' clock); the rest
+# are trimmed.
+LIVE_WORKERS = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
+return redis.call('ZCARD', KEYS[1])
+"""
