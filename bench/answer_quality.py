@@ -32,24 +32,23 @@ Prints ``RESULT ...`` last.
 
 from __future__ import annotations
 
+import argparse
+import shutil
+import statistics
 import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ragpod.processes import free_port
+from ragpod.supervisor import Stack
+from services.gateway.config import Settings as GatewaySettings
 
 ROOT = Path(__file__).resolve().parent.parent
-
-import argparse  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
-
-import httpx  # noqa: E402
-
-from ragpod.processes import free_port  # noqa: E402
-from ragpod.supervisor import Stack  # noqa: E402
-from services.gateway.config import Settings as GatewaySettings  # noqa: E402
 
 MODEL_CACHE = ROOT / "data" / "models"  # the dequantised packaged LLM, shared with the tests
 

@@ -34,19 +34,18 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from answer_quality import COVERED, DOCUMENTS, UNCOVERED
+from retrieval_quality import QUESTIONS, docstring_corpus, index_headed
+
+from services.common.schemas import Source
+from services.embedding.model import Embedder
+from services.gateway.config import Settings as GatewaySettings
+from services.gateway.pipeline import above_floor
+from services.retriever.config import Settings
+from services.retriever.store import EdgeStore
+from services.retriever.text import KeywordEncoder
+
 ROOT = Path(__file__).resolve().parent.parent
-
-from answer_quality import COVERED, DOCUMENTS, UNCOVERED  # noqa: E402
-from retrieval_quality import QUESTIONS, docstring_corpus, in_process_embedding  # noqa: E402
-
-from services.common.schemas import Document, Source  # noqa: E402
-from services.embedding.model import Embedder  # noqa: E402
-from services.gateway.config import Settings as GatewaySettings  # noqa: E402
-from services.gateway.pipeline import above_floor  # noqa: E402
-from services.retriever.config import Settings  # noqa: E402
-from services.retriever.indexing import DimensionCheck, index_documents  # noqa: E402
-from services.retriever.store import EdgeStore  # noqa: E402
-from services.retriever.text import KeywordEncoder  # noqa: E402
 
 STEM_CHARS = 6
 _WORD = re.compile(r"[A-Za-z0-9]+")
@@ -145,19 +144,7 @@ async def hits_for(docs: dict[str, str], questions: list[str], embedder: Embedde
     encoder = KeywordEncoder(settings.chunk_size)
     with tempfile.TemporaryDirectory(prefix="ragpod-refusal-") as tmp:
         store = EdgeStore(Path(tmp) / "c", "c")
-        embedding = in_process_embedding(embedder)
-        await index_documents(
-            [Document(id=doc_id, text=text) for doc_id, text in docs.items()],
-            store=store,
-            embedding=embedding,
-            encoder=encoder,
-            dimensions=DimensionCheck(store),
-            chunk_size=settings.chunk_size,
-            overlap=settings.chunk_overlap,
-            batch_size=settings.embed_batch_size,
-            concurrency=settings.embed_concurrency,
-        )
-        await embedding.aclose()
+        await index_headed(store, embedder, docs, settings, encoder)
         out = []
         for question, vector in zip(questions, embedder.encode(questions), strict=True):
             out.append(await store.search(vector, encoder.query(question), top_k, None, settings.search_mode))

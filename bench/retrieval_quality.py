@@ -167,6 +167,25 @@ def in_process_embedding(embedder: Embedder) -> EmbeddingClient:
     return EmbeddingClient(ServiceClient("embedding", "http://embedding", 600, transport=httpx.MockTransport(handle)))
 
 
+async def index_headed(
+    store: VectorStore, embedder: Embedder, docs: dict[str, str], settings: Settings, encoder: KeywordEncoder
+) -> None:
+    """The retriever's own indexing (chunk headers, keyword vectors), with the model in this process."""
+    embedding = in_process_embedding(embedder)
+    await index_documents(
+        [Document(id=doc_id, text=text) for doc_id, text in docs.items()],
+        store=store,
+        embedding=embedding,
+        encoder=encoder,
+        dimensions=DimensionCheck(store),
+        chunk_size=settings.chunk_size,
+        overlap=settings.chunk_overlap,
+        batch_size=settings.embed_batch_size,
+        concurrency=settings.embed_concurrency,
+    )
+    await embedding.aclose()
+
+
 async def index_plain(store: VectorStore, embedder: Embedder, docs: dict[str, str], settings: Settings) -> None:
     """Chunks embedded alone, without headers: the retriever before chunk headers."""
     encoder = KeywordEncoder(settings.chunk_size)
@@ -218,19 +237,7 @@ async def run() -> int:
         await plain.close()
 
         store = EdgeStore(Path(tmp) / "headed", "c")
-        embedding = in_process_embedding(embedder)
-        await index_documents(
-            [Document(id=doc_id, text=text) for doc_id, text in docs.items()],
-            store=store,
-            embedding=embedding,
-            encoder=encoder,
-            dimensions=DimensionCheck(store),
-            chunk_size=settings.chunk_size,
-            overlap=settings.chunk_overlap,
-            batch_size=settings.embed_batch_size,
-            concurrency=settings.embed_concurrency,
-        )
-        await embedding.aclose()
+        await index_headed(store, embedder, docs, settings, encoder)
         summary("dense+headers", await ranks(store, embedder, "dense", encoder))
         found = await ranks(store, embedder, settings.search_mode, encoder)
         r1, r5, mrr = summary(f"{settings.search_mode}+headers", found)

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from services.common.queue import Job, JobQueue, make_redis
@@ -23,7 +22,7 @@ from services.llm.config import Settings
 from services.llm.engine import Generation, GenerationRequest, TokenCallback
 from services.llm.worker import Worker
 from tests.fixtures.engines import ScriptedEngine
-from tests.fixtures.llm import all_events, events_until_end, wait_for
+from tests.fixtures.llm import all_events, events_until_end, make_job, metric, wait_for, worker_settings
 from tests.fixtures.redis import RedisServer
 from tests.fixtures.redis_proxy import RedisProxy
 
@@ -31,25 +30,7 @@ STREAM = "t:promises"
 
 
 def make_settings(redis_server: RedisServer, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "redis_url": redis_server.url,
-        "llm_stream": STREAM,
-        "llm_group": f"{STREAM}:workers",
-        "llm_dead_letter_stream": f"{STREAM}:dead",
-        "llm_concurrency": 2,
-        "llm_max_tries": 3,
-        "llm_visibility_timeout_seconds": 30.0,
-        "llm_drain_seconds": 5.0,
-    }
-    return Settings(**{**values, **overrides})
-
-
-def metric(name: str) -> float:
-    return REGISTRY.get_sample_value(name) or 0.0
-
-
-def make_job(question: str = "what is a zorblax?", *, ttl: float = 30.0, stream: bool = False) -> Job:
-    return Job(messages=[{"role": "user", "content": question}], deadline=time.time() + ttl, stream=stream)
+    return worker_settings(redis_server, STREAM, **{"llm_drain_seconds": 5.0, **overrides})
 
 
 @pytest.fixture
