@@ -6,9 +6,12 @@ model runs while the next batch gathers. A batch holds at most ``max_batch``
 units of weight (texts, sequences); one item heavier than that goes alone.
 
 How long a batch waits to fill adapts to the load: it waits (at most
-``max_wait_ms``) only until it is as large as the batch before it. Under a
-steady load of N concurrent callers the batches settle at N with hardly any
-wait; a lone caller after a busy spell waits at most once, then goes at once.
+``max_wait_ms``) only until it holds as many items (callers) as the batch
+before it. Under a steady load of N concurrent callers the batches settle at N
+with hardly any wait; a lone caller after a busy spell waits at most once, then
+goes at once. Items are counted, not their weight: one heavy item (a request
+of many texts) does not make the next light one wait for company that is not
+coming.
 
 ``process`` returns one result per item, each a value or the exception that
 item failed with; an exception raised by ``process`` itself fails every item
@@ -85,7 +88,7 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         self._pending = 0
         self._processing = 0
         self._arrived = asyncio.Event()
-        self._target = 1
+        self._target = 1  # items in the batch before: how many to wait for
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
 
@@ -156,11 +159,10 @@ class MicroBatcher(Generic[ItemT, ResultT]):
                 break
         batch = [self._pop()]
         size = batch[0].weight
-        target = min(self.max_batch, self._target)
         deadline = time.monotonic() + self.max_wait
         while size < self.max_batch:
             if not self._waiting:
-                if size >= target or not await self._wait_for_arrival(deadline - time.monotonic()):
+                if len(batch) >= self._target or not await self._wait_for_arrival(deadline - time.monotonic()):
                     break
                 continue
             head = self._waiting[0]
@@ -171,7 +173,7 @@ class MicroBatcher(Generic[ItemT, ResultT]):
                 break
             batch.append(self._pop())
             size += head.weight
-        self._target = size
+        self._target = len(batch)
         return batch
 
     async def _run(self) -> None:

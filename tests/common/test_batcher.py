@@ -188,3 +188,18 @@ async def test_stop_fails_what_is_still_waiting() -> None:
             await task
     with pytest.raises(BatcherStopped):
         await batcher.submit(6)
+
+
+async def test_the_wait_counts_callers_not_weight() -> None:
+    """One heavy item (many texts in one request) is one caller: the light item after it goes at once instead
+    of waiting (here a minute) for company that is not coming."""
+    model = Model()
+    batcher = MicroBatcher(model.process, max_batch=8, max_wait_ms=60_000, weight=lambda n: n)
+    batcher.start()
+    try:
+        assert await batcher.submit(6) == 12
+        async with asyncio.timeout(10):
+            assert await batcher.submit(1) == 2
+    finally:
+        await batcher.stop()
+    assert model.batches == [[6], [1]]
