@@ -1,6 +1,6 @@
 """Embedding throughput through HTTP against the raw model, with micro-batching on and off.
 
-    .venv/bin/python bench/embedding.py [--device auto|cpu|cuda] [--clients 32] [--seconds 8]
+    .venv/bin/python bench/embedding.py [--device auto|cpu|cuda] [--clients 32] [--seconds 8] [--client lean|httpx]
 
 1. Raw: the model in this process, ``encode`` over short texts at batch sizes
    1..128; the best batch size's texts/s is the baseline (the most the model
@@ -14,8 +14,16 @@
    concurrency plot.
 3. The same with micro-batching off (``RAG_EMBEDDING_MAX_BATCH=1``).
 
-The load generator runs in this process, on the same CPU cores as the
-service: on a small machine it takes a share of them, so the ratio is a floor.
+The load generator runs in this process (one asyncio loop, uvloop where
+installed), on the same CPU cores as the service: on a small machine it takes
+a share of them, so the ratio is a floor. By default it is lean: each client
+holds one keep-alive HTTP/1.1 connection and writes its request and reads the
+answer itself (status, headers, ``Content-Length`` body, every answer parsed
+and checked), about 30-60 us of CPU a request. ``--client httpx`` drives the
+same service through ``httpx.AsyncClient`` instead: about 1.5-2 ms of CPU a
+request on a 2-core machine, so there the load generator, not the service,
+set the ceiling (about 700 requests/s on one core against an endpoint that
+does nothing). Each level prints the load generator's CPU per request.
 Last line: ``RESULT ratio=<HTTP over raw> http_texts_per_s=... raw_texts_per_s=...
 unbatched_ratio=...`` (goal: ratio >= 0.9). Writes docs/benchmarks/embedding.json.
 """
@@ -24,13 +32,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import tempfile
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import httpx
-from plot import bars, lines, record  # bench/plot.py, beside this script
+import orjson
+from plot import OUT, bars, lines, record  # bench/plot.py, beside this script
 
 from ragpod.processes import free_port, ready, start_service, wait_until
 
@@ -74,7 +86,84 @@ def raw_throughput(
     return per_batch, used
 
 
-async def drive(url: str, clients: int, seconds: float) -> float:
+class LeanClient:
+    """One keep-alive HTTP/1.1 connection, written and read with asyncio streams: the request line, three
+    headers and a JSON body out; the status line, the headers and a ``Content-Length`` body in. Every answer
+    is checked: status 200 and, parsed with orjson, one vector of the service's dimension."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def embed(self, text: str) -> None:
+        body = orjson.dumps({"texts": [text]})
+        head = f"POST /v1/embed HTTP/1.1\r\nhost: 127.0.0.1:{self.port}\r\ncontent-type: application/json\r\n"
+        request = f"{head}content-length: {len(body)}\r\n\r\n".encode() + body
+        reused = self.writer is not None
+        try:
+            head_bytes = await self._send(request)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            # The server closed an idle keep-alive connection: once more on a new one, as any client does.
+            if not reused or (isinstance(exc, asyncio.IncompleteReadError) and exc.partial):
+                raise
+            await self.aclose()
+            head_bytes = await self._send(request)
+        assert self.reader is not None
+        lines = head_bytes.split(b"\r\n")
+        status, length = int(lines[0].split(b" ", 2)[1]), -1
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if length < 0:
+            raise RuntimeError(f"answer without Content-Length: {lines[:4]!r}")
+        answer = await self.reader.readexactly(length)
+        if status != 200:
+            raise RuntimeError(f"/v1/embed answered {status}: {answer[:200]!r}")
+        parsed = orjson.loads(answer)
+        if len(parsed["vectors"]) != 1 or len(parsed["vectors"][0]) != parsed["dimension"]:
+            raise RuntimeError("/v1/embed answered without one vector of its dimension")
+
+    async def _send(self, request: bytes) -> bytes:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        assert self.reader is not None
+        self.writer.write(request)
+        return await self.reader.readuntil(b"\r\n\r\n")
+
+    async def aclose(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+            self.reader = self.writer = None
+
+
+async def drive_lean(port: int, clients: int, seconds: float) -> float:
+    conns = [LeanClient(port) for _ in range(clients)]
+    try:
+        await asyncio.gather(*(conn.embed(texts(1, n)[0]) for n, conn in enumerate(conns)))  # connect, warm up
+        done = 0
+        stop_at = time.perf_counter() + seconds
+
+        async def one(number: int, conn: LeanClient) -> None:
+            nonlocal done
+            sent = 0
+            while time.perf_counter() < stop_at:
+                await conn.embed(texts(1, number * 100_000 + sent)[0])
+                sent += 1
+                done += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(n, conn) for n, conn in enumerate(conns)))
+        return done / (time.perf_counter() - start)
+    finally:
+        for conn in conns:
+            await conn.aclose()
+
+
+async def drive_httpx(url: str, clients: int, seconds: float) -> float:
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
         for warm in range(2 * clients):
@@ -96,8 +185,17 @@ async def drive(url: str, clients: int, seconds: float) -> float:
         return done / (time.perf_counter() - start)
 
 
+def run_loop(coroutine: Coroutine[Any, Any, float]) -> float:
+    """The lean load generator on uvloop where it is installed (as the service's uvicorn uses it)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
 def http_throughput(
-    device: str, model_path: str, levels: list[int], seconds: float, env: dict[str, str]
+    device: str, model_path: str, levels: list[int], seconds: float, env: dict[str, str], client: str = "lean"
 ) -> dict[int, float]:
     port = free_port()
     service_env = {
@@ -114,8 +212,18 @@ def http_throughput(
             wait_until(lambda: ready(port), 180, "embedding service", proc)
             results = {}
             for clients in levels:
-                results[clients] = asyncio.run(drive(f"http://127.0.0.1:{port}", clients, seconds))
-                print(f"http {clients:3d} clients: {results[clients]:8.1f} texts/s {env or ''}", flush=True)
+                cpu_before = time.process_time()
+                if client == "httpx":
+                    rate = asyncio.run(drive_httpx(f"http://127.0.0.1:{port}", clients, seconds))
+                else:
+                    rate = run_loop(drive_lean(port, clients, seconds))
+                client_us = (time.process_time() - cpu_before) / (rate * seconds) * 1e6
+                results[clients] = rate
+                print(
+                    f"http {clients:3d} clients: {rate:8.1f} texts/s (load generator {client_us:.0f} us CPU a request)"
+                    f" {env or ''}",
+                    flush=True,
+                )
             return results
         finally:
             proc.stop()
@@ -130,6 +238,11 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=None, help="RAG_EMBEDDING_MAX_WAIT_MS for the service")
     parser.add_argument("--name", default="embedding", help="JSON written to docs/benchmarks/<name>.json")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the service (repeatable)")
+    parser.add_argument(
+        "--client", default="lean", choices=("lean", "httpx"), help="load generator (httpx: for comparison)"
+    )
+    parser.add_argument("--levels", default="1,4,16", help="fewer clients measured too, for the plot")
+    parser.add_argument("--out", type=Path, default=OUT, help="folder of the JSON (default docs/benchmarks)")
     args = parser.parse_args()
 
     per_batch, device = raw_throughput(args.device, args.model, args.seconds)
@@ -137,10 +250,10 @@ def main() -> None:
     raw = per_batch[best_batch]
     tuned = {"RAG_EMBEDDING_MAX_WAIT_MS": str(args.max_wait_ms)} if args.max_wait_ms is not None else {}
     tuned |= dict(item.split("=", 1) for item in args.env)
-    levels = sorted({1, 4, 16, args.clients})
-    batched = http_throughput(device, args.model, levels, args.seconds, tuned)
+    levels = sorted({*(int(n) for n in args.levels.split(",") if n), args.clients})
+    batched = http_throughput(device, args.model, levels, args.seconds, tuned, args.client)
     unbatched = http_throughput(
-        device, args.model, [args.clients], args.seconds, {**tuned, "RAG_EMBEDDING_MAX_BATCH": "1"}
+        device, args.model, [args.clients], args.seconds, {**tuned, "RAG_EMBEDDING_MAX_BATCH": "1"}, args.client
     )
     # The baseline is measured again after the HTTP phases and the better of the two is kept: on a shared
     # machine a quiet spell during either measurement would otherwise flatter the ratio.
@@ -156,6 +269,7 @@ def main() -> None:
         "unbatched_texts_per_s": round(unbatched[args.clients], 1),
         "best_batch": best_batch,
         "clients": args.clients,
+        "client": args.client,
         "device": device,
     }
     concurrency = sorted(batched)
@@ -180,7 +294,8 @@ def main() -> None:
                 {"encode": list(per_batch.values())},
             ),
         ],
-        note="The load generator runs on the same CPU cores as the service.",
+        note=f"Load generator: {args.client}, in the benchmark's process, on the same CPU cores as the service.",
+        out=args.out,
     )
     print(f"wrote {path}")
     print("RESULT " + " ".join(f"{key}={value}" for key, value in result.items()))
