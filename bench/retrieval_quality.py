@@ -17,12 +17,19 @@ real store (Qdrant Edge) through the retriever's own indexing code:
 
 - dense: each chunk embedded alone, vector search only (the old retriever);
 - dense+headers: each chunk embedded under its document's header;
-- hybrid+headers: the default: dense and BM25 keyword vectors fused by rank.
+- hybrid(dbsf)+headers: dense and BM25 keyword vectors fused by distribution-based
+  score fusion;
+- hybrid(rrf)+headers: the same two lists fused by reciprocal rank, the default
+  (``RAG_SEARCH_FUSION``).
+
+The headed ways are measured again on a held-out set (``bench/quality_heldout.py``:
+other packages, 70 questions written the same way), on which nothing is fitted.
 
 A question's rank is the position of its document among the distinct
 documents of the top 20 chunks. Prints ``RESULT recall_at_1=... recall_at_5=...
-mrr=... dense_recall_at_1=...`` last (the first three for the default settings;
-goals recall_at_1 >= 0.9, recall_at_5 = 1.0).
+mrr=... dense_recall_at_1=... heldout_recall_at_1=... heldout_recall_at_5=...``
+last (the first three for the default settings on the benchmark's own
+questions; goals recall_at_1 >= 0.9, recall_at_5 = 1.0).
 """
 
 from __future__ import annotations
@@ -36,8 +43,10 @@ import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import get_args
 
 import httpx
+import quality_heldout as heldout
 
 from services.common.http import ServiceClient
 from services.common.schemas import Document
@@ -46,7 +55,7 @@ from services.retriever.chunking import chunk_text, point_id
 from services.retriever.config import Settings
 from services.retriever.embedding import EmbeddingClient
 from services.retriever.indexing import DimensionCheck, index_documents
-from services.retriever.store import ChunkPoint, EdgeStore, SearchMode, VectorStore
+from services.retriever.store import ChunkPoint, EdgeStore, Fusion, SearchMode, VectorStore
 from services.retriever.text import KeywordEncoder
 
 PACKAGES = [
@@ -126,12 +135,12 @@ QUESTIONS = {
 }
 
 
-def docstring_corpus(min_chars: int = 400) -> dict[str, str]:
-    """Qualified name -> docstring, for every public class and function of ``PACKAGES`` that has its own."""
+def docstring_corpus(packages: list[str] = PACKAGES, min_chars: int = 400) -> dict[str, str]:
+    """Qualified name -> docstring, for every public class and function of ``packages`` that has its own."""
     docs: dict[str, str] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name in PACKAGES:
+        for name in packages:
             root = importlib.import_module(name)
             modules = [root]
             if hasattr(root, "__path__"):
@@ -199,14 +208,19 @@ async def index_plain(store: VectorStore, embedder: Embedder, docs: dict[str, st
     await store.write(points, {})
 
 
-async def ranks(store: VectorStore, embedder: Embedder, mode: SearchMode, encoder: KeywordEncoder) -> list[int | None]:
+async def ranks(
+    store: VectorStore,
+    embedder: Embedder,
+    mode: SearchMode,
+    encoder: KeywordEncoder,
+    questions: dict[str, str],
+    fusion: Fusion = "rrf",
+) -> list[int | None]:
     out: list[int | None] = []
-    questions = list(QUESTIONS)
-    vectors = embedder.encode(questions)
-    for question, vector in zip(questions, vectors, strict=True):
-        hits = await store.search(vector, encoder.query(question), 20, None, mode)
+    vectors = embedder.encode(list(questions))
+    for (question, target), vector in zip(questions.items(), vectors, strict=True):
+        hits = await store.search(vector, encoder.query(question), 20, None, mode, fusion)
         documents = list(dict.fromkeys(h.document_id for h in hits))
-        target = QUESTIONS[question]
         out.append(documents.index(target) + 1 if target in documents else None)
     return out
 
@@ -216,50 +230,98 @@ def summary(name: str, found: list[int | None]) -> tuple[float, float, float]:
     r1 = sum(1 for r in found if r == 1) / n
     r5 = sum(1 for r in found if r is not None and r <= 5) / n
     mrr = sum(1 / r for r in found if r is not None) / n
-    print(f"{name:16s} recall@1 {r1:.3f}  recall@5 {r5:.3f}  MRR {mrr:.3f}", flush=True)
+    print(f"{name:22s} recall@1 {r1:.3f}  recall@5 {r5:.3f}  MRR {mrr:.3f}", flush=True)
     return r1, r5, mrr
 
 
-async def run() -> int:
-    docs = docstring_corpus()
-    missing = sorted(set(QUESTIONS.values()) - set(docs))
+def corpus(packages: list[str], questions: dict[str, str]) -> dict[str, str]:
+    docs = docstring_corpus(packages)
+    missing = sorted(set(questions.values()) - set(docs))
     if missing:
         raise SystemExit(f"the corpus lacks the documents of some questions: {missing}")
-    settings = Settings()
-    embedder = Embedder("", "cpu")
+    return docs
+
+
+async def measure_headed(
+    tmp: Path, name: str, docs: dict[str, str], questions: dict[str, str], embedder: Embedder, settings: Settings
+) -> dict[str, tuple[float, float, float]]:
+    """Every way of searching the headed index: dense, and hybrid with each fusion (the default last)."""
     encoder = KeywordEncoder(settings.chunk_size)
+    store = EdgeStore(tmp / name, "c")
+    await index_headed(store, embedder, docs, settings, encoder)
+    out = {"dense+headers": summary("dense+headers", await ranks(store, embedder, "dense", encoder, questions))}
+    fusions: list[Fusion] = [f for f in get_args(Fusion) if f != settings.search_fusion] + [settings.search_fusion]
+    found: list[int | None] = []
+    for fusion in fusions:
+        label = f"hybrid({fusion})+headers"
+        found = await ranks(store, embedder, "hybrid", encoder, questions, fusion)
+        out[label] = summary(label, found)
+    for (question, target), rank in zip(questions.items(), found, strict=True):
+        if rank != 1:
+            print(f"  rank {rank}: {question!r} -> {target}")
+    await store.close()
+    return out
+
+
+async def run() -> int:
+    settings = Settings()
+    default = (
+        f"{settings.search_mode}({settings.search_fusion})+headers"
+        if settings.search_mode == "hybrid"
+        else ("dense+headers")
+    )
+    embedder = Embedder("", "cpu")
+    docs = corpus(PACKAGES, QUESTIONS)
+    held_docs = corpus(heldout.PACKAGES, heldout.QUESTIONS)
     chunks = sum(len(chunk_text(t, settings.chunk_size, settings.chunk_overlap)) for t in docs.values())
     print(f"{len(docs)} documents ({chunks} chunks) from {len(PACKAGES)} packages, {len(QUESTIONS)} questions")
     with tempfile.TemporaryDirectory(prefix="ragpod-quality-") as tmp:
         plain = EdgeStore(Path(tmp) / "plain", "c")
         await index_plain(plain, embedder, docs, settings)
-        dense_r1, _, _ = summary("dense", await ranks(plain, embedder, "dense", encoder))
+        encoder = KeywordEncoder(settings.chunk_size)
+        dense_r1, _, _ = summary("dense", await ranks(plain, embedder, "dense", encoder, QUESTIONS))
         await plain.close()
-
-        store = EdgeStore(Path(tmp) / "headed", "c")
-        await index_headed(store, embedder, docs, settings, encoder)
-        summary("dense+headers", await ranks(store, embedder, "dense", encoder))
-        found = await ranks(store, embedder, settings.search_mode, encoder)
-        r1, r5, mrr = summary(f"{settings.search_mode}+headers", found)
-        for (question, target), rank in zip(QUESTIONS.items(), found, strict=True):
-            if rank != 1:
-                print(f"  rank {rank}: {question!r} -> {target}")
-        await store.close()
+        main = await measure_headed(Path(tmp), "headed", docs, QUESTIONS, embedder, settings)
+        print(
+            f"\nheld-out set (bench/quality_heldout.py): {len(held_docs)} documents from "
+            f"{len(heldout.PACKAGES)} other packages, {len(heldout.QUESTIONS)} questions"
+        )
+        held = await measure_headed(Path(tmp), "heldout", held_docs, heldout.QUESTIONS, embedder, settings)
+    r1, r5, mrr = main[default]
     from plot import bars, record  # bench/plot.py, beside this script
 
+    ways = list(main)
     record(
         "retrieval_quality",
-        {"recall_at_1": round(r1, 3), "recall_at_5": round(r5, 3), "mrr": round(mrr, 3), "dense_recall_at_1": dense_r1},
+        {
+            "recall_at_1": round(r1, 3),
+            "recall_at_5": round(r5, 3),
+            "mrr": round(mrr, 3),
+            "dense_recall_at_1": round(dense_r1, 3),
+            "default": default,
+            "questions": len(QUESTIONS),
+            "documents": len(docs),
+            "heldout_recall_at_1": round(held[default][0], 3),
+            "heldout_recall_at_5": round(held[default][1], 3),
+            "heldout_mrr": round(held[default][2], 3),
+            "heldout_questions": len(heldout.QUESTIONS),
+            "heldout_documents": len(held_docs),
+            "ways": {way: [round(x, 3) for x in main[way]] for way in ways},
+            "heldout_ways": {way: [round(x, 3) for x in held[way]] for way in ways},
+        },
         [
             bars(
-                f"Retrieval quality, {len(QUESTIONS)} questions ({settings.search_mode}+headers)",
-                "fraction",
-                ["recall@1", "recall@5", "MRR"],
-                {settings.search_mode: [r1, r5, mrr]},
+                f"Recall@1 of the right document ({len(QUESTIONS)} and {len(heldout.QUESTIONS)} held-out questions)",
+                "recall@1",
+                ways,
+                {"benchmark set": [main[w][0] for w in ways], "held-out set": [held[w][0] for w in ways]},
             )
         ],
     )
-    print(f"RESULT recall_at_1={r1:.3f} recall_at_5={r5:.3f} mrr={mrr:.3f} dense_recall_at_1={dense_r1:.3f}")
+    print(
+        f"RESULT recall_at_1={r1:.3f} recall_at_5={r5:.3f} mrr={mrr:.3f} dense_recall_at_1={dense_r1:.3f} "
+        f"heldout_recall_at_1={held[default][0]:.3f} heldout_recall_at_5={held[default][1]:.3f}"
+    )
     return 0
 
 

@@ -28,7 +28,12 @@ class Settings(ServiceSettings):
         1, ge=1, description="Replicas that must acknowledge a write to a server collection."
     )
     search_mode: Literal["hybrid", "dense"] = Field(
-        "hybrid", description="hybrid: dense and keyword search fused by rank; dense: vectors only."
+        "hybrid", description="hybrid: dense and keyword search fused in Qdrant; dense: vectors only."
+    )
+    search_fusion: Literal["rrf", "dbsf"] = Field(
+        "rrf",
+        description="How hybrid search fuses its two candidate lists: dbsf (distribution-based score fusion) or rrf "
+        "(reciprocal rank fusion).",
     )
     chunk_size: int = Field(800, ge=50, le=20_000, description="Target chunk length in characters.")
     chunk_overlap: int = Field(160, ge=0, description="Characters shared by neighbouring chunks.")

@@ -109,7 +109,9 @@ async def search(
     after_embed = time.perf_counter()
     dimensions.compare(embedded.dimension)
     sparse = encoder.query(body.query) if settings.search_mode == "hybrid" else None
-    hits = await store.search(embedded.vectors[0], sparse, body.top_k, body.filters, settings.search_mode)
+    hits = await store.search(
+        embedded.vectors[0], sparse, body.top_k, body.filters, settings.search_mode, settings.search_fusion
+    )
     done = time.perf_counter()
     STAGE_SECONDS.labels("embed").observe(after_embed - start)
     STAGE_SECONDS.labels("search").observe(done - after_embed)

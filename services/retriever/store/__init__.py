@@ -17,6 +17,7 @@ from services.retriever.config import Settings
 from services.retriever.store.base import (
     ChunkPoint,
     DocumentInfo,
+    Fusion,
     LegacyStore,
     SearchMode,
     VectorStore,
@@ -29,6 +30,7 @@ __all__ = [
     "DimensionMismatch",
     "DocumentInfo",
     "EdgeStore",
+    "Fusion",
     "LegacyStore",
     "Replication",
     "SearchMode",

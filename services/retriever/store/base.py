@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 
@@ -13,6 +13,12 @@ from services.common.schemas import FilterValue, Source
 from services.retriever.text import Sparse
 
 SearchMode = Literal["hybrid", "dense"]
+Fusion = Literal["rrf", "dbsf"]
+"""How hybrid search merges its dense and keyword candidates, inside Qdrant's Query API.
+
+rrf: reciprocal rank fusion, places only; dbsf: distribution-based score fusion (each list's scores
+scaled by its own mean and three standard deviations, then summed), so how far ahead a candidate is
+counts, not only its place."""
 DENSE = "dense"
 SPARSE = "bm25"
 RRF_K = 2
@@ -71,6 +77,7 @@ class VectorStore(Protocol):
         top_k: int,
         filters: dict[str, FilterValue] | None,
         mode: SearchMode,
+        fusion: Fusion = "rrf",
     ) -> list[Source]:
         """Best chunks first; ``score`` is the dense cosine similarity in every mode."""
         ...
@@ -111,6 +118,33 @@ def cosine_scores(query: Sequence[float], vectors: Sequence[Sequence[float] | No
     norms = np.linalg.norm(m, axis=1) * (float(np.linalg.norm(q)) or 1.0)
     norms[norms == 0] = 1.0
     return [float(x) for x in (m @ q) / norms]
+
+
+class _Fused(Protocol):
+    @property
+    def id(self) -> Any: ...
+
+    @property
+    def score(self) -> float: ...
+
+
+F = TypeVar("F", bound=_Fused)
+
+
+def by_fused_score(points: Sequence[F], cosines: Sequence[float], top_k: int) -> tuple[list[F], list[float]]:
+    """The best ``top_k`` in fused order, ties settled the same way every time: closer vector, then point id.
+
+    Rank fusion gives equal scores to, say, first-in-dense-third-in-keyword and
+    third-in-dense-first-in-keyword; Qdrant then keeps the order in which the
+    points happen to be stored, which depends on which write finished first.
+    The caller asks Qdrant for more than ``top_k`` so that a tie at the cut is
+    settled here too.
+    """
+    # Rounded: 1/3 + 1/7 and 1/7 + 1/3 may differ in the last bit of a float.
+    order = sorted(range(len(points)), key=lambda i: (-round(points[i].score, 6), -cosines[i], str(points[i].id)))[
+        :top_k
+    ]
+    return [points[i] for i in order], [cosines[i] for i in order]
 
 
 def to_source(payload: dict[str, Any], score: float) -> Source:

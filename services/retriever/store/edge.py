@@ -33,8 +33,10 @@ from services.retriever.store.base import (
     SPARSE,
     ChunkPoint,
     DocumentInfo,
+    Fusion,
     LegacyStore,
     SearchMode,
+    by_fused_score,
     cosine_scores,
     document_info,
     hybrid_prefetch_limit,
@@ -141,6 +143,7 @@ class EdgeStore:
         top_k: int,
         filters: dict[str, FilterValue] | None,
         mode: SearchMode,
+        fusion: Fusion = "rrf",
     ) -> list[Source]:
         shard = self._shard
         if shard is None:
@@ -149,18 +152,20 @@ class EdgeStore:
         if mode == "hybrid" and sparse is not None and sparse.indices:
             limit = hybrid_prefetch_limit(top_k)
             request = qe.QueryRequest(
-                limit=top_k,
+                limit=2 * top_k,  # ties at the cut are settled below, then cut
                 prefetches=[
                     qe.Prefetch(limit=limit, query=qe.Query.Nearest(dense, using=DENSE), filter=flt),
                     qe.Prefetch(limit=limit, query=qe.Query.Nearest(_sparse(sparse), using=SPARSE), filter=flt),
                 ],
-                query=cast(Any, qe.Fusion.Rrf(k=RRF_K)),  # the stubs omit the nested class
+                # The stubs omit the nested classes.
+                query=cast(Any, qe.Fusion.Dbsf() if fusion == "dbsf" else qe.Fusion.Rrf(k=RRF_K)),
                 filter=flt,
                 with_payload=True,
                 with_vector=[DENSE],
             )
             points = await self._run(lambda: shard.query(request))
             scores = cosine_scores(dense, [_dense_of(p.vector) for p in points])
+            points, scores = by_fused_score(points, scores, top_k)
         else:
             request = qe.QueryRequest(
                 limit=top_k, query=qe.Query.Nearest(dense, using=DENSE), filter=flt, with_payload=True

@@ -26,7 +26,9 @@ from services.retriever.store.base import (
     SPARSE,
     ChunkPoint,
     DocumentInfo,
+    Fusion,
     SearchMode,
+    by_fused_score,
     cosine_scores,
     document_info,
     hybrid_prefetch_limit,
@@ -159,6 +161,7 @@ class ServerStore:
         top_k: int,
         filters: dict[str, FilterValue] | None,
         mode: SearchMode,
+        fusion: Fusion = "rrf",
     ) -> list[Source]:
         if not await self._has_collection():
             return []
@@ -172,15 +175,20 @@ class ServerStore:
                         models.Prefetch(query=dense, using=DENSE, limit=limit, filter=flt),
                         models.Prefetch(query=_sparse(sparse), using=SPARSE, limit=limit, filter=flt),
                     ],
-                    query=models.RrfQuery(rrf=models.Rrf(k=RRF_K)),
+                    query=(
+                        models.FusionQuery(fusion=models.Fusion.DBSF)
+                        if fusion == "dbsf"
+                        else models.RrfQuery(rrf=models.Rrf(k=RRF_K))
+                    ),
                     query_filter=flt,
-                    limit=top_k,
+                    limit=2 * top_k,  # ties at the cut are settled below, then cut
                     with_payload=True,
                     with_vectors=[DENSE],
                 )
             )
             points = response.points
             scores = cosine_scores(dense, [_dense_of(p.vector) for p in points])
+            points, scores = by_fused_score(points, scores, top_k)
         else:
             response = await self._call(
                 self._client.query_points(
