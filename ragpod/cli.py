@@ -10,6 +10,7 @@ ragpod run [--data-dir DIR]        (the whole stack as local processes)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -225,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(exc, file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`ragpod ls | head`): stop quietly, as other command line tools do. Output
+        # still buffered for the closed pipe goes to /dev/null so the interpreter's own flush at exit
+        # does not fail a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command stopped by a closed pipe
     return 0
 
 

@@ -160,3 +160,23 @@ def test_cli_errors_are_clear(stack: Stack, tmp_path: Path) -> None:
         timeout=60,
     )
     assert down.returncode == 1 and "cannot reach the gateway at http://127.0.0.1:9" in down.stderr
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly() -> None:
+    """`ragpod ls | head -1`: the closed pipe ends the command with 141 and no traceback."""
+    script = (
+        "import ragpod.cli as cli\n"
+        "cli.cmd_ls = lambda args, client: [print(f'document-{i}') for i in range(200_000)]\n"
+        "raise SystemExit(cli.main(['ls']))\n"
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parents[2]
+    )
+    assert writer.stdout is not None and writer.stderr is not None
+    first = writer.stdout.readline()
+    writer.stdout.close()  # what `head -1` does after its line
+    code = writer.wait(timeout=60)
+    errors = writer.stderr.read().decode()
+    assert first == b"document-0\n"
+    assert code == 141, errors
+    assert "Traceback" not in errors and "BrokenPipe" not in errors, errors
