@@ -10,7 +10,7 @@ jobs are re-claimed by this worker every third of the visibility timeout, so
 only a worker that has really stopped loses its jobs to the others. A heartbeat, at
 start and then every third of the visibility timeout (at most every 5 s), keeps
 the worker in the queue's live workers, which the gateway's ``/v1/status``
-counts; a clean stop takes it out at once, a dead worker ages out.
+counts; a stop takes it out at once (before it drains: it takes no new job), a dead worker ages out.
 
 Every Redis command is the queue module's (``services.common.queue``): this
 loop only reads, runs and reports. A report that meets a Redis error (a
@@ -107,6 +107,11 @@ class Worker:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._stop.wait(), 1.0)
         finally:
+            # A draining worker takes no new job: out of the live workers at once, not after the drain.
+            side_tasks[0].cancel()
+            await asyncio.gather(side_tasks[0], return_exceptions=True)
+            with contextlib.suppress(RedisError):
+                await self.queue.leave(self.name)
             await self._drain()
             for task in side_tasks:
                 task.cancel()

@@ -10,7 +10,7 @@ from services.common.queue import JobQueue
 from services.llm.config import Settings
 from services.llm.worker import Worker
 from tests.fixtures.engines import ScriptedEngine
-from tests.fixtures.llm import wait_for
+from tests.fixtures.llm import make_job, wait_for
 from tests.fixtures.redis import RedisServer
 from tests.fixtures.redis_proxy import RedisProxy
 
@@ -46,6 +46,29 @@ async def test_a_running_worker_is_live_and_a_clean_stop_takes_it_out(
         await worker_redis.aclose()
     assert await queue.live_workers() == 0  # taken out as it stopped, not aged out
     assert await redis_client.exists(queue.workers_key()) == 0
+
+
+async def test_a_draining_worker_is_no_longer_counted_live(redis_server: RedisServer, redis_client: Redis) -> None:
+    """It takes no new job while it finishes the ones it has, so /v1/status must not count it as capacity."""
+    queue = JobQueue(redis_client, settings_for(redis_server.url))
+    worker_redis = Redis.from_url(redis_server.url, decode_responses=True)
+    engine = ScriptedEngine(delay=0.3)  # "answer to: <question>": four words, 1.2 s in all
+    settings = settings_for(redis_server.url).model_copy(update={"llm_drain_seconds": 30.0})
+    worker = Worker(settings, engine, worker_redis, name="draining")
+    task = asyncio.create_task(worker.run())
+    try:
+        await wait_for(lambda: _live_is(queue, 1))
+        await queue.enqueue(make_job())
+        await asyncio.wait_for(engine.started.wait(), 10)
+        worker.request_stop()
+        await wait_for(lambda: _live_is(queue, 0))
+        assert not task.done(), "the worker stopped before its job was done: nothing was drained"
+        await asyncio.wait_for(task, 30)
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, 30)
+        await worker_redis.aclose()
+    assert len(engine.calls) == 1
 
 
 async def test_a_worker_that_could_not_say_goodbye_ages_out(
