@@ -20,7 +20,7 @@ class Settings(ServiceSettings):
         5.0,
         ge=0,
         le=1000,
-        description="Longest a batch waits to fill; it waits only until it is as large as the batch before it.",
+        description="Longest a batch waits to fill; it waits only until it has as many requests as the batch before.",
     )
     embedding_max_texts: int = Field(512, ge=1, description="Most texts accepted in one request.")
     embedding_max_text_chars: int = Field(20_000, ge=1, description="Longest text accepted.")
