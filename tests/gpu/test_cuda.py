@@ -1,9 +1,11 @@
 """The GPU paths, on a real CUDA device: ``make test-gpu``. Skipped, saying why, where there is none.
 
 Runs from a checkout with what an accelerator image typically has (torch,
-transformers, sentence-transformers, nvidia-ml-py) plus the project's pure-
-Python dependencies. Two settings let it run where the packaged models are
-not installed or are too large to carry:
+transformers, sentence-transformers, nvidia-ml-py) plus the project's other
+dependencies carried as wheels: the pure-Python ones, and orjson (the embedding
+service writes its answers with it; uvloop and httptools are optional to
+uvicorn), built for the image's Python. Two settings let it run where the
+packaged models are not installed or are too large to carry:
 
 - ``RAGPOD_TEST_EMBEDDING_MODEL``: a sentence-transformers directory (default:
   the packaged all-MiniLM-L6-v2);
