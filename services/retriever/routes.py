@@ -135,5 +135,9 @@ async def embed(body: EmbedRequest, embedding: EmbeddingDep, rid: RequestIdDep) 
 @router.get("/v1/stats", response_model=StatsResponse)
 async def stats(store: StoreDep, settings: SettingsDep) -> StatsResponse:
     return StatsResponse(
-        collection=store.collection, points=await store.count(), store=store.location, search_mode=settings.search_mode
+        collection=store.collection,
+        points=await store.count(),
+        store=store.location,
+        search_mode=settings.search_mode,
+        search_fusion=settings.search_fusion,
     )

@@ -30,6 +30,7 @@ class StatsResponse(BaseModel):
     points: int
     store: str
     search_mode: str
+    search_fusion: str = Field(..., description="How hybrid search fuses its dense and keyword lists: rrf or dbsf.")
 
 
 class DocumentEntry(BaseModel):

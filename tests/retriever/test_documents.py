@@ -253,11 +253,12 @@ def test_embed_passes_texts_through_to_the_model(client: TestClient, embedder: E
 
 
 def test_dense_mode_is_a_setting(tmp_path: Path, embedding: EmbeddingDouble, backend: str) -> None:
-    settings = Settings(search_mode="dense")
+    settings = Settings(search_mode="dense", search_fusion="dbsf")
     app = create_app(settings, embedding_transport=httpx.MockTransport(embedding), store=make_store(backend, tmp_path))
     with TestClient(app) as client:
         index(client, {"id": "a", "text": "Pods run on nodes.", "metadata": {"t": "x"}}, {"id": "b", "text": "Cats."})
-        assert client.get("/v1/stats").json()["search_mode"] == "dense"
+        stats = client.get("/v1/stats").json()
+        assert (stats["search_mode"], stats["search_fusion"]) == ("dense", "dbsf")
         hits = client.post("/v1/search", json={"query": "pods", "filters": {"t": "x"}}).json()["hits"]
         assert [h["document_id"] for h in hits] == ["a"]
 
