@@ -108,6 +108,11 @@ def hybrid_prefetch_limit(top_k: int) -> int:
     return max(4 * top_k, 40)
 
 
+def hybrid_fetch_limit(top_k: int) -> int:
+    """Fused hits asked of Qdrant: more than ``top_k``, so that a tie at the cut is settled by ``fused_top``."""
+    return 2 * top_k
+
+
 def cosine_scores(query: Sequence[float], vectors: Sequence[Sequence[float] | None]) -> list[float]:
     """Cosine similarity of the query with each stored vector (0 where a vector is missing)."""
     if not vectors:
@@ -137,14 +142,27 @@ def by_fused_score(points: Sequence[F], cosines: Sequence[float], top_k: int) ->
     Rank fusion gives equal scores to, say, first-in-dense-third-in-keyword and
     third-in-dense-first-in-keyword; Qdrant then keeps the order in which the
     points happen to be stored, which depends on which write finished first.
-    The caller asks Qdrant for more than ``top_k`` so that a tie at the cut is
-    settled here too.
+    The caller asks Qdrant for more than ``top_k`` (``hybrid_fetch_limit``) so
+    that a tie at the cut is settled here too.
     """
     # Rounded: 1/3 + 1/7 and 1/7 + 1/3 may differ in the last bit of a float.
     order = sorted(range(len(points)), key=lambda i: (-round(points[i].score, 6), -cosines[i], str(points[i].id)))[
         :top_k
     ]
     return [points[i] for i in order], [cosines[i] for i in order]
+
+
+def fused_top(query: Sequence[float], points: Sequence[Any], top_k: int) -> tuple[list[Any], list[float]]:
+    """Fused hits (with their dense vectors) -> the best ``top_k`` and each one's cosine to the query."""
+    return by_fused_score(points, cosine_scores(query, [dense_of(p.vector) for p in points]), top_k)
+
+
+def dense_of(vector: Any) -> list[float] | None:
+    """The dense vector out of a point's named vectors, as both backends return them."""
+    if isinstance(vector, dict):
+        value = vector.get(DENSE)
+        return value if isinstance(value, list) else None
+    return None
 
 
 def to_source(payload: dict[str, Any], score: float) -> Source:

@@ -36,9 +36,9 @@ from services.retriever.store.base import (
     Fusion,
     LegacyStore,
     SearchMode,
-    by_fused_score,
-    cosine_scores,
     document_info,
+    fused_top,
+    hybrid_fetch_limit,
     hybrid_prefetch_limit,
     mismatch,
     to_source,
@@ -152,7 +152,7 @@ class EdgeStore:
         if mode == "hybrid" and sparse is not None and sparse.indices:
             limit = hybrid_prefetch_limit(top_k)
             request = qe.QueryRequest(
-                limit=2 * top_k,  # ties at the cut are settled below, then cut
+                limit=hybrid_fetch_limit(top_k),
                 prefetches=[
                     qe.Prefetch(limit=limit, query=qe.Query.Nearest(dense, using=DENSE), filter=flt),
                     qe.Prefetch(limit=limit, query=qe.Query.Nearest(_sparse(sparse), using=SPARSE), filter=flt),
@@ -164,8 +164,7 @@ class EdgeStore:
                 with_vector=[DENSE],
             )
             points = await self._run(lambda: shard.query(request))
-            scores = cosine_scores(dense, [_dense_of(p.vector) for p in points])
-            points, scores = by_fused_score(points, scores, top_k)
+            points, scores = fused_top(dense, points, top_k)
         else:
             request = qe.QueryRequest(
                 limit=top_k, query=qe.Query.Nearest(dense, using=DENSE), filter=flt, with_payload=True
@@ -269,13 +268,6 @@ def _create(path: Path, dimension: int, threshold_kb: int | None) -> qe.EdgeShar
 
 def _sparse(sparse: Sparse) -> qe.SparseVector:
     return qe.SparseVector(indices=sparse.indices, values=sparse.values)
-
-
-def _dense_of(vector: Any) -> list[float] | None:
-    if isinstance(vector, dict):
-        value = vector.get(DENSE)
-        return value if isinstance(value, list) else None
-    return None
 
 
 def _point_id(value: str | None) -> uuid.UUID | None:

@@ -28,9 +28,9 @@ from services.retriever.store.base import (
     DocumentInfo,
     Fusion,
     SearchMode,
-    by_fused_score,
-    cosine_scores,
     document_info,
+    fused_top,
+    hybrid_fetch_limit,
     hybrid_prefetch_limit,
     mismatch,
     to_source,
@@ -181,14 +181,13 @@ class ServerStore:
                         else models.RrfQuery(rrf=models.Rrf(k=RRF_K))
                     ),
                     query_filter=flt,
-                    limit=2 * top_k,  # ties at the cut are settled below, then cut
+                    limit=hybrid_fetch_limit(top_k),
                     with_payload=True,
                     with_vectors=[DENSE],
                 )
             )
             points = response.points
-            scores = cosine_scores(dense, [_dense_of(p.vector) for p in points])
-            points, scores = by_fused_score(points, scores, top_k)
+            points, scores = fused_top(dense, points, top_k)
         else:
             response = await self._call(
                 self._client.query_points(
@@ -270,13 +269,6 @@ def vars_of(rep: Replication) -> dict[str, int]:
 
 def _sparse(sparse: Sparse) -> models.SparseVector:
     return models.SparseVector(indices=sparse.indices, values=sparse.values)
-
-
-def _dense_of(vector: Any) -> list[float] | None:
-    if isinstance(vector, dict):
-        value = vector.get(DENSE)
-        return value if isinstance(value, list) else None
-    return None
 
 
 def _match(key: str, value: FilterValue) -> models.FieldCondition:
