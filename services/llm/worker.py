@@ -91,8 +91,8 @@ class Worker:
 
     async def run(self) -> None:
         """Until asked to stop; then drains in-flight jobs for at most RAG_LLM_DRAIN_SECONDS."""
+        heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
         side_tasks = [
-            asyncio.create_task(self._heartbeat(), name="heartbeat"),
             asyncio.create_task(self._keep_claims(), name="keep-claims"),
             asyncio.create_task(self._watch_depth(), name="watch-depth"),
         ]
@@ -108,16 +108,14 @@ class Worker:
                         await asyncio.wait_for(self._stop.wait(), 1.0)
         finally:
             # A draining worker takes no new job: out of the live workers at once, not after the drain.
-            side_tasks[0].cancel()
-            await asyncio.gather(side_tasks[0], return_exceptions=True)
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
             with contextlib.suppress(RedisError):
                 await self.queue.leave(self.name)
             await self._drain()
             for task in side_tasks:
                 task.cancel()
             await asyncio.gather(*side_tasks, return_exceptions=True)
-            with contextlib.suppress(RedisError):
-                await self.queue.leave(self.name)
             log.info("worker_stopped", consumer=self.name)
 
     async def _turn(self) -> None:
