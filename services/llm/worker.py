@@ -116,6 +116,10 @@ class Worker:
             for task in side_tasks:
                 task.cancel()
             await asyncio.gather(*side_tasks, return_exceptions=True)
+            # Out of the group too, now that the drained jobs are acknowledged (the first leave keeps a
+            # consumer that still has jobs pending, and keep-claims names it while it drains).
+            with contextlib.suppress(RedisError):
+                await self.queue.leave(self.name)
             log.info("worker_stopped", consumer=self.name)
 
     async def _turn(self) -> None:

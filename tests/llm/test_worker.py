@@ -263,7 +263,9 @@ async def test_stop_drains_jobs_in_flight_then_leaves_the_group(
 ) -> None:
     settings = make_settings(redis_server, llm_concurrency=2, llm_drain_seconds=10.0)
     queue = JobQueue(redis_client, settings)
-    engine = ScriptedEngine(delay=0.1)  # about half a second per job
+    # About two and a half seconds per job: still pending when the stop comes and when the worker first
+    # leaves (its read waits at most a second), so only the leave after the drain takes it out of the group.
+    engine = ScriptedEngine(delay=0.5)
     jobs = [make_job("first"), make_job("second")]
     await queue.ensure_group()
     for job in jobs:
