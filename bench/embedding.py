@@ -3,15 +3,17 @@
     .venv/bin/python bench/embedding.py [--device auto|cpu|cuda] [--clients 32] [--seconds 8] [--client lean|httpx]
 
 1. Raw: the model in this process, ``encode`` over short texts at batch sizes
-   1..128; the best batch size's texts/s is the baseline (the most the model
-   can do here). It is measured again at that batch size after the HTTP
-   phases, and the better of the two kept, so a busy spell during the first
-   measurement cannot flatter the ratio.
+   1..128, the sizes taken in turn three times over and the median of each
+   kept; the best batch size is the baseline's (the most the model can do here).
 2. HTTP: ``python -m services.embedding`` as its own process (the service's
    container command) on the same device; ``--clients`` concurrent clients
-   each send one short text per request, again as soon as answered, for
-   ``--seconds``. Also at fewer clients, for the throughput-against-
-   concurrency plot.
+   each send one short text per request, again as soon as answered. First at
+   fewer clients, for the throughput-against-concurrency plot; then the
+   headline: ``--rounds`` turns of the raw model at its best batch size, the
+   raw model at batch ``--clients``, and HTTP at ``--clients`` clients, each
+   for half of ``--seconds``, so that a change in the machine's load falls on
+   all three alike. The ratio is the median HTTP rate over the median raw
+   rate; ``ratio_min``/``ratio_max`` are the rounds' extremes.
 3. The same with micro-batching off (``RAG_EMBEDDING_MAX_BATCH=1``).
 
 The load generator runs in this process (one asyncio loop, uvloop where
@@ -27,8 +29,10 @@ does nothing). Each level prints the load generator's CPU per request.
 Last line: ``RESULT ratio=<HTTP over raw> http_texts_per_s=... raw_texts_per_s=...
 unbatched_ratio=...`` (goal: ratio >= 0.9), and ``ratio_vs_raw_batch_<clients>``:
 one text per request puts at most one text per client in a batch, so the raw
-model at that batch size bounds what HTTP can reach (on 2 CPU cores batch 32
-runs at about 0.86-0.93 of batch 128); that ratio is what HTTP itself costs.
+model at that batch size bounds what HTTP can reach; that ratio is what HTTP
+itself costs. (On 2 CPU cores, measured in turns, batch 32 runs at 0.93-0.98
+of the best batch; measured one after the other, as before, the spread between
+sizes was mostly the machine's load changing: 0.86-0.93.)
 Writes docs/benchmarks/embedding.json.
 """
 
@@ -38,9 +42,10 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import statistics
 import tempfile
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,29 +70,46 @@ def texts(count: int, offset: int = 0) -> list[str]:
     ]
 
 
-def raw_throughput(
-    device: str, model_path: str, seconds: float, batches: tuple[int, ...] = (1, 8, 16, 32, 64, 128)
-) -> tuple[dict[int, float], str]:
-    from services.embedding.model import Embedder
+class RawModel:
+    """The model in this process: ``encode`` over short texts at one batch size, texts per second."""
 
-    embedder = Embedder(model_path, device)
-    per_batch: dict[int, float] = {}
-    for batch in batches:
-        embedder.encode(texts(batch))  # warm up this shape
+    def __init__(self, device: str, model_path: str) -> None:
+        from services.embedding.model import Embedder
+
+        self.embedder = Embedder(model_path, device)
+        self.device: str = self.embedder.device
+        self._sent = 0
+
+    def rate(self, batch: int, seconds: float) -> float:
+        self.embedder.encode(texts(batch, self._sent), batch_size=batch)  # warm up this shape
         done, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / 4 or done < 2 * batch:
-            embedder.encode(texts(batch, done), batch_size=batch)
+        while time.perf_counter() - start < seconds or done < 2 * batch:
+            self.embedder.encode(texts(batch, self._sent + done), batch_size=batch)
             done += batch
-        per_batch[batch] = done / (time.perf_counter() - start)
-        print(f"raw  batch {batch:4d}: {per_batch[batch]:8.1f} texts/s", flush=True)
-    used = embedder.device
-    del embedder
-    gc.collect()
-    if used == "cuda":
-        import torch
+        self._sent += done + batch
+        return done / (time.perf_counter() - start)
 
-        torch.cuda.empty_cache()
-    return per_batch, used
+    def close(self) -> None:
+        del self.embedder
+        gc.collect()
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+def raw_sweep(model: RawModel, seconds: float, batches: tuple[int, ...], rounds: int) -> dict[int, float]:
+    """Texts/s at each batch size: the sizes taken in turn, ``rounds`` times over, the median of each kept,
+    so that a busy or quiet spell falls on all sizes alike instead of on whichever was measured then."""
+    seen: dict[int, list[float]] = {batch: [] for batch in batches}
+    for _ in range(rounds):
+        for batch in batches:
+            seen[batch].append(model.rate(batch, seconds))
+    per_batch = {batch: statistics.median(rates) for batch, rates in seen.items()}
+    for batch, rate in per_batch.items():
+        spread = ", ".join(f"{r:.0f}" for r in seen[batch])
+        print(f"raw  batch {batch:4d}: {rate:8.1f} texts/s (median of {spread})", flush=True)
+    return per_batch
 
 
 class LeanClient:
@@ -198,9 +220,9 @@ def run_loop(coroutine: Coroutine[Any, Any, float]) -> float:
     return uvloop.run(coroutine)
 
 
-def http_throughput(
-    device: str, model_path: str, levels: list[int], seconds: float, env: dict[str, str], client: str = "lean"
-) -> dict[int, float]:
+@contextlib.contextmanager
+def serving(device: str, model_path: str, env: dict[str, str]) -> Iterator[int]:
+    """``python -m services.embedding`` (the container's command) on a free port, until the block ends."""
     port = free_port()
     service_env = {
         "RAG_HOST": "127.0.0.1",
@@ -214,23 +236,21 @@ def http_throughput(
         proc = start_service("embedding", service_env, Path(logs))
         try:
             wait_until(lambda: ready(port), 180, "embedding service", proc)
-            results = {}
-            for clients in levels:
-                cpu_before = time.process_time()
-                if client == "httpx":
-                    rate = asyncio.run(drive_httpx(f"http://127.0.0.1:{port}", clients, seconds))
-                else:
-                    rate = run_loop(drive_lean(port, clients, seconds))
-                client_us = (time.process_time() - cpu_before) / (rate * seconds) * 1e6
-                results[clients] = rate
-                print(
-                    f"http {clients:3d} clients: {rate:8.1f} texts/s (load generator {client_us:.0f} us CPU a request)"
-                    f" {env or ''}",
-                    flush=True,
-                )
-            return results
+            yield port
         finally:
             proc.stop()
+
+
+def drive(port: int, clients: int, seconds: float, client: str, label: str = "") -> float:
+    """``clients`` concurrent clients for ``seconds``: texts/s, printed with the load generator's CPU cost."""
+    cpu_before = time.process_time()
+    if client == "httpx":
+        rate = asyncio.run(drive_httpx(f"http://127.0.0.1:{port}", clients, seconds))
+    else:
+        rate = run_loop(drive_lean(port, clients, seconds))
+    client_us = (time.process_time() - cpu_before) / (rate * seconds) * 1e6
+    print(f"http {clients:3d} clients: {rate:8.1f} texts/s (load generator {client_us:.0f} us CPU a request) {label}")
+    return rate
 
 
 def main() -> None:
@@ -245,40 +265,59 @@ def main() -> None:
     parser.add_argument(
         "--client", default="lean", choices=("lean", "httpx"), help="load generator (httpx: for comparison)"
     )
-    parser.add_argument("--levels", default="1,4,16", help="fewer clients measured too, for the plot")
+    parser.add_argument(
+        "--levels",
+        default="1,4,16",
+        type=lambda v: [int(n) for n in v.split(",") if n],
+        help="fewer clients, for the plot",
+    )
     parser.add_argument("--out", type=Path, default=OUT, help="folder of the JSON (default docs/benchmarks)")
+    parser.add_argument("--rounds", type=int, default=4, help="turns of raw and HTTP for the headline ratio")
     args = parser.parse_args()
 
-    per_batch, device = raw_throughput(args.device, args.model, args.seconds)
+    model = RawModel(args.device, args.model)
+    device = model.device
+    batches = tuple(sorted({1, 8, 16, 32, 64, 128, args.clients}))
+    per_batch = raw_sweep(model, args.seconds / 4, batches, rounds=3)
     best_batch = max(per_batch, key=lambda b: per_batch[b])
-    raw = per_batch[best_batch]
     tuned = {"RAG_EMBEDDING_MAX_WAIT_MS": str(args.max_wait_ms)} if args.max_wait_ms is not None else {}
     tuned |= dict(item.split("=", 1) for item in args.env)
-    levels = sorted({*(int(n) for n in args.levels.split(",") if n), args.clients})
-    batched = http_throughput(device, args.model, levels, args.seconds, tuned, args.client)
-    unbatched = http_throughput(
-        device, args.model, [args.clients], args.seconds, {**tuned, "RAG_EMBEDDING_MAX_BATCH": "1"}, args.client
-    )
-    # The baseline is measured again after the HTTP phases and the better of the two is kept: on a shared
-    # machine a quiet spell during either measurement would otherwise flatter the ratio.
-    again, _ = raw_throughput(device, args.model, args.seconds, (best_batch,))
-    raw = max(raw, again[best_batch])
-    per_batch[best_batch] = raw
-    http = batched[args.clients]
+    label = str(tuned or "")
+    with serving(device, args.model, tuned) as port:
+        batched = {n: drive(port, n, args.seconds, args.client, label) for n in args.levels if n != args.clients}
+        # The headline: the raw model (best batch, and the batch one text per client allows) and HTTP take
+        # turns, so that a change in the machine's load falls on both alike; medians over the rounds.
+        raws: list[float] = []
+        raws_at_clients: list[float] = []
+        https: list[float] = []
+        for turn in range(args.rounds):
+            raws.append(model.rate(best_batch, args.seconds / 2))
+            raws_at_clients.append(model.rate(args.clients, args.seconds / 2))
+            https.append(drive(port, args.clients, args.seconds / 2, args.client, label))
+            print(
+                f"round {turn + 1}: raw batch {best_batch} {raws[-1]:.1f}, batch {args.clients} "
+                f"{raws_at_clients[-1]:.1f}, http {https[-1]:.1f} texts/s: ratio {https[-1] / raws[-1]:.3f}",
+                flush=True,
+            )
+    batched[args.clients] = http = statistics.median(https)
+    raw = statistics.median(raws)
+    with serving(device, args.model, {**tuned, "RAG_EMBEDDING_MAX_BATCH": "1"}) as port:
+        unbatched = drive(port, args.clients, args.seconds, args.client, "{'RAG_EMBEDDING_MAX_BATCH': '1'}")
+    model.close()
+    rounds = [h / r for h, r in zip(https, raws, strict=True)]
     result = {
         "ratio": round(http / raw, 3),
         "http_texts_per_s": round(http, 1),
         "raw_texts_per_s": round(raw, 1),
-        "unbatched_ratio": round(unbatched[args.clients] / raw, 3),
-        "unbatched_texts_per_s": round(unbatched[args.clients], 1),
+        "unbatched_ratio": round(unbatched / raw, 3),
+        "unbatched_texts_per_s": round(unbatched, 1),
         "best_batch": best_batch,
+        "ratio_min": round(min(rounds), 3),
+        "ratio_max": round(max(rounds), 3),
         # With one text per request, a batch holds at most one text per client: the raw model at that batch
         # size is what HTTP could reach at best here, and this ratio what HTTP itself costs.
-        **(
-            {f"ratio_vs_raw_batch_{args.clients}": round(http / per_batch[args.clients], 3)}
-            if args.clients in per_batch
-            else {}
-        ),
+        f"ratio_vs_raw_batch_{args.clients}": round(http / statistics.median(raws_at_clients), 3),
+        "rounds": args.rounds,
         "clients": args.clients,
         "client": args.client,
         "device": device,
@@ -294,7 +333,7 @@ def main() -> None:
                 "texts/s",
                 {
                     "HTTP, micro-batched": (concurrency, [batched[c] for c in concurrency]),
-                    "HTTP, batching off": ([args.clients], [unbatched[args.clients]]),
+                    "HTTP, batching off": ([args.clients], [unbatched]),
                     f"raw encode, batch {best_batch}": (concurrency, [raw] * len(concurrency)),
                 },
             ),
