@@ -30,7 +30,7 @@ Last line: ``RESULT ratio=<HTTP over raw> http_texts_per_s=... raw_texts_per_s=.
 unbatched_ratio=...`` (goal: ratio >= 0.9), and ``ratio_vs_raw_batch_<clients>``:
 one text per request puts at most one text per client in a batch, so the raw
 model at that batch size bounds what HTTP can reach; that ratio is what HTTP
-itself costs. (On 2 CPU cores, measured in turns, batch 32 runs at 0.93-0.98
+itself costs. (On 2 CPU cores, measured in turns, batch 32 runs at about 0.95
 of the best batch; measured one after the other, as before, the spread between
 sizes was mostly the machine's load changing: 0.86-0.93.)
 Writes docs/benchmarks/embedding.json.
