@@ -111,13 +111,12 @@ class Worker:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
             with contextlib.suppress(RedisError):
-                await self.queue.leave(self.name)
+                await self.queue.retire(self.name)
             await self._drain()
             for task in side_tasks:
                 task.cancel()
             await asyncio.gather(*side_tasks, return_exceptions=True)
-            # Out of the group too, now that the drained jobs are acknowledged (the first leave keeps a
-            # consumer that still has jobs pending, and keep-claims names it while it drains).
+            # Out of the group once the drained jobs are acknowledged and keep-claims no longer names it.
             with contextlib.suppress(RedisError):
                 await self.queue.leave(self.name)
             log.info("worker_stopped", consumer=self.name)

@@ -208,9 +208,13 @@ class JobQueue:
         live_for_ms = max(int(interval_s * HEARTBEATS_LIVE * 1000), 1)
         await self._heartbeat(keys=[self.workers_key()], args=[consumer, live_for_ms])
 
+    async def retire(self, consumer: str) -> None:
+        """A consumer takes no new job (it stops, perhaps draining first): no longer a live worker."""
+        await self.redis.zrem(self.workers_key(), consumer)
+
     async def leave(self, consumer: str) -> None:
         """A consumer stops: no longer a live worker, and out of the group when it has nothing pending."""
-        await self.redis.zrem(self.workers_key(), consumer)
+        await self.retire(consumer)
         pending = await self.redis.xpending_range(
             self.stream, self.group, min="-", max="+", count=1, consumername=consumer
         )
