@@ -16,7 +16,7 @@ from services.common.metrics import MODEL_INFO
 from services.embedding.config import Settings
 from services.embedding.deps import State, StateDep
 from services.embedding.model import Batcher, Embedder
-from services.embedding.routes import router
+from services.embedding.routes import EmbedFastPath, router
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
                 state.batcher = None
 
     app = FastAPI(title="ragpod embedding", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(EmbedFastPath)  # first, so innermost: inside the request-id and metrics middlewares
     add_common_routes(app, "embedding", readiness, liveness=liveness)
     app.include_router(router)
     return app

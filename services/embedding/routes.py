@@ -1,7 +1,16 @@
-"""The embedding routes. ``/v1/embed`` is the hot path of every question and of ingestion: it reads the
-body and writes the answer itself (one pydantic parse in, one orjson dump of the model's float32 arrays
-out), instead of FastAPI's dependency solving, request validation and response re-validation, which
-cost more per request than an HTTP hop on a small CPU. Its OpenAPI description is the same."""
+"""The embedding routes. ``/v1/embed`` is the hot path of every question and of ingestion.
+
+Its work (``embed_answer``: one pydantic parse in, one orjson dump of the
+model's float32 arrays out) runs ahead of FastAPI's router, in
+``EmbedFastPath``: the innermost of the service's middlewares, so the request
+id, the HTTP metrics and the error handlers apply as to any route, while
+FastAPI's own layers (its exception and exit-stack middlewares, routing,
+dependency solving, request and response validation) are skipped. Under 32
+concurrent callers those layers cost about 100 us of CPU a request on a small
+CPU (the whole request 160 us, 66 us without them): 3 ms of every batch of 32
+during which the model waits for the next batch's requests. The route stays
+registered for the OpenAPI description and calls the same ``embed_answer``.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +20,9 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from pydantic import ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common.batcher import BatcherFull
 from services.common.deps import STATE_KEY
@@ -31,8 +42,11 @@ _EMBED_BODY: dict[str, Any] = {
 }
 
 
-def _state(request: Request) -> tuple[State, Batcher]:
-    state = request.scope.get("state", {}).get(STATE_KEY)
+EMBED_PATH = "/v1/embed"
+
+
+def _state(scope: Scope) -> tuple[State, Batcher]:
+    state = scope.get("state", {}).get(STATE_KEY)
     if not isinstance(state, State):
         raise NotReady("the service has not finished starting")
     if state.batcher is None:
@@ -44,12 +58,12 @@ def _state(request: Request) -> tuple[State, Batcher]:
     return state, state.batcher
 
 
-@router.post("/v1/embed", response_model=EmbedResponse, openapi_extra=_EMBED_BODY)
-async def embed(request: Request) -> Response:
-    state, batcher = _state(request)
+async def embed_answer(scope: Scope, raw: bytes) -> Response:
+    """One ``POST /v1/embed``, from its body to its answer; raises the ``RagError`` to answer instead."""
+    state, batcher = _state(scope)
     settings = state.settings
     try:
-        body = EmbedRequest.model_validate_json(await request.body())
+        body = EmbedRequest.model_validate_json(raw)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
     if len(body.texts) > settings.embedding_max_texts:
@@ -71,6 +85,39 @@ async def embed(request: Request) -> Response:
     model = batcher.embedder
     answer = {"vectors": vectors, "model": model.name, "dimension": model.dimension, "device": model.device}
     return Response(orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+
+
+@router.post(EMBED_PATH, response_model=EmbedResponse, openapi_extra=_EMBED_BODY)
+async def embed(request: Request) -> Response:
+    return await embed_answer(request.scope, await request.body())
+
+
+class EmbedFastPath:
+    """``POST /v1/embed`` answered by ``embed_answer`` before FastAPI's router; every other request passes on.
+
+    Added before the common middlewares, so it runs inside them (request id, metrics). An error is
+    answered by the app's own exception handlers, as the router would: the same shape and status."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.route = next(r for r in router.routes if isinstance(r, APIRoute) and r.path == EMBED_PATH)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != EMBED_PATH or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = self.route  # what routing would have set: the metrics label requests by its path
+        request = Request(scope, receive)
+        try:
+            response = await embed_answer(scope, await request.body())
+        except Exception as exc:
+            handler = next(
+                (found for cls in type(exc).__mro__ if (found := scope["app"].exception_handlers.get(cls))), None
+            )
+            if handler is None:
+                raise
+            response = await handler(request, exc)
+        await response(scope, receive, send)
 
 
 @router.get("/v1/info", response_model=InfoResponse)

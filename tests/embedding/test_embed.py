@@ -11,9 +11,11 @@ from collections.abc import Callable, Iterator
 import pytest
 from fastapi.testclient import TestClient
 
+from services.common.logging import REQUEST_ID_HEADER
 from services.embedding.app import create_app
 from services.embedding.config import Settings
 from services.embedding.model import Batcher, Embedder
+from services.embedding.routes import EmbedFastPath
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +79,37 @@ def test_health_ready_and_metrics(client: TestClient) -> None:
     assert 'rag_model_info{device="cpu",model="all-MiniLM-L6-v2",service="embedding"} 1.0' in text
     assert 'route="/v1/embed"' in text
     assert 'route="/healthz"' not in text
+
+
+def test_embed_is_answered_inside_the_request_id_and_metrics_middlewares(client: TestClient) -> None:
+    # The fast path is the innermost middleware: the request id and the metrics wrap it as any route.
+    middlewares = [m.cls for m in client.app.user_middleware]  # type: ignore[attr-defined]
+    assert middlewares[-1] is EmbedFastPath, middlewares
+    response = client.post("/v1/embed", json={"texts": ["echo my id"]}, headers={REQUEST_ID_HEADER: "embed-42"})
+    assert response.status_code == 200
+    assert response.headers[REQUEST_ID_HEADER] == "embed-42"
+
+
+class FailingEncoder:
+    name, device, dimension = "stand-in", "cpu", 1
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> list[list[float]]:
+        raise RuntimeError("the model broke")
+
+
+def test_a_failing_model_is_answered_503_in_the_error_shape_with_the_request_id() -> None:
+    app = create_app(Settings(), embedder=FailingEncoder())  # type: ignore[arg-type]
+    with TestClient(app) as client:
+        for _ in range(100):
+            if client.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.05)
+        response = client.post("/v1/embed", json={"texts": ["x"]}, headers={REQUEST_ID_HEADER: "broken-1"})
+        assert response.status_code == 503
+        assert response.json()["error"] == "internal_error"
+        assert response.headers[REQUEST_ID_HEADER] == "broken-1"  # answered inside the middlewares
+        metrics = client.get("/metrics").text
+    assert 'route="/v1/embed",service="embedding",status="503"' in metrics
 
 
 class GatedEncoder:
