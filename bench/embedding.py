@@ -53,6 +53,7 @@ from typing import Any
 import httpx
 import orjson
 from plot import OUT, bars, lines, record  # bench/plot.py, beside this script
+from prometheus_client.parser import text_string_to_metric_families
 
 from ragpod.processes import free_port, ready, start_service, wait_until
 
@@ -246,15 +247,34 @@ def serving(device: str, model_path: str, env: dict[str, str]) -> Iterator[int]:
             proc.stop()
 
 
+def batches(port: int) -> tuple[float, float, float]:
+    """The service's own count of batches, of their texts and of the model's seconds on them (``/metrics``)."""
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"http://127.0.0.1:{port}/metrics").text)}
+
+    def total(family: str) -> float:
+        return sum(s.value for s in families[family].samples if s.name == f"{family}_sum")
+
+    count = sum(s.value for s in families["rag_embedding_batch_seconds"].samples if s.name.endswith("_count"))
+    return count, total("rag_embedding_batch_size"), total("rag_embedding_batch_seconds")
+
+
 def drive(port: int, clients: int, seconds: float, client: str, label: str = "") -> float:
-    """``clients`` concurrent clients for ``seconds``: texts/s, printed with the load generator's CPU cost."""
-    cpu_before = time.process_time()
+    """``clients`` concurrent clients for ``seconds``: texts/s, printed with the load generator's CPU cost and,
+    from the service's metrics, the mean batch, the model's time on it and the time between two batches."""
+    before = batches(port)
+    cpu_before, started = time.process_time(), time.perf_counter()
     if client == "httpx":
         rate = asyncio.run(drive_httpx(f"http://127.0.0.1:{port}", clients, seconds))
     else:
         rate = run_loop(drive_lean(port, clients, seconds))
-    client_us = (time.process_time() - cpu_before) / (rate * seconds) * 1e6
-    print(f"http {clients:3d} clients: {rate:8.1f} texts/s (load generator {client_us:.0f} us CPU a request) {label}")
+    cpu, elapsed = time.process_time() - cpu_before, time.perf_counter() - started
+    count, size, model_s = (after - first for after, first in zip(batches(port), before, strict=True))
+    client_us = cpu / (rate * seconds) * 1e6
+    print(
+        f"http {clients:3d} clients: {rate:8.1f} texts/s (load generator {client_us:.0f} us CPU a request; "
+        f"service: {size / count:.1f} texts a batch, model {model_s / count * 1e3:.1f} ms a batch, "
+        f"{(elapsed - model_s) / count * 1e3:.1f} ms idle between batches) {label}"
+    )
     return rate
 
 
