@@ -90,6 +90,7 @@ from ragpod.documents import read_documents
 from ragpod.processes import Child, free_port
 from ragpod.redis_server import start_redis
 from ragpod.supervisor import SERVICES, Stack
+from services.common.memory import keep_freed_memory
 from services.common.schemas import Document
 from services.common.transport import KeepAliveTransport
 from services.embedding.model import Embedder
@@ -443,6 +444,7 @@ def main() -> int:
     parser.add_argument("--hop-calls", type=int, default=60, help="calls per hop probe")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the stack on the way out
+    keep_freed_memory()  # the allocator as every service sets it, for the in-process path's models too
 
     with tempfile.TemporaryDirectory(prefix="ragpod-ask-") as tmp:
         data = Path(tmp)

@@ -56,6 +56,7 @@ from plot import OUT, bars, lines, record  # bench/plot.py, beside this script
 from prometheus_client.parser import text_string_to_metric_families
 
 from ragpod.processes import free_port, ready, start_service, wait_until
+from services.common.memory import keep_freed_memory
 
 WORDS = [
     "kubernetes", "schedules", "pods", "on", "gpu", "nodes", "while", "the", "queue", "protects", "workers",
@@ -300,6 +301,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="turns of raw and HTTP for the headline ratio")
     args = parser.parse_args()
 
+    keep_freed_memory()  # the allocator as the service sets it (services/common/serve.py), for the raw model too
     model = RawModel(args.device, args.model)
     device = model.device
     batches = tuple(sorted({1, 8, 16, 32, 64, 128, args.clients}))

@@ -14,6 +14,7 @@ import signal
 import structlog
 
 from services.common.logging import configure_logging
+from services.common.memory import keep_freed_memory
 from services.common.metrics import MODEL_INFO
 from services.common.queue import make_redis
 from services.common.sideserver import side_server
@@ -66,4 +67,5 @@ async def main(settings: Settings) -> int:
 if __name__ == "__main__":
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json, "llm")
+    keep_freed_memory()  # the engine's forward passes reuse their freed memory instead of faulting it in again
     raise SystemExit(asyncio.run(main(settings)))

@@ -1,0 +1,55 @@
+"""How a process that runs a model keeps the memory its batches free, instead of faulting it in again.
+
+A model allocates the same activations for every batch and frees them after
+it. glibc's allocator gives large freed blocks back to the kernel (blocks
+over its mmap threshold are unmapped; free space at the top of a heap is
+trimmed, and the heaps of a thread's own arena are trimmed as eagerly), so
+the next batch takes a page fault for every 4 KiB page it touches again.
+Measured on the embedding service (2 CPU cores, batches of 32 short texts,
+the model on the batcher's thread): 1,900 to 4,600 minor faults per batch
+against 1,300 to 2,300 for the same model on the main thread of one process,
+and the model's time per batch up to 15 % longer in the service. With
+``keep_freed_memory``: 90 to 300 faults per batch.
+
+``keep_freed_memory`` fixes glibc's mmap threshold at 32 MiB (its largest
+on 64-bit; a fixed value also stops glibc from moving it) and its trim
+threshold at 256 MiB: blocks below 32 MiB come from the heap, and freed space
+stays in the process until more than 256 MiB of it lies at a heap's top. The
+cost is resident memory: a process keeps about what its largest batch used
+instead of handing it back between batches (the manifests' memory limits
+leave room for it). Where ``MALLOC_MMAP_THRESHOLD_`` or
+``MALLOC_TRIM_THRESHOLD_`` is set in the environment, glibc's own reading of
+them stands and nothing is changed; where the C library is not glibc, nothing
+is done either.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
+TRIM_THRESHOLD_BYTES = 256 * 1024 * 1024
+ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def keep_freed_memory() -> bool:
+    """Set glibc's thresholds as above; True when they were set, False when left as they are."""
+    if any(name in os.environ for name in ENVIRONMENT):
+        return False
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)  # the C library this process already runs on
+    done = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    )
+    if not done:
+        log.warning("malloc_thresholds_not_set", mmap_threshold=MMAP_THRESHOLD_BYTES, trim=TRIM_THRESHOLD_BYTES)
+    return done
