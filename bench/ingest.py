@@ -34,6 +34,7 @@ import httpx
 from retrieval_quality import docstring_corpus
 
 from ragpod.processes import free_port, ready, start_service, wait_until
+from services.common.memory import keep_freed_memory
 from services.common.schemas import Document
 from services.embedding.model import Embedder
 from services.retriever.config import Settings
@@ -96,6 +97,7 @@ def main() -> int:
     parser.add_argument("--per-request", type=int, default=128)
     parser.add_argument("--in-flight", type=int, default=2)
     args = parser.parse_args()
+    keep_freed_memory()  # the allocator as every service sets it, for this process's own model and store too
 
     settings = Settings()
     documents = corpus(args.chunks, settings)

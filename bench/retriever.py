@@ -32,6 +32,7 @@ import httpx
 import numpy as np
 
 from ragpod.processes import free_port, ready, start_service, wait_until
+from services.common.memory import keep_freed_memory
 from services.retriever.chunking import point_id
 from services.retriever.store import ChunkPoint, EdgeStore
 from services.retriever.text import KeywordEncoder
@@ -210,6 +211,7 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--compare-local", type=int, default=0, metavar="N")
     args = parser.parse_args()
+    keep_freed_memory()  # the allocator as every service sets it, for this process's own model and store too
 
     from services.embedding.model import Embedder
 
