@@ -9,7 +9,7 @@ Measured on the embedding service (2 CPU cores, batches of 32 short texts,
 the model on the batcher's thread): 1,900 to 4,600 minor faults per batch
 against 1,300 to 2,300 for the same model on the main thread of one process,
 and the model's time per batch up to 15 % longer in the service. With
-``keep_freed_memory``: 90 to 300 faults per batch.
+``keep_freed_memory``: a few hundred at most, mostly none, on either.
 
 ``keep_freed_memory`` fixes glibc's mmap threshold at 32 MiB (its largest
 on 64-bit; a fixed value also stops glibc from moving it) and its trim
