@@ -77,7 +77,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -396,7 +396,7 @@ async def run(args: argparse.Namespace, stack: Stack, redis: Child, redis_url: s
     svc_keys = ["client", "embed", "search", "queue", "generate", "rest", "total"]
     in_keys = ["rate_limit", "embed", "search", None, "generate", "attribute", "total"]
 
-    def column(values: dict[str, float], keys: list[str | None]) -> list[float]:
+    def column(values: dict[str, float], keys: Sequence[str | None]) -> list[float]:
         return [round(values[k], 2) if k is not None else 0.0 for k in keys]
 
     charts = [
