@@ -25,14 +25,15 @@ and checked), about 30-60 us of CPU a request. ``--client httpx`` drives the
 same service through ``httpx.AsyncClient`` instead: about 1.5-2 ms of CPU a
 request on a 2-core machine, so there the load generator, not the service,
 set the ceiling (about 700 requests/s on one core against an endpoint that
-does nothing). Each level prints the load generator's CPU per request.
+does nothing). Each level prints the load generator's CPU per request and, from
+the service's ``/metrics``, its mean batch, the model's time per batch and the
+model's idle time between two batches.
 Last line: ``RESULT ratio=<HTTP over raw> http_texts_per_s=... raw_texts_per_s=...
 unbatched_ratio=...`` (goal: ratio >= 0.9), and ``ratio_vs_raw_batch_<clients>``:
 one text per request puts at most one text per client in a batch, so the raw
 model at that batch size bounds what HTTP can reach; that ratio is what HTTP
-itself costs. (On 2 CPU cores, measured in turns, batch 32 runs at about 0.95
-of the best batch; measured one after the other, as before, the spread between
-sizes was mostly the machine's load changing: 0.86-0.93.)
+itself costs. (On 2 CPU cores, measured in turns, batch 32 runs at 0.92-0.95
+of the best batch.)
 Writes docs/benchmarks/embedding.json.
 """
 
@@ -252,11 +253,11 @@ def batches(port: int) -> tuple[float, float, float]:
     """The service's own count of batches, of their texts and of the model's seconds on them (``/metrics``)."""
     families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"http://127.0.0.1:{port}/metrics").text)}
 
-    def total(family: str) -> float:
-        return sum(s.value for s in families[family].samples if s.name == f"{family}_sum")
+    def total(family: str, sample: str) -> float:
+        return sum(s.value for s in families[family].samples if s.name == f"{family}_{sample}")
 
-    count = sum(s.value for s in families["rag_embedding_batch_seconds"].samples if s.name.endswith("_count"))
-    return count, total("rag_embedding_batch_size"), total("rag_embedding_batch_seconds")
+    seconds = "rag_embedding_batch_seconds"
+    return total(seconds, "count"), total("rag_embedding_batch_size", "sum"), total(seconds, "sum")
 
 
 def drive(port: int, clients: int, seconds: float, client: str, label: str = "") -> float:
@@ -304,8 +305,8 @@ def main() -> None:
     keep_freed_memory()  # the allocator as the service sets it (services/common/serve.py), for the raw model too
     model = RawModel(args.device, args.model)
     device = model.device
-    batches = tuple(sorted({1, 8, 16, 32, 64, 128, args.clients}))
-    per_batch = raw_sweep(model, args.seconds / 4, batches, rounds=3)
+    sizes = tuple(sorted({1, 8, 16, 32, 64, 128, args.clients}))
+    per_batch = raw_sweep(model, args.seconds / 4, sizes, rounds=3)
     best_batch = max(per_batch, key=lambda b: per_batch[b])
     tuned = {"RAG_EMBEDDING_MAX_WAIT_MS": str(args.max_wait_ms)} if args.max_wait_ms is not None else {}
     tuned |= dict(item.split("=", 1) for item in args.env)
