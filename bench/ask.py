@@ -11,14 +11,17 @@ does not hide the hops):
   worker, as ``make run`` starts them, on free ports, with a redis-server of
   their own): API key check and rate limit in Redis, retriever over HTTP,
   query embedding over HTTP, hybrid search in Qdrant Edge, one job through
-  the Redis stream to the worker's local engine, attribution of the answer
-  with one more embedding call through the retriever, the JSON answer.
+  the Redis stream to the worker's local engine, while it is generated the
+  sources' sentences embedded through the retriever for attribution, then
+  the answer's own sentences, the JSON answer.
 - in process: the same stage functions called directly in this process: the
   gateway's rate limiter (same Redis), the embedding model's ``encode``, the
   retriever's keyword encoder and store (a store of its own on a temporary
   path, indexed by the retriever's indexing code with the same documents and
   settings), the gateway's prompt, the worker's local engine (same settings),
-  the gateway's attribution.
+  the gateway's attribution (the sources' sentences embedded on a thread of
+  their own while the engine generates, as the gateway does through the
+  retriever).
 
 The questions are made from the demo corpus the stack indexes, one per
 sentence ("What is said about <its first words>?"), nothing picked by hand;
@@ -94,7 +97,7 @@ from services.common.memory import keep_freed_memory
 from services.common.schemas import Document
 from services.common.transport import KeepAliveTransport
 from services.embedding.model import Embedder
-from services.gateway.attribution import attribute, split_sentences
+from services.gateway.attribution import attribute_to, embed_sources, split_sentences
 from services.gateway.config import Settings as GatewaySettings
 from services.gateway.pipeline import above_floor
 from services.gateway.prompt import build_messages, context_texts
@@ -205,6 +208,10 @@ class InProcess:
     async def embed(self, texts: list[str]) -> list[list[float]]:
         return self.embedder.encode(texts)
 
+    async def embed_aside(self, texts: list[str]) -> list[list[float]]:
+        """``encode`` on a thread of its own, beside the engine's (the sources' sentences, while generating)."""
+        return await asyncio.to_thread(self.embedder.encode, texts)
+
     async def search(self, question: str) -> list[Any]:
         vector = self.embedder.encode([question])[0]
         sparse = self.encoder.query(question)
@@ -223,12 +230,14 @@ class InProcess:
         marks.append(time.perf_counter())
         sources = above_floor(hits, self.gateway.min_relevance)
         messages = build_messages(question, sources, self.gateway.max_context_chars, self.gateway.system_prompt)
+        # As the gateway does: the sources' sentences are embedded while the answer is generated.
+        texts = context_texts(sources, self.gateway.max_context_chars)
+        sources_embedded = asyncio.create_task(embed_sources(texts, self.embed_aside))
         generation = await self.engine.generate(
             GenerationRequest(messages=messages, max_tokens=1, temperature=self.llm.llm_temperature)
         )
         marks.append(time.perf_counter())
-        texts = context_texts(sources, self.gateway.max_context_chars)
-        await attribute(generation.text, texts, self.embed, self.gateway.min_support)
+        await attribute_to(generation.text, await sources_embedded, self.embed, self.gateway.min_support)
         marks.append(time.perf_counter())
         names = ("rate_limit", "embed", "search", "generate", "attribute")
         stages = {name: (marks[i + 1] - marks[i]) * 1000 for i, name in enumerate(names)}

@@ -1,9 +1,11 @@
 """Which source supports each sentence of an answer.
 
-The answer and the sources it was written from are cut into sentences; every
-distinct sentence is embedded in one batched call, and each answer sentence is
-attributed to the source holding its most similar sentence (cosine similarity,
-the ``support``). An answer is grounded when every sentence reaches
+The sources an answer is written from are cut into sentences and embedded in
+one batched call, which the gateway makes as soon as the job is queued, so that
+it runs while the answer is generated (``embed_sources``). Once the answer is
+there, its sentences not already among the sources' are embedded in one more
+call, and each is attributed to the source holding its most similar sentence
+(cosine similarity, the ``support``). An answer is grounded when every sentence reaches
 ``RAG_MIN_SUPPORT``. ``[n]`` markers the model wrote are compared with that: a
 marker naming no source, or a source that does not support the sentence
 (support below the threshold), is reported in ``citation_warnings``.
@@ -31,6 +33,7 @@ _ABBREVIATION = re.compile(r"(?:^|[\s(])(?:e\.g|i\.e|etc|vs|cf|dr|mr|mrs|ms|fig|
 # Only enumerators (and markers) so far: "1." or "1. [1] 2." does not end a sentence.
 _ENUMERATION = re.compile(r"^(?:\s*(?:\d{1,3}[.)]|\[\s*\d+(?:\s*[,;]\s*\d+)*\s*\]))*\s*\d{1,3}$")
 _LIST_PREFIX = re.compile(r"^\s*(?:#{1,6}\s+|[-*•]\s+|>\s*)")
+_SPACE_BEFORE_STOP = re.compile(r"\s+([.,;:!?])")
 _BLOCK_START = re.compile(r"^\s*(?:#{1,6}\s|[-*•>]\s|\d{1,3}[.)]\s|\[\d+\]\s*\()")
 
 
@@ -94,8 +97,9 @@ def markers(sentence: str) -> list[int]:
 
 
 def embedding_text(sentence: str) -> str:
-    """What is embedded for a sentence: without markers, bullets or heading marks."""
-    return _LIST_PREFIX.sub("", _MARKER.sub("", sentence)).strip()
+    """What is embedded for a sentence: without markers, bullets or heading marks ("trail [1]." reads
+    "trail.", the same text as the source's sentence)."""
+    return _SPACE_BEFORE_STOP.sub(r"\1", _LIST_PREFIX.sub("", _MARKER.sub("", sentence))).strip()
 
 
 def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
@@ -111,48 +115,76 @@ class Attribution:
     warnings: list[CitationWarning] = field(default_factory=list)
 
 
-async def attribute(answer: str, sources: Sequence[str], embed: Embed, min_support: float) -> Attribution:
-    """Attribute each sentence of ``answer`` to one of ``sources`` (texts as the model saw them, in order).
+@dataclass
+class SourceSentences:
+    """The sentences of the sources an answer is written from, with their vectors."""
 
-    ``embed`` is called once, with every distinct sentence of the answer and the
-    sources; nothing is called when the answer has no sentence or there is no source.
-    """
-    answer_sentences = split_sentences(answer)
-    source_sentences = [
+    count: int  # how many sources: citations number them 1..count
+    sentences: list[tuple[int, str]]  # (source number, text as embedded)
+    vectors: dict[str, list[float]]  # one per distinct text
+
+
+async def embed_sources(sources: Sequence[str], embed: Embed) -> SourceSentences:
+    """The sentences of ``sources`` (texts as the model saw them, in order), each distinct one embedded once,
+    in one call; no call when they hold no sentence."""
+    sentences = [
         (number, text)
         for number, source in enumerate(sources, start=1)
         for text in (embedding_text(s) for s in split_sentences(source))
         if text
     ]
-    if not answer_sentences or not source_sentences:
+    return SourceSentences(len(sources), sentences, await _embed_distinct([t for _, t in sentences], {}, embed))
+
+
+async def _embed_distinct(texts: Sequence[str], known: dict[str, list[float]], embed: Embed) -> dict[str, list[float]]:
+    """Vectors of ``texts`` not in ``known``, each distinct text once, in one call (none when there is none)."""
+    wanted = list(dict.fromkeys(t for t in texts if t and t not in known))
+    if not wanted:
+        return {}
+    vectors = await embed(wanted)
+    if len(vectors) != len(wanted):
+        raise ValueError(f"embedding returned {len(vectors)} vectors for {len(wanted)} texts")
+    return dict(zip(wanted, vectors, strict=True))
+
+
+async def attribute(answer: str, sources: Sequence[str], embed: Embed, min_support: float) -> Attribution:
+    """Attribute each sentence of ``answer`` to one of ``sources`` (texts as the model saw them, in order):
+    ``embed_sources`` then ``attribute_to``; nothing is embedded when the answer has no sentence."""
+    if not split_sentences(answer):
         return Attribution()
-    texts: list[str] = []
-    index: dict[str, int] = {}
-    for text in [embedding_text(s) for s in answer_sentences] + [t for _, t in source_sentences]:
-        if text and text not in index:
-            index[text] = len(texts)
-            texts.append(text)
-    vectors = await embed(texts)
-    if len(vectors) != len(texts):
-        raise ValueError(f"embedding returned {len(vectors)} vectors for {len(texts)} texts")
+    return await attribute_to(answer, await embed_sources(sources, embed), embed, min_support)
+
+
+async def attribute_to(answer: str, sources: SourceSentences, embed: Embed, min_support: float) -> Attribution:
+    """Attribute each sentence of ``answer`` to one of the sources ``embed_sources`` read.
+
+    ``embed`` is called at most once, with the answer's distinct sentences that
+    are not already among the sources'; not at all when the answer has no
+    sentence or the sources none.
+    """
+    answer_sentences = split_sentences(answer)
+    if not answer_sentences or not sources.sentences:
+        return Attribution()
+    vectors = {**sources.vectors}
+    vectors.update(await _embed_distinct([embedding_text(s) for s in answer_sentences], vectors, embed))
 
     citations: list[Citation] = []
     warnings: list[CitationWarning] = []
     for sentence in answer_sentences:
         text = embedding_text(sentence)
         # Per source, the best similarity of this sentence to one of its sentences.
-        per_source = [0.0] * len(sources)
+        per_source = [0.0] * sources.count
         if text and any(ch.isalpha() for ch in text):
-            vector = vectors[index[text]]
-            for number, source_text in source_sentences:
-                similarity = _cosine(vector, vectors[index[source_text]])
+            vector = vectors[text]
+            for number, source_text in sources.sentences:
+                similarity = _cosine(vector, vectors[source_text])
                 per_source[number - 1] = max(per_source[number - 1], similarity)
-        best = max(range(len(sources)), key=lambda i: per_source[i])
+        best = max(range(sources.count), key=lambda i: per_source[i])
         support = round(max(per_source[best], 0.0), 4)
         citations.append(Citation(sentence=sentence, source=best + 1, support=support))
         for marker in markers(sentence):
-            if not 1 <= marker <= len(sources):
-                detail = f"[{marker}] names no source: the answer had {len(sources)}"
+            if not 1 <= marker <= sources.count:
+                detail = f"[{marker}] names no source: the answer had {sources.count}"
                 warnings.append(
                     CitationWarning(sentence=sentence, marker=marker, source=best + 1, support=0.0, detail=detail)
                 )

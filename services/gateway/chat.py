@@ -50,6 +50,7 @@ from services.gateway.pipeline import (
     above_floor,
     admit,
     answered,
+    embed_sources_early,
     follow,
     queue_full,
     raise_for_error,
@@ -224,7 +225,8 @@ async def chat_completions(
         request_id=rid,
     )
     await admit(queue, job, settings)
-    prepared = Prepared(job=job, sources=sources, search=search, started=started)
+    embedding = embed_sources_early(sources, settings, retriever, rid)
+    prepared = Prepared(job=job, sources=sources, search=search, started=started, sources_embedded=embedding)
     log.info("chat_enqueued", job_id=job.id, turns=len(messages) - 2, sources=len(sources), chars=len(question))
     if body.stream:
         return _stream_response(_chunks(queue, prepared, completion_id, created, body, settings, retriever, rid))

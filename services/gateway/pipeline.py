@@ -1,6 +1,10 @@
 """The path of one question: retrieve, keep the sources above the relevance floor, enqueue one job, wait
 for its events, attribute the answer's sentences to the sources.
 
+The sources' sentences are embedded for attribution as soon as the job is
+queued, while it waits and is generated; once the answer is there only its own
+sentences are left to embed.
+
 A question none of whose sources reaches ``RAG_MIN_RELEVANCE`` is answered at
 once as not covered by the documents: no job, no generation.
 """
@@ -27,7 +31,7 @@ from services.common.errors import (
 from services.common.http import ServiceClient
 from services.common.queue import Event, Job, JobQueue
 from services.common.schemas import SearchResponse, Source
-from services.gateway.attribution import attribute
+from services.gateway.attribution import Embed, SourceSentences, attribute_to, embed_sources
 from services.gateway.config import Settings
 from services.gateway.metrics import ASK_STAGE_SECONDS, REJECTED, UNANSWERED, UNGROUNDED
 from services.gateway.prompt import build_messages, context_texts
@@ -77,6 +81,46 @@ class Prepared:
     sources: list[Source]  # those above the floor, numbered [1].. in the prompt
     search: SearchResponse
     started: float  # perf_counter at arrival
+    sources_embedded: asyncio.Task[SourceSentences] | None = None  # see embed_sources_early
+
+    def forget(self) -> None:
+        """Stops embedding the sources when no answer will need them."""
+        if self.sources_embedded is not None:
+            self.sources_embedded.cancel()
+
+
+class _Vectors(BaseModel):
+    vectors: list[list[float]]
+
+
+def retriever_embed(retriever: ServiceClient, request_id: str) -> Embed:
+    """Texts to vectors through the retriever's ``/v1/embed`` (the gateway does not call the embedding service
+    itself)."""
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        body = await retriever.post("/v1/embed", {"texts": texts}, request_id=request_id)
+        try:
+            vectors = _Vectors.model_validate(body).vectors
+        except ValidationError as exc:
+            raise UpstreamUnavailable("retriever answered /v1/embed without vectors") from exc
+        if len(vectors) != len(texts):
+            raise UpstreamUnavailable(f"retriever returned {len(vectors)} vectors for {len(texts)} texts")
+        return vectors
+
+    return embed
+
+
+def embed_sources_early(
+    sources: list[Source], settings: Settings, retriever: ServiceClient, request_id: str
+) -> asyncio.Task[SourceSentences]:
+    """Starts embedding the sources' sentences for attribution, to run while the job waits and is generated.
+
+    A failure is kept in the task and raised where the answer awaits it (``answered``), not logged on its own.
+    """
+    texts = context_texts(sources, settings.max_context_chars)
+    task = asyncio.create_task(embed_sources(texts, retriever_embed(retriever, request_id)))
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return task
 
 
 async def prepare(
@@ -102,7 +146,8 @@ async def prepare(
     remaining = deadline - time.time()  # the caller's budget from now; workers count it on Redis' clock
     job = Job(messages=messages, deadline=deadline, timeout_s=remaining, stream=body.stream, request_id=request_id)
     await admit(queue, job, settings)
-    return Prepared(job=job, sources=sources, search=search, started=started)
+    embedding = embed_sources_early(sources, settings, retriever, request_id)
+    return Prepared(job=job, sources=sources, search=search, started=started, sources_embedded=embedding)
 
 
 async def follow(queue: JobQueue, prepared: Prepared) -> AsyncIterator[Event]:
@@ -128,6 +173,7 @@ async def follow(queue: JobQueue, prepared: Prepared) -> AsyncIterator[Event]:
                     "the job was dropped and will not be generated"
                 ) from None
     finally:
+        prepared.forget()  # done with: an answer has been attributed already (see the callers)
         with contextlib.suppress(RedisError):
             await queue.discard(job.id)
 
@@ -155,32 +201,23 @@ def not_covered(prepared: Prepared) -> AskResponse:
     return AskResponse(answer=NOT_COVERED, sources=[], grounded=False, timings=timings(prepared, None))
 
 
-class _Vectors(BaseModel):
-    vectors: list[list[float]]
-
-
 async def answered(
     prepared: Prepared, done: Event, settings: Settings, retriever: ServiceClient, request_id: str
 ) -> AskResponse:
-    """The full answer to a ``done`` event: citations from one batched embedding call through the retriever.
+    """The full answer to a ``done`` event: each sentence attributed to the sources, whose sentences were
+    embedded while it was generated; the answer's own sentences take one more call through the retriever.
 
     The plain and the streamed answer are both built here, so they carry the same citations.
     """
-
-    async def embed(texts: list[str]) -> list[list[float]]:
-        body = await retriever.post("/v1/embed", {"texts": texts}, request_id=request_id)
-        try:
-            vectors = _Vectors.model_validate(body).vectors
-        except ValidationError as exc:
-            raise UpstreamUnavailable("retriever answered /v1/embed without vectors") from exc
-        if len(vectors) != len(texts):
-            raise UpstreamUnavailable(f"retriever returned {len(vectors)} vectors for {len(texts)} texts")
-        return vectors
-
     answer = str(done.data.get("answer", ""))
     started = time.perf_counter()
-    texts = context_texts(prepared.sources, settings.max_context_chars)
-    attribution = await attribute(answer, texts, embed, settings.min_support)
+    embed = retriever_embed(retriever, request_id)
+    if prepared.sources_embedded is None:
+        texts = context_texts(prepared.sources, settings.max_context_chars)
+        sources = await embed_sources(texts, embed)
+    else:
+        sources = await prepared.sources_embedded
+    attribution = await attribute_to(answer, sources, embed, settings.min_support)
     ASK_STAGE_SECONDS.labels("attribute").observe(time.perf_counter() - started)
     if not attribution.grounded:
         UNGROUNDED.inc()

@@ -35,9 +35,12 @@ class RetrieverDouble:
     requests: list[httpx.Request] = field(default_factory=list)
     embed: Callable[[list[str]], list[list[float]]] | None = None
     hits: list[dict[str, Any]] = field(default_factory=lambda: list(HITS))
+    embed_down: bool = False  # /v1/embed answers 503, as when the embedding service is down
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
+        if request.url.path == "/v1/embed" and self.embed_down:
+            return httpx.Response(503, json={"error": "upstream_unavailable", "detail": "embedding is unavailable"})
         if request.url.path == "/v1/search":
             top_k = json.loads(request.content)["top_k"]
             return httpx.Response(200, json={"hits": self.hits[:top_k], "embed_ms": 3.0, "search_ms": 2.0})

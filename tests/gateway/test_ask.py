@@ -174,9 +174,45 @@ async def test_a_covered_answer_has_one_citation_per_sentence_naming_existing_so
     assert citation["source"] == 1  # the Zorblax chunk, not "Unrelated."
     assert body["grounded"] == (citation["support"] >= Settings().min_support)
     assert body["citation_warnings"] == []
-    embed_calls = [r for r in gateway.retriever.requests if r.url.path == "/v1/embed"]
-    assert len(embed_calls) == 1  # one batched call per answer
-    assert "The Zorblax was first sold in 1987." in json.loads(embed_calls[0].content)["texts"]
+    sources_call, answer_call = [r for r in gateway.retriever.requests if r.url.path == "/v1/embed"]
+    assert json.loads(sources_call.content)["texts"] == ["The Zorblax was first sold in 1987.", "Unrelated."]
+    assert json.loads(answer_call.content)["texts"] == [body["answer"]]
+
+
+async def test_the_sources_are_embedded_for_attribution_while_the_answer_is_generated(gateway: Gateway) -> None:
+    gateway.engine.delay = 0.05  # per word: the answer takes a while
+    asking = asyncio.create_task(
+        gateway.client.post("/v1/ask", json={"question": "When was the Zorblax first sold?", "top_k": 2})
+    )
+    await asyncio.wait_for(gateway.engine.started.wait(), 10)
+    await asyncio.sleep(0.05)
+    assert not asking.done()
+    (sources_call,) = [r for r in gateway.retriever.requests if r.url.path == "/v1/embed"]
+    assert "The Zorblax was first sold in 1987." in json.loads(sources_call.content)["texts"]
+    response = await asking
+    assert response.status_code == 200 and response.json()["citations"]
+    assert len([r for r in gateway.retriever.requests if r.url.path == "/v1/embed"]) == 2
+
+
+async def test_attribution_without_the_embedding_service_is_a_503_and_the_next_question_is_answered(
+    gateway: Gateway,
+) -> None:
+    payload = {"question": "When was the Zorblax first sold?", "top_k": 2}
+    gateway.retriever.embed_down = True
+    response = await gateway.client.post("/v1/ask", json=payload)
+    assert response.status_code == 503
+    assert "retriever is unavailable: embedding is unavailable" in response.json()["detail"]
+    gateway.retriever.embed_down = False
+    assert (await gateway.client.post("/v1/ask", json=payload)).json()["citations"]
+
+
+async def test_an_answer_that_repeats_a_source_sentence_needs_no_second_embedding_call(gateway: Gateway) -> None:
+    question = "The Zorblax was first sold in 1987."
+    # The scripted engine answers "answer to: Question: <question>": a source may hold that very sentence.
+    gateway.retriever.hits = [{**HITS[0], "text": f"Sold. answer to: Question: {question}"}]
+    body = (await gateway.client.post("/v1/ask", json={"question": question, "top_k": 1})).json()
+    assert [c["support"] for c in body["citations"]] == [1.0]
+    assert len([r for r in gateway.retriever.requests if r.url.path == "/v1/embed"]) == 1
 
 
 async def test_streaming_and_plain_answers_carry_the_same_citations(gateway: Gateway) -> None:

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from ragpod.processes import free_port
 from services.embedding.model import Embedder
-from services.gateway.attribution import attribute, markers, split_sentences
+from services.gateway.attribution import attribute, attribute_to, embed_sources, markers, split_sentences
 from services.gateway.config import Settings
 from services.gateway.pipeline import above_floor
 from services.gateway.schemas import Source
@@ -96,12 +96,23 @@ async def test_a_paraphrase_is_supported_by_its_source_and_the_answer_is_grounde
     assert result.grounded is True and result.warnings == []
 
 
-async def test_one_batched_call_embeds_each_distinct_sentence_once(embed: CountingEmbed) -> None:
-    answer = "Dogs are not allowed on the trail. Dogs are not allowed on the trail [1]."
+async def test_each_distinct_sentence_is_embedded_once(embed: CountingEmbed) -> None:
+    answer = "Dogs are not allowed on the trail. Dogs are not allowed on the trail [1]. Dogs like the kettle."
     await attribute(answer, [TRAIL, TRAIL + " It is steep.", KETTLE], embed, 0.5)
-    (texts,) = embed.calls
-    assert len(texts) == len(set(texts))
-    assert "Dogs are not allowed on the trail." in texts and "It is steep." in texts
+    sources, answers = embed.calls  # the sources' sentences, then the answer's not among them
+    assert len(sources) == len(set(sources)) == 6
+    assert "Dogs are not allowed on the trail." in sources and "It is steep." in sources
+    assert answers == ["Dogs like the kettle."]
+
+
+async def test_sources_embedded_ahead_serve_any_answer_without_embedding_them_again(embed: CountingEmbed) -> None:
+    sources = await embed_sources([TRAIL, KETTLE], embed)
+    assert [number for number, _ in sources.sentences] == [1, 1, 2, 2, 2] and len(embed.calls) == 1
+    copied = await attribute_to("Dogs are not allowed on the trail [1].", sources, embed, 0.5)
+    assert len(embed.calls) == 1 and copied.citations[0].support > 0.99 and copied.grounded
+    paraphrase = await attribute_to("The kettle boils water in four minutes.", sources, embed, 0.5)
+    assert embed.calls[1:] == [["The kettle boils water in four minutes."]]
+    assert paraphrase.citations[0].source == 2
 
 
 async def test_markers_that_disagree_with_the_sources_are_reported(embed: CountingEmbed) -> None:
