@@ -1,9 +1,18 @@
 """One dynamic micro-batcher for every model: many small concurrent calls become one model call.
 
 Callers ``submit`` an item and await its result. One loop takes what has
-arrived and hands it to ``process`` as a list, one batch at a time, so the
-model runs while the next batch gathers. A batch holds at most ``max_batch``
-units of weight (texts, sequences); one item heavier than that goes alone.
+arrived and hands it to ``process`` as a list, so the model runs while the
+next batch gathers. A batch holds at most ``max_batch`` units of weight
+(texts, sequences); one item heavier than that goes alone.
+
+``workers`` batches may be processed at once (one by default). With more than
+one, a batch takes at most an equal share of the weight in the batcher
+(waiting, being processed, and its own): 32 callers and two workers settle
+into two batches of 16 that take turns, one answered and refilled while the
+other is processed, instead of one batch of 32 and an idle worker. That is
+what a model on CPU cores wants, each worker with its share of the cores:
+on 2 cores, two batches of 16 on one thread each did 530-546 texts/s where
+one batch of 32 on two threads did 511 (and of 128, 530-544).
 
 How long a batch waits to fill adapts to the load: it waits (at most
 ``max_wait_ms``) only until it holds as many items (callers) as the batch
@@ -74,14 +83,18 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         max_pending: int = 0,
         on_batch: OnBatch | None = None,
         name: str = "batcher",
+        workers: int = 1,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
         self.process = process
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.max_pending = max_pending
         self.name = name
+        self.workers = workers
         self._weight = weight or (lambda _: 1)
         self._on_batch = on_batch
         self._waiting: deque[_Entry[ItemT, ResultT]] = deque()
@@ -90,6 +103,7 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         self._arrived = asyncio.Event()
         self._target = 1  # items in the batch before: how many to wait for
         self._task: asyncio.Task[None] | None = None
+        self._batches: set[asyncio.Task[None]] = set()  # being processed
         self._stopped = False
 
     @property
@@ -99,7 +113,7 @@ class MicroBatcher(Generic[ItemT, ResultT]):
 
     @property
     def processing(self) -> int:
-        """Weight of the batch being processed now (0 when the model is idle)."""
+        """Weight of the batches being processed now (0 when the model is idle)."""
         return self._processing
 
     def start(self) -> None:
@@ -112,6 +126,10 @@ class MicroBatcher(Generic[ItemT, ResultT]):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for batch in list(self._batches):
+            batch.cancel()
+        if self._batches:
+            await asyncio.gather(*self._batches, return_exceptions=True)
         while self._waiting:
             entry = self._waiting.popleft()
             if not entry.future.done():
@@ -160,7 +178,7 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         batch = [self._pop()]
         size = batch[0].weight
         deadline = time.monotonic() + self.max_wait
-        while size < self.max_batch:
+        while size < self._share(size):
             if not self._waiting:
                 if len(batch) >= self._target or not await self._wait_for_arrival(deadline - time.monotonic()):
                     break
@@ -169,20 +187,42 @@ class MicroBatcher(Generic[ItemT, ResultT]):
             if head.future.done():
                 self._pop()
                 continue
-            if size + head.weight > self.max_batch:
+            if size + head.weight > self._share(size):
                 break
             batch.append(self._pop())
             size += head.weight
         self._target = len(batch)
         return batch
 
+    def _share(self, size: int) -> int:
+        """The most weight the batch being gathered (``size`` so far) takes: ``max_batch`` with one worker;
+        with more, an equal share of the weight waiting, being processed and in this batch."""
+        if self.workers == 1:
+            return self.max_batch
+        total = self._pending + self._processing + size
+        return max(1, min(self.max_batch, -(-total // self.workers)))
+
     async def _run(self) -> None:
+        free = asyncio.Semaphore(self.workers)
         while True:
-            batch = await self._take_batch()
-            started = time.perf_counter()
-            self._processing = sum(e.weight for e in batch)
+            await free.acquire()
+            try:
+                batch = await self._take_batch()
+            except BaseException:
+                free.release()
+                raise
+            task = asyncio.create_task(self._process(batch), name=f"{self.name}-batch")
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+            task.add_done_callback(lambda _: free.release())
+
+    async def _process(self, batch: list[_Entry[ItemT, ResultT]]) -> None:
+        started = time.perf_counter()
+        weight = sum(e.weight for e in batch)
+        self._processing += weight
+        try:
             if self._on_batch is not None:
-                self._on_batch(self._processing, [started - e.queued_at for e in batch])
+                self._on_batch(weight, [started - e.queued_at for e in batch])
             try:
                 results = await self.process([e.item for e in batch])
                 if len(results) != len(batch):
@@ -195,11 +235,12 @@ class MicroBatcher(Generic[ItemT, ResultT]):
             except Exception as exc:
                 log.warning("batch_failed", batcher=self.name, items=len(batch), error=str(exc)[:300])
                 results = [exc] * len(batch)
-            self._processing = 0
-            for entry, result in zip(batch, results, strict=True):
-                if entry.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    entry.future.set_exception(result)
-                else:
-                    entry.future.set_result(result)
+        finally:
+            self._processing -= weight
+        for entry, result in zip(batch, results, strict=True):
+            if entry.future.done():
+                continue
+            if isinstance(result, BaseException):
+                entry.future.set_exception(result)
+            else:
+                entry.future.set_result(result)

@@ -11,11 +11,18 @@ from fastapi import FastAPI
 
 from services.common.app import OK, Checks, add_common_routes
 from services.common.deps import lifespan_state
+from services.common.devices import choose_device
 from services.common.gpu import sample_forever
 from services.common.metrics import MODEL_INFO
 from services.embedding.config import Settings
 from services.embedding.deps import State, StateDep
-from services.embedding.model import Batcher, Embedder
+from services.embedding.model import (
+    Batcher,
+    Embedder,
+    ModelThreads,
+    cpu_threads_per_batch,
+    load_embedder,
+)
 from services.embedding.routes import EmbedFastPath, router
 
 log = structlog.get_logger(__name__)
@@ -25,20 +32,37 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
     settings = settings or Settings()
 
     async def load(state: State) -> None:
+        threads: ModelThreads | None = None
         try:
-            model = (
-                embedder
+            device = (
+                embedder.device
                 if embedder is not None
-                else await asyncio.to_thread(Embedder, settings.embedding_model, settings.embedding_device)
+                else choose_device(settings.embedding_device, "RAG_EMBEDDING_DEVICE")
+            )
+            workers = settings.embedding_workers
+            # torch's threads shared out among the batches when this app loads the model; left as they are for
+            # one handed in (tests, benchmarks).
+            threads = ModelThreads(workers, cpu_threads_per_batch(workers, device) if embedder is None else None)
+            model = (
+                embedder if embedder is not None else await threads.run(load_embedder, settings.embedding_model, device)
             )
         except Exception as exc:
+            if threads is not None:
+                threads.shutdown()
             state.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("embedding_model_failed", model=settings.embedding_model or "packaged")
             return
         MODEL_INFO.labels("embedding", model.name, model.device).set(1)
-        log.info("embedding_model_loaded", model=model.name, device=model.device, dimension=model.dimension)
+        log.info(
+            "embedding_model_loaded",
+            model=model.name,
+            device=model.device,
+            dimension=model.dimension,
+            workers=workers,
+            threads_per_batch=threads.per_batch,
+        )
         batcher = Batcher(
-            model, settings.embedding_max_batch, settings.embedding_max_wait_ms, settings.embedding_max_pending
+            model, settings.embedding_max_batch, settings.embedding_max_wait_ms, settings.embedding_max_pending, threads
         )
         batcher.start()
         state.batcher = batcher

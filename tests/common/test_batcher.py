@@ -203,3 +203,41 @@ async def test_the_wait_counts_callers_not_weight() -> None:
     finally:
         await batcher.stop()
     assert model.batches == [[6], [1]]
+
+
+async def test_two_workers_process_two_batches_at_once_each_an_equal_share() -> None:
+    model = Model()
+    batcher = MicroBatcher(model.process, max_batch=64, max_wait_ms=0, workers=2)
+    batcher.start()
+    try:
+        first = await held_first(model, batcher)  # one worker holds [0]
+        rest = [asyncio.create_task(batcher.submit(i)) for i in range(1, 8)]
+        # The other worker takes its share of the eight in the batcher (half of them) at once, without waiting
+        # for the first batch to finish; the rest wait for a free worker.
+        await until(lambda: len(model.batches) == 2)
+        assert model.batches[1] == [1, 2, 3, 4]
+        assert batcher.processing == 5 and batcher.pending == 3
+        model.gate.set()
+        assert await first == 0 and [await task for task in rest] == [2 * i for i in range(1, 8)]
+    finally:
+        await batcher.stop()
+    assert sorted(i for batch in model.batches for i in batch) == list(range(8))
+    assert all(len(batch) <= 4 for batch in model.batches)
+
+
+async def test_stopping_fails_the_items_of_every_batch_in_process() -> None:
+    model = Model()
+    batcher = MicroBatcher(model.process, max_batch=64, max_wait_ms=0, workers=2)
+    batcher.start()
+    first = await held_first(model, batcher)
+    second = asyncio.create_task(batcher.submit(1))
+    await until(lambda: len(model.batches) == 2)
+    await batcher.stop()
+    for task in (first, second):
+        with pytest.raises(BatcherStopped):
+            await task
+
+
+def test_workers_must_be_at_least_one() -> None:
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        MicroBatcher(Model().process, max_batch=8, max_wait_ms=0, workers=0)

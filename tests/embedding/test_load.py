@@ -20,7 +20,7 @@ import torch
 
 from services.embedding.app import create_app
 from services.embedding.config import Settings
-from services.embedding.model import Embedder
+from services.embedding.model import Batcher, Embedder, ModelThreads
 from tests.fixtures.apps import in_process
 
 
@@ -68,7 +68,10 @@ async def until_ready(client: httpx.AsyncClient) -> None:
 @pytest.fixture
 async def gated() -> AsyncIterator[tuple[httpx.AsyncClient, GatedEncoder]]:
     encoder = GatedEncoder()
-    settings = Settings(embedding_max_texts=2, embedding_max_pending=3, embedding_retry_after_seconds=7)
+    # One batch at a time: the held one, and the rest waiting behind it.
+    settings = Settings(
+        embedding_max_texts=2, embedding_max_pending=3, embedding_retry_after_seconds=7, embedding_workers=1
+    )
     async with in_process(create_app(settings, embedder=encoder)) as client:  # type: ignore[arg-type]
         await until_ready(client)
         try:
@@ -148,3 +151,35 @@ async def test_other_errors_are_not_hidden_by_the_fallback(embedder: Embedder) -
     with pytest.raises(ValueError, match="tokenizer exploded"):
         gpu.encode(["x"])
     assert gpu._cpu_model is None  # no CPU copy was loaded for it
+
+
+class ThreadRecorder:
+    """A stand-in model noting, for every call, the thread it ran on and that thread's torch threads."""
+
+    name, device, dimension = "stand-in", "cpu", 1
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> list[list[float]]:
+        self.calls.append((threading.current_thread().name, torch.get_num_threads()))
+        return [[1.0] for _ in texts]
+
+
+async def test_the_model_runs_only_on_its_own_threads_each_with_its_share_of_torch_threads() -> None:
+    own = torch.get_num_threads()
+    share = 1 if own > 1 else 2  # anything but this thread's own count, to see it set
+    threads = ModelThreads(1, share)
+    recorder = ThreadRecorder()
+    loaded_on = await threads.run(lambda: threading.current_thread().name)  # as the service loads its model
+    batcher = Batcher(recorder, max_batch=8, max_wait_ms=0, threads=threads)
+    batcher.start()
+    try:
+        for _ in range(3):
+            await asyncio.gather(*(batcher.embed([f"text {i}"]) for i in range(5)))
+    finally:
+        await batcher.stop()
+        torch.set_num_threads(own)  # torch also keeps the last count set as the default of threads to come
+    assert loaded_on.startswith("embedding-model")
+    assert recorder.calls and set(recorder.calls) == {(loaded_on, share)}
+    assert torch.get_num_threads() == own
