@@ -178,8 +178,8 @@ class ModelThreads:
 
 
 class Batcher:
-    """Requests of one or more texts, micro-batched by text count into calls of ``encoder.encode``, ``workers``
-    batches at a time."""
+    """Requests of one or more texts, micro-batched by text count into calls of ``encoder.encode``, on
+    ``threads`` (one batch at a time on each)."""
 
     def __init__(
         self,
