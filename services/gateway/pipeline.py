@@ -26,6 +26,7 @@ from services.common.errors import (
     DeadlineExceeded,
     GenerationFailed,
     QueueFull,
+    RagError,
     UpstreamUnavailable,
 )
 from services.common.http import ServiceClient
@@ -115,7 +116,7 @@ def embed_sources_early(
 ) -> asyncio.Task[SourceSentences]:
     """Starts embedding the sources' sentences for attribution, to run while the job waits and is generated.
 
-    A failure is kept in the task and raised where the answer awaits it (``answered``), not logged on its own.
+    Only a head start: a failure is kept in the task, and the answer (``answered``) embeds them again then.
     """
     texts = context_texts(sources, settings.max_context_chars)
     task = asyncio.create_task(embed_sources(texts, retriever_embed(retriever, request_id)))
@@ -173,7 +174,7 @@ async def follow(queue: JobQueue, prepared: Prepared) -> AsyncIterator[Event]:
                     "the job was dropped and will not be generated"
                 ) from None
     finally:
-        prepared.forget()  # done with: an answer has been attributed already (see the callers)
+        prepared.forget()  # no answer needs the sources' vectors any more: attributed already, or none coming
         with contextlib.suppress(RedisError):
             await queue.discard(job.id)
 
@@ -201,6 +202,18 @@ def not_covered(prepared: Prepared) -> AskResponse:
     return AskResponse(answer=NOT_COVERED, sources=[], grounded=False, timings=timings(prepared, None))
 
 
+async def _embedded_early(prepared: Prepared) -> SourceSentences | None:
+    """The sources' sentences as embedded while the answer was generated; None if that was not done or failed
+    (the embedding service busy or down then: the answer tries again)."""
+    if prepared.sources_embedded is None:
+        return None
+    try:
+        return await prepared.sources_embedded
+    except (RagError, ValueError) as exc:
+        log.info("attribution_head_start_failed", error=str(exc)[:200])
+        return None
+
+
 async def answered(
     prepared: Prepared, done: Event, settings: Settings, retriever: ServiceClient, request_id: str
 ) -> AskResponse:
@@ -212,11 +225,9 @@ async def answered(
     answer = str(done.data.get("answer", ""))
     started = time.perf_counter()
     embed = retriever_embed(retriever, request_id)
-    if prepared.sources_embedded is None:
-        texts = context_texts(prepared.sources, settings.max_context_chars)
-        sources = await embed_sources(texts, embed)
-    else:
-        sources = await prepared.sources_embedded
+    sources = await _embedded_early(prepared)
+    if sources is None:
+        sources = await embed_sources(context_texts(prepared.sources, settings.max_context_chars), embed)
     attribution = await attribute_to(answer, sources, embed, settings.min_support)
     ASK_STAGE_SECONDS.labels("attribute").observe(time.perf_counter() - started)
     if not attribution.grounded:

@@ -206,6 +206,23 @@ async def test_attribution_without_the_embedding_service_is_a_503_and_the_next_q
     assert (await gateway.client.post("/v1/ask", json=payload)).json()["citations"]
 
 
+async def test_sources_not_embedded_ahead_are_embedded_with_the_answer(gateway: Gateway) -> None:
+    gateway.engine.delay = 0.05  # per word
+    gateway.retriever.embed_down = True  # while the job is queued and generated
+    asking = asyncio.create_task(
+        gateway.client.post("/v1/ask", json={"question": "When was the Zorblax first sold?", "top_k": 2})
+    )
+    await asyncio.wait_for(gateway.engine.started.wait(), 10)
+    await asyncio.sleep(0.05)
+    gateway.retriever.embed_down = False  # back before the answer is
+    response = await asking
+    assert response.status_code == 200
+    citation = response.json()["citations"][0]
+    assert citation["source"] == 1 and citation["support"] > 0.5
+    texts = [json.loads(r.content)["texts"] for r in gateway.retriever.requests if r.url.path == "/v1/embed"]
+    assert texts[0] == texts[1] == ["The Zorblax was first sold in 1987.", "Unrelated."]  # refused, then again
+
+
 async def test_an_answer_that_repeats_a_source_sentence_needs_no_second_embedding_call(gateway: Gateway) -> None:
     question = "The Zorblax was first sold in 1987."
     # The scripted engine answers "answer to: Question: <question>": a source may hold that very sentence.
