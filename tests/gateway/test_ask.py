@@ -36,6 +36,23 @@ async def unanswered_count(gateway: Gateway) -> float:
     return float(line.split()[1])
 
 
+def embedded(gateway: Gateway) -> list[list[str]]:
+    """The texts of each ``/v1/embed`` call the gateway made through the retriever, in order."""
+    return [json.loads(r.content)["texts"] for r in gateway.retriever.requests if r.url.path == "/v1/embed"]
+
+
+async def ask_while_generating(gateway: Gateway) -> asyncio.Task[Any]:
+    """An answer on its way: the question asked and its job being generated (the engine slowed to 50 ms a
+    word), for a test to look at meanwhile."""
+    gateway.engine.delay = 0.05
+    asking = asyncio.create_task(
+        gateway.client.post("/v1/ask", json={"question": "When was the Zorblax first sold?", "top_k": 2})
+    )
+    await asyncio.wait_for(gateway.engine.started.wait(), 10)
+    await asyncio.sleep(0.05)
+    return asking
+
+
 async def test_ask_returns_the_answer_with_sources_and_timings(gateway: Gateway) -> None:
     response = await gateway.client.post("/v1/ask", json={"question": "When was the Zorblax first sold?", "top_k": 2})
     assert response.status_code == 200, response.text
@@ -174,24 +191,19 @@ async def test_a_covered_answer_has_one_citation_per_sentence_naming_existing_so
     assert citation["source"] == 1  # the Zorblax chunk, not "Unrelated."
     assert body["grounded"] == (citation["support"] >= Settings().min_support)
     assert body["citation_warnings"] == []
-    sources_call, answer_call = [r for r in gateway.retriever.requests if r.url.path == "/v1/embed"]
-    assert json.loads(sources_call.content)["texts"] == ["The Zorblax was first sold in 1987.", "Unrelated."]
-    assert json.loads(answer_call.content)["texts"] == [body["answer"]]
+    sources_texts, answer_texts = embedded(gateway)
+    assert sources_texts == ["The Zorblax was first sold in 1987.", "Unrelated."]
+    assert answer_texts == [body["answer"]]
 
 
 async def test_the_sources_are_embedded_for_attribution_while_the_answer_is_generated(gateway: Gateway) -> None:
-    gateway.engine.delay = 0.05  # per word: the answer takes a while
-    asking = asyncio.create_task(
-        gateway.client.post("/v1/ask", json={"question": "When was the Zorblax first sold?", "top_k": 2})
-    )
-    await asyncio.wait_for(gateway.engine.started.wait(), 10)
-    await asyncio.sleep(0.05)
+    asking = await ask_while_generating(gateway)
     assert not asking.done()
-    (sources_call,) = [r for r in gateway.retriever.requests if r.url.path == "/v1/embed"]
-    assert "The Zorblax was first sold in 1987." in json.loads(sources_call.content)["texts"]
+    (sources_texts,) = embedded(gateway)
+    assert "The Zorblax was first sold in 1987." in sources_texts
     response = await asking
     assert response.status_code == 200 and response.json()["citations"]
-    assert len([r for r in gateway.retriever.requests if r.url.path == "/v1/embed"]) == 2
+    assert len(embedded(gateway)) == 2
 
 
 async def test_attribution_without_the_embedding_service_is_a_503_and_the_next_question_is_answered(
@@ -207,19 +219,14 @@ async def test_attribution_without_the_embedding_service_is_a_503_and_the_next_q
 
 
 async def test_sources_not_embedded_ahead_are_embedded_with_the_answer(gateway: Gateway) -> None:
-    gateway.engine.delay = 0.05  # per word
     gateway.retriever.embed_down = True  # while the job is queued and generated
-    asking = asyncio.create_task(
-        gateway.client.post("/v1/ask", json={"question": "When was the Zorblax first sold?", "top_k": 2})
-    )
-    await asyncio.wait_for(gateway.engine.started.wait(), 10)
-    await asyncio.sleep(0.05)
+    asking = await ask_while_generating(gateway)
     gateway.retriever.embed_down = False  # back before the answer is
     response = await asking
     assert response.status_code == 200
     citation = response.json()["citations"][0]
     assert citation["source"] == 1 and citation["support"] > 0.5
-    texts = [json.loads(r.content)["texts"] for r in gateway.retriever.requests if r.url.path == "/v1/embed"]
+    texts = embedded(gateway)
     assert texts[0] == texts[1] == ["The Zorblax was first sold in 1987.", "Unrelated."]  # refused, then again
 
 
@@ -229,7 +236,7 @@ async def test_an_answer_that_repeats_a_source_sentence_needs_no_second_embeddin
     gateway.retriever.hits = [{**HITS[0], "text": f"Sold. answer to: Question: {question}"}]
     body = (await gateway.client.post("/v1/ask", json={"question": question, "top_k": 1})).json()
     assert [c["support"] for c in body["citations"]] == [1.0]
-    assert len([r for r in gateway.retriever.requests if r.url.path == "/v1/embed"]) == 1
+    assert len(embedded(gateway)) == 1
 
 
 async def test_streaming_and_plain_answers_carry_the_same_citations(gateway: Gateway) -> None:
