@@ -93,7 +93,7 @@ from ragpod.documents import read_documents
 from ragpod.processes import Child, free_port
 from ragpod.redis_server import start_redis
 from ragpod.supervisor import SERVICES, Stack
-from services.common.memory import keep_freed_memory
+from services.common.memory import freeze_heap, keep_freed_memory
 from services.common.schemas import Document
 from services.common.transport import KeepAliveTransport
 from services.embedding.model import Embedder
@@ -313,6 +313,7 @@ async def run(args: argparse.Namespace, stack: Stack, redis: Child, redis_url: s
     documents = [Document.model_validate(doc) for doc in read_documents(CORPUS)]
     inproc = InProcess(redis_url, store_dir, args.top_k)
     await inproc.start(documents)
+    freeze_heap()  # as each service does once started: the in-process path's models out of every full collection
     headers = {"Authorization": f"Bearer {API_KEY}"}
     gateway = f"http://127.0.0.1:{stack.ports['gateway']}"
     samples: dict[str, list[dict[str, float]]] = {"in_process": [], "services": []}

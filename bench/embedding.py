@@ -57,7 +57,7 @@ from plot import OUT, bars, lines, record  # bench/plot.py, beside this script
 from prometheus_client.parser import text_string_to_metric_families
 
 from ragpod.processes import free_port, ready, start_service, wait_until
-from services.common.memory import keep_freed_memory
+from services.common.memory import freeze_heap, keep_freed_memory
 
 WORDS = [
     "kubernetes", "schedules", "pods", "on", "gpu", "nodes", "while", "the", "queue", "protects", "workers",
@@ -304,6 +304,7 @@ def main() -> None:
 
     keep_freed_memory()  # the allocator as the service sets it (services/common/serve.py), for the raw model too
     model = RawModel(args.device, args.model)
+    freeze_heap()  # as the service does once its model is loaded: the load generator shares this process with it
     device = model.device
     sizes = tuple(sorted({1, 8, 16, 32, 64, 128, args.clients}))
     per_batch = raw_sweep(model, args.seconds / 4, sizes, rounds=3)

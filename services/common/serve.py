@@ -2,24 +2,48 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import structlog
 import uvicorn
 from fastapi import FastAPI
 
 from services.common.logging import configure_logging
-from services.common.memory import keep_freed_memory
+from services.common.memory import freeze_heap, keep_freed_memory
 from services.common.settings import ServiceSettings
+
+log = structlog.get_logger(__name__)
 
 
 def run(service: str, settings: ServiceSettings, factory: Callable[[], FastAPI]) -> None:
     configure_logging(settings.log_level, settings.log_json, service)
     keep_freed_memory()  # a model's batches reuse their freed memory instead of faulting it in again
+    app = factory()
+    app.router.lifespan_context = frozen_once_started(app.router.lifespan_context)
     uvicorn.run(
-        factory(),
+        app,
         host=settings.host,
         port=settings.port,
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
     )
+
+
+Lifespan = Callable[[Any], contextlib.AbstractAsyncContextManager[Any]]
+
+
+def frozen_once_started(lifespan: Lifespan) -> Lifespan:
+    """``lifespan`` with the heap frozen once the app has started (``services.common.memory.freeze_heap``):
+    what the process loaded to start with no longer costs every full collection. Only the process's entry
+    point does this, not the app factory, so that tests, which make many apps in one process, do not."""
+
+    @contextlib.asynccontextmanager
+    async def started(app: Any) -> AsyncIterator[Any]:
+        async with lifespan(app) as state:
+            log.info("heap_frozen", objects=freeze_heap())
+            yield state
+
+    return started

@@ -13,6 +13,7 @@ from services.common.app import OK, Checks, add_common_routes
 from services.common.deps import lifespan_state
 from services.common.devices import choose_device
 from services.common.gpu import sample_forever
+from services.common.memory import freeze_heap
 from services.common.metrics import MODEL_INFO
 from services.embedding.config import Settings
 from services.embedding.deps import State, StateDep
@@ -28,7 +29,11 @@ from services.embedding.routes import EmbedFastPath, router
 log = structlog.get_logger(__name__)
 
 
-def create_app(settings: Settings | None = None, embedder: Embedder | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, embedder: Embedder | None = None, *, freeze_after_load: bool = False
+) -> FastAPI:
+    """``freeze_after_load``: the process's entry point freezes its heap once the model is loaded
+    (``services.common.memory.freeze_heap``); tests, many apps in one process, leave it off."""
     settings = settings or Settings()
 
     async def load(state: State) -> None:
@@ -66,6 +71,8 @@ def create_app(settings: Settings | None = None, embedder: Embedder | None = Non
         )
         batcher.start()
         state.batcher = batcher
+        if freeze_after_load:
+            log.info("heap_frozen", objects=freeze_heap())
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, object]]:

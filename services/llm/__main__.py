@@ -14,7 +14,7 @@ import signal
 import structlog
 
 from services.common.logging import configure_logging
-from services.common.memory import keep_freed_memory
+from services.common.memory import freeze_heap, keep_freed_memory
 from services.common.metrics import MODEL_INFO
 from services.common.queue import make_redis
 from services.common.sideserver import side_server
@@ -54,6 +54,7 @@ async def main(settings: Settings) -> int:
             log.exception("engine_failed_to_start", backend=settings.llm_backend)
             return 1
         MODEL_INFO.labels("llm", engine.model_name, engine.device).set(1)
+        log.info("heap_frozen", objects=freeze_heap())  # the engine loaded: out of every full collection
         if not worker.stopping:
             await worker.run()
         return 0

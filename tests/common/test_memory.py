@@ -1,16 +1,23 @@
-"""The allocator setting every model process makes: a model's batches stop faulting their memory in again."""
+"""The allocator setting every model process makes: a model's batches stop faulting their memory in again;
+and the heap every service freezes once started, so that full collections no longer walk it."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import platform
 import subprocess
 import sys
+import weakref
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from services.common.memory import keep_freed_memory
+from services.common import serve
+from services.common.memory import freeze_heap, keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,3 +65,52 @@ def test_a_model_thread_takes_far_fewer_page_faults_per_batch_once_set() -> None
 def test_an_allocator_setting_in_the_environment_is_left_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1048576")
     assert keep_freed_memory() is False
+
+
+class Node:
+    other: Any = None
+
+
+def dropped_cycle() -> weakref.ref[Node]:
+    """Two objects that refer to each other and to nothing else: garbage only the collector frees."""
+    first, second = Node(), Node()
+    first.other, second.other = second, first
+    return weakref.ref(first)
+
+
+def test_a_frozen_heap_is_left_out_of_collections_and_what_comes_later_is_collected() -> None:
+    kept = Node()
+    kept.other = kept  # a cycle alive at the freeze, dropped after it
+    frozen = weakref.ref(kept)
+    try:
+        assert freeze_heap() > 0
+        del kept
+        later = dropped_cycle()
+        gc.collect()
+        assert later() is None  # made after the freeze: collected as before
+        assert frozen() is not None  # frozen: no collection looks at it any more
+    finally:
+        gc.unfreeze()
+    gc.collect()
+    assert frozen() is None
+
+
+async def test_the_entry_point_freezes_the_heap_once_the_app_has_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[str] = []
+
+    def freeze() -> int:
+        events.append("frozen")
+        return 1
+
+    monkeypatch.setattr(serve, "freeze_heap", freeze)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: object) -> AsyncIterator[dict[str, int]]:
+        events.append("started")
+        yield {"state": 1}
+        events.append("stopped")
+
+    async with serve.frozen_once_started(lifespan)(object()) as state:
+        assert state == {"state": 1}
+        assert events == ["started", "frozen"]
+    assert events == ["started", "frozen", "stopped"]

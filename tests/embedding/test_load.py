@@ -18,6 +18,7 @@ import httpx
 import pytest
 import torch
 
+from services.embedding import app as embedding_app
 from services.embedding.app import create_app
 from services.embedding.config import Settings
 from services.embedding.model import Batcher, Embedder, ModelThreads
@@ -183,3 +184,26 @@ async def test_the_model_runs_only_on_its_own_threads_each_with_its_share_of_tor
     assert loaded_on.startswith("embedding-model")
     assert recorder.calls and set(recorder.calls) == {(loaded_on, share)}
     assert torch.get_num_threads() == own
+
+
+async def test_the_entry_points_app_freezes_its_heap_once_its_model_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    steps: list[str] = []
+
+    def load(model_path: str, device: str) -> ThreadRecorder:
+        steps.append("loaded")
+        return ThreadRecorder()
+
+    def freeze() -> int:
+        steps.append("frozen")
+        return 1
+
+    monkeypatch.setattr(embedding_app, "load_embedder", load)
+    monkeypatch.setattr(embedding_app, "freeze_heap", freeze)
+    async with in_process(create_app(Settings(), freeze_after_load=True)) as client:
+        await until_ready(client)
+        assert (await client.post("/v1/embed", json={"texts": ["after"]})).status_code == 200
+    assert steps == ["loaded", "frozen"]
+    steps.clear()
+    async with in_process(create_app(Settings())) as client:  # as tests make it: nothing frozen
+        await until_ready(client)
+    assert steps == ["loaded"]
