@@ -9,6 +9,7 @@ skip ``/healthz``, ``/readyz`` and ``/metrics``.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from starlette.requests import Request
@@ -35,11 +36,16 @@ UNMEASURED_PATHS = frozenset({"/healthz", "/readyz", "/health", "/metrics"})
 
 
 class MetricsMiddleware:
-    """Counts requests and observes latency per route template."""
+    """Counts requests and observes latency per route template.
+
+    The labelled series are looked up once per (method, route, status) and kept: ``labels()`` checks
+    and joins its values under a lock on every call, twice a request."""
 
     def __init__(self, app: ASGIApp, service: str) -> None:
         self.app = app
         self.service = service
+        self._counts: dict[tuple[str, str, int], Any] = {}
+        self._latencies: dict[tuple[str, str], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in UNMEASURED_PATHS:
@@ -60,8 +66,16 @@ class MetricsMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope["method"]
-            HTTP_REQUESTS.labels(self.service, method, template, str(status)).inc()
-            HTTP_LATENCY.labels(self.service, method, template).observe(time.perf_counter() - start)
+            count = self._counts.get((method, template, status))
+            if count is None:
+                count = self._counts[method, template, status] = HTTP_REQUESTS.labels(
+                    self.service, method, template, str(status)
+                )
+            latency = self._latencies.get((method, template))
+            if latency is None:
+                latency = self._latencies[method, template] = HTTP_LATENCY.labels(self.service, method, template)
+            count.inc()
+            latency.observe(time.perf_counter() - start)
 
 
 async def metrics_endpoint(_: Request) -> Response:
