@@ -1,10 +1,8 @@
 from services.common.cpu import spin_briefly
+from services.common.serve import run
+from services.embedding.app import create_app
+from services.embedding.config import Settings
 
-spin_briefly()  # before anything imports torch: libgomp reads its environment once, then
-
-from services.common.serve import run  # noqa: E402
-from services.embedding.app import create_app  # noqa: E402
-from services.embedding.config import Settings  # noqa: E402
-
+spin_briefly()  # before the model's loading imports torch: libgomp reads its environment once, then
 settings = Settings()
 run("embedding", settings, lambda: create_app(settings, freeze_after_load=True))

@@ -13,6 +13,7 @@ import signal
 
 import structlog
 
+from services.common.cpu import spin_briefly
 from services.common.logging import configure_logging
 from services.common.memory import freeze_heap, keep_freed_memory
 from services.common.metrics import MODEL_INFO
@@ -69,4 +70,5 @@ if __name__ == "__main__":
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json, "llm")
     keep_freed_memory()  # the engine's forward passes reuse their freed memory instead of faulting it in again
+    spin_briefly()  # before the engine imports torch: libgomp reads its environment once, then
     raise SystemExit(asyncio.run(main(settings)))

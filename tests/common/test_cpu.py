@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from services.common.cpu import SPIN_COUNT
 from tests.fixtures.uvicorn_server import free_port
 
@@ -52,10 +54,17 @@ def test_once_torch_is_imported_it_is_too_late_and_nothing_is_changed() -> None:
     assert spins != SPIN_COUNT  # libgomp's own default
 
 
-def test_the_embedding_services_entry_point_sets_it_before_its_model_loads_torch() -> None:
-    env = environment(RAG_HOST="127.0.0.1", RAG_PORT=str(free_port()), RAG_LOG_LEVEL="warning")
+@pytest.mark.parametrize("service", ["embedding", "llm"])
+def test_a_model_services_entry_point_sets_it_before_its_model_loads_torch(service: str) -> None:
+    # The LLM worker loads its engine before it needs Redis: a closed port is enough to get that far.
+    env = environment(
+        RAG_HOST="127.0.0.1",
+        RAG_PORT=str(free_port()),
+        RAG_LOG_LEVEL="warning",
+        RAG_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.embedding"],
+        [sys.executable, "-m", f"services.{service}"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
