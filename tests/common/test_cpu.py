@@ -54,14 +54,16 @@ def test_once_torch_is_imported_it_is_too_late_and_nothing_is_changed() -> None:
     assert spins != SPIN_COUNT  # libgomp's own default
 
 
-@pytest.mark.parametrize("service", ["embedding", "llm"])
+@pytest.mark.parametrize("service", ["embedding", "llm", "llm.server"])
 def test_a_model_services_entry_point_sets_it_before_its_model_loads_torch(service: str) -> None:
-    # The LLM worker loads its engine before it needs Redis: a closed port is enough to get that far.
+    # The LLM worker loads its engine before it needs Redis: a closed port is enough to get that far. The
+    # model server (services.llm.server) loads its engine as it starts.
     env = environment(
         RAG_HOST="127.0.0.1",
         RAG_PORT=str(free_port()),
         RAG_LOG_LEVEL="warning",
         RAG_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+        RAG_LLM_SERVE_PORT=str(free_port()),
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", f"services.{service}"],
