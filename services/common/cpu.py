@@ -15,8 +15,9 @@ imported, so it must come before that. Measured on the embedding service
 (2 cores, 32 clients, one text each): the model's idle time between two
 batches 4.0 ms with the default, 2.9-3.1 ms with 30,000 (2.8-3.0 with 10,000
 or 20,000), its time per batch unchanged (55-59 ms either way). The LLM
-worker sets it too: its threads spinning after a forward pass had slowed the
-embedding service beside it (docs/architecture.md). A value in
+worker and the model server set it too: the worker's threads spinning after
+a forward pass had slowed the embedding service beside it
+(docs/architecture.md). A value in
 the environment (``GOMP_SPINCOUNT``, or ``OMP_WAIT_POLICY``, which sets it
 too) is left as it is.
 """
