@@ -37,20 +37,16 @@ def create_app(
     settings = settings or Settings()
 
     async def load(state: State) -> None:
+        workers = settings.embedding_workers
         threads: ModelThreads | None = None
         try:
-            device = (
-                embedder.device
-                if embedder is not None
-                else choose_device(settings.embedding_device, "RAG_EMBEDDING_DEVICE")
-            )
-            workers = settings.embedding_workers
-            # torch's threads shared out among the batches when this app loads the model; left as they are for
-            # one handed in (tests, benchmarks).
-            threads = ModelThreads(workers, cpu_threads_per_batch(workers, device) if embedder is None else None)
-            model = (
-                embedder if embedder is not None else await threads.run(load_embedder, settings.embedding_model, device)
-            )
+            if embedder is not None:  # handed in (tests, benchmarks): torch's threads left as they are
+                threads = ModelThreads(workers, None)
+                model = embedder
+            else:  # loaded here: torch's threads shared out among the batches
+                device = choose_device(settings.embedding_device, "RAG_EMBEDDING_DEVICE")
+                threads = ModelThreads(workers, cpu_threads_per_batch(workers, device))
+                model = await threads.run(load_embedder, settings.embedding_model, device)
         except Exception as exc:
             if threads is not None:
                 threads.shutdown()
