@@ -15,6 +15,7 @@ from services.common.devices import choose_device
 from services.common.gpu import sample_forever
 from services.common.memory import freeze_heap
 from services.common.metrics import MODEL_INFO
+from services.common.stopping import loading
 from services.embedding.config import Settings
 from services.embedding.deps import State, StateDep
 from services.embedding.model import (
@@ -44,9 +45,10 @@ def create_app(
                 threads = ModelThreads(workers, None)
                 model = embedder
             else:  # loaded here: torch's threads shared out among the batches
-                device = choose_device(settings.embedding_device, "RAG_EMBEDDING_DEVICE")
-                threads = ModelThreads(workers, cpu_threads_per_batch(workers, device))
-                model = await threads.run(load_embedder, settings.embedding_model, device)
+                with loading("embedding model"):
+                    device = choose_device(settings.embedding_device, "RAG_EMBEDDING_DEVICE")
+                    threads = ModelThreads(workers, cpu_threads_per_batch(workers, device))
+                    model = await threads.run(load_embedder, settings.embedding_model, device)
         except Exception as exc:
             if threads is not None:
                 threads.shutdown()

@@ -19,6 +19,7 @@ from services.common.memory import freeze_heap, keep_freed_memory
 from services.common.metrics import MODEL_INFO
 from services.common.queue import make_redis
 from services.common.sideserver import side_server
+from services.common.stopping import end_now, still_loading
 from services.llm.app import create_app
 from services.llm.config import Settings
 from services.llm.engine import build_engine
@@ -36,7 +37,9 @@ async def main(settings: Settings) -> int:
 
     signals = 0
 
-    def on_signal() -> None:
+    def on_signal(sig: signal.Signals) -> None:
+        if still_loading():  # nothing read yet, nothing to drain
+            end_now(sig)
         nonlocal signals
         signals += 1
         if signals > 1:
@@ -46,7 +49,7 @@ async def main(settings: Settings) -> int:
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(sig, on_signal, sig)
 
     try:
         try:

@@ -33,6 +33,7 @@ import structlog
 
 from services.common.batcher import MicroBatcher
 from services.common.devices import choose_device, is_out_of_memory, release_cached_memory
+from services.common.stopping import loading
 from services.llm.engine import EngineError, Generation, GenerationRequest, TokenCallback
 from services.llm.metrics import ENGINE_BATCH_SIZE
 
@@ -214,10 +215,12 @@ class LocalEngine:
             self._tokenizer, self._model = self._given
             device = str(self._model.device.type)
         else:
-            device = choose_device(self.options.device, "RAG_LLM_DEVICE")
-            self._tokenizer, self._model = await asyncio.get_running_loop().run_in_executor(
-                self._executor, load_model, self.options, device
-            )
+            with loading("llm model"):
+                device = choose_device(self.options.device, "RAG_LLM_DEVICE")
+                log.info("llm_model_loading", device=device, path=self.options.model_path or "packaged")
+                self._tokenizer, self._model = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, load_model, self.options, device
+                )
         self.device = device
         log.info("llm_model_loaded", device=device, seconds=round(time.perf_counter() - started, 1))
         self._batcher.start()
