@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from types import FrameType
 from typing import Any
 
 import structlog
 import uvicorn
 from fastapi import FastAPI
 
+from services.common import stopping
 from services.common.logging import configure_logging
 from services.common.memory import freeze_heap, keep_freed_memory
 from services.common.settings import ServiceSettings
-from services.common.stopping import end_now, still_loading
 
 log = structlog.get_logger(__name__)
 
@@ -24,7 +23,8 @@ def run(service: str, settings: ServiceSettings, factory: Callable[[], FastAPI])
     keep_freed_memory()  # a model's batches reuse their freed memory instead of faulting it in again
     app = factory()
     app.router.lifespan_context = frozen_once_started(app.router.lifespan_context)
-    config = uvicorn.Config(
+    stopping.enable()  # a stop signal while the model loads ends the process at once
+    uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
@@ -32,17 +32,6 @@ def run(service: str, settings: ServiceSettings, factory: Callable[[], FastAPI])
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
     )
-    Server(config).run()
-
-
-class Server(uvicorn.Server):
-    """uvicorn's server, except that a stop signal before the app has started, or while its model is still
-    loading (:mod:`services.common.stopping`), ends the process at once: there is nothing to drain yet."""
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if not self.started or still_loading():
-            end_now(sig)
-        super().handle_exit(sig, frame)
 
 
 Lifespan = Callable[[Any], contextlib.AbstractAsyncContextManager[Any]]

@@ -13,13 +13,13 @@ import signal
 
 import structlog
 
+from services.common import stopping
 from services.common.cpu import spin_briefly
 from services.common.logging import configure_logging
 from services.common.memory import freeze_heap, keep_freed_memory
 from services.common.metrics import MODEL_INFO
 from services.common.queue import make_redis
 from services.common.sideserver import side_server
-from services.common.stopping import end_now, still_loading
 from services.llm.app import create_app
 from services.llm.config import Settings
 from services.llm.engine import build_engine
@@ -37,9 +37,7 @@ async def main(settings: Settings) -> int:
 
     signals = 0
 
-    def on_signal(sig: signal.Signals) -> None:
-        if still_loading():  # nothing read yet, nothing to drain
-            end_now(sig)
+    def on_signal() -> None:
         nonlocal signals
         signals += 1
         if signals > 1:
@@ -49,7 +47,7 @@ async def main(settings: Settings) -> int:
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+        loop.add_signal_handler(sig, on_signal)
 
     try:
         try:
@@ -71,6 +69,7 @@ async def main(settings: Settings) -> int:
 
 if __name__ == "__main__":
     settings = Settings()
+    stopping.enable()  # a stop signal while the engine loads its model ends the process at once
     configure_logging(settings.log_level, settings.log_json, "llm")
     keep_freed_memory()  # the engine's forward passes reuse their freed memory instead of faulting it in again
     spin_briefly()  # before the engine imports torch: libgomp reads its environment once, then

