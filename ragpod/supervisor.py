@@ -238,6 +238,7 @@ def ingest_demo(gateway: str) -> dict[str, int]:
 
 
 def main(data_dir: Path = ROOT / "data", ports: dict[str, int] | None = None) -> int:
+    data_dir = data_dir.resolve()  # the services run in the repository's root, not in this process's directory
     ports = {**PORTS, "redis": REDIS_PORT, **(ports or {})}
     redis_port = ports.pop("redis")
     stack = Stack(ports=ports, redis_port=redis_port, data_dir=data_dir, log_dir=data_dir / "logs", own_session=True)

