@@ -176,14 +176,21 @@ def runs(df: Dockerfile, image: Image) -> list[Instruction]:
 
 
 def pip_installs(df: Dockerfile, image: Image) -> list[list[str]]:
-    """Every `pip install` command (as words) run by the stages of an image."""
+    """Every `pip install` and `uv sync` command (as words) run by the stages of an image, in order."""
     commands = []
     for run in runs(df, image):
         for part in re.split(r"&&|;", run.args):
             words = shlex.split(part)
-            if "pip" in words and "install" in words:
+            if ("pip" in words and "install" in words) or words[:2] == ["uv", "sync"]:
                 commands.append(words)
     return commands
+
+
+def extras_installed(words: list[str]) -> list[str]:
+    """The extras one install command names: `pip install ./[a,b]` or `uv sync --extra a --extra b`."""
+    if words[:2] == ["uv", "sync"]:
+        return [words[n + 1] for n, word in enumerate(words) if word == "--extra"]
+    return [e for word in words if (m := re.fullmatch(r"\.?/?\[([\w,-]+)\]", word)) for e in m.group(1).split(",")]
 
 
 def exec_form(instruction: Instruction) -> list[str]:
@@ -247,19 +254,19 @@ def test_is_multi_stage_from_pinned_bases(service: str) -> None:
 
 
 @pytest.mark.parametrize("image", IMAGES, ids=image_id)
-def test_installs_its_own_extra(image: Image) -> None:
+def test_installs_its_own_extra_at_the_locked_versions(image: Image) -> None:
     df = dockerfile(image.service)
-    extras = [
-        m.group(1)
-        for words in pip_installs(df, image)
-        for word in words
-        if (m := re.fullmatch(r"\.?/?\[([\w,-]+)\]", word))
-    ]
-    assert extras, f"{image_id(image)}: no `pip install ./[extra]`"
-    for listed in extras:
-        for extra in listed.split(","):
-            assert extra in EXTRAS, f"{image_id(image)} installs extra {extra!r}, not in pyproject.toml"
+    installs = [words for words in pip_installs(df, image) if extras_installed(words)]
+    assert installs, f"{image_id(image)}: no `uv sync --frozen --extra ...`"
+    extras = [extra for words in installs for extra in extras_installed(words)]
+    for extra in extras:
+        assert extra in EXTRAS, f"{image_id(image)} installs extra {extra!r}, not in pyproject.toml"
     assert extras == [image.extra], f"{image_id(image)} should install exactly the {image.extra!r} extra"
+    for words in installs:
+        assert words[:2] == ["uv", "sync"] and "--frozen" in words, f"{image_id(image)}: install from uv.lock"
+    copied = [c.args.split() for stage in df.build_stages(image.target) for c in stage.all("COPY")]
+    assert any("uv.lock" in args for args in copied), f"{image_id(image)}: copy uv.lock into the build"
+    assert "!uv.lock" in (REPO / ".dockerignore").read_text().split(), "uv.lock must reach the build context"
 
 
 @pytest.mark.parametrize("image", IMAGES, ids=image_id)
@@ -267,7 +274,7 @@ def test_dependencies_are_installed_before_the_code_is_copied(image: Image) -> N
     df = dockerfile(image.service)
     for stage in df.build_stages(image.target):
         copies = stage.all("COPY")
-        installs = [r for r in stage.all("RUN") if "pip install" in r.args]
+        installs = [r for r in stage.all("RUN") if "pip install" in r.args or "uv sync" in r.args]
         copies_code = [c for c in copies if re.match(r"^(--\S+\s+)*services\b", c.args)]
         if installs:
             assert not copies_code, f"{image_id(image)}: stage {stage.name} installs dependencies beside the code"
@@ -277,7 +284,8 @@ def test_dependencies_are_installed_before_the_code_is_copied(image: Image) -> N
     code = [n for n, i in enumerate(instructions) if i.keyword == "COPY" and re.match(r"^services\b", i.args)]
     assert venv and code, f"{image_id(image)}: copy the dependencies, then the code, into the final stage"
     assert max(venv) < min(code), f"{image_id(image)}: the dependencies' layer must come before the code"
-    assert all(i.keyword != "RUN" or "pip install" not in i.args for i in instructions[min(code) :])
+    late = instructions[min(code) :]
+    assert all(i.keyword != "RUN" or ("pip install" not in i.args and "uv sync" not in i.args) for i in late)
 
 
 def torch_pin() -> str:
@@ -313,7 +321,7 @@ def test_torch_comes_from_the_right_wheel_index(image: Image) -> None:
         for line in TORCH_CUDA_LINES[torch_pin()]:
             assert re.search(rf"{line}\b.*driver\s*>=\s*\d+\.\d+", notes), f"say which driver {line} needs"
     # torch goes in before the extra, so the extra finds it satisfied instead of pulling PyPI's build.
-    order = [n for n, w in enumerate(pip_installs(df, image)) if any("[" in x for x in w)]
+    order = [n for n, w in enumerate(pip_installs(df, image)) if extras_installed(w)]
     assert pip_installs(df, image).index(words) < min(order)
 
 
