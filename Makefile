@@ -14,7 +14,7 @@ TORCH_INDEX ?=
 TORCH_PIP_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 UV := UV_PROJECT_ENVIRONMENT=$(abspath $(VENV)) $(BIN)/uv
 
-.PHONY: install system-deps run test test-fast test-gpu lint lock bench compose-smoke clean
+.PHONY: install system-deps run smoke test test-fast test-gpu lint lock bench compose-smoke clean
 
 install: $(STAMP)
 
@@ -35,8 +35,14 @@ lock:
 	test -x $(BIN)/uv || $(BIN)/pip install -q uv==$(UV_VERSION)
 	$(UV) lock $(UPGRADE)
 
+# Extra arguments for ragpod run, e.g. RUN_ARGS="--port gateway=9000 --data-dir /tmp/ragpod"
+RUN_ARGS ?=
 run: install
-	$(BIN)/ragpod run
+	$(BIN)/ragpod run $(RUN_ARGS)
+
+# What a newcomer does: make run with no Redis server on PATH, one question, Ctrl-C, everything stopped.
+smoke: install
+	$(BIN)/python scripts/smoke.py
 
 system-deps:
 	scripts/system-deps.sh
