@@ -47,11 +47,17 @@ smoke: install
 system-deps:
 	scripts/system-deps.sh
 
-test: install system-deps
-	$(BIN)/pytest
+# pytest-xdist: one worker per core; each test module, and the end-to-end folder as a whole, stays on one
+# worker (tests/conftest.py), so the processes a module starts are started once.
+PYTEST_WORKERS ?= auto
+PYTEST_XDIST := -n $(PYTEST_WORKERS) --dist loadgroup
 
+test: install system-deps
+	$(BIN)/pytest $(PYTEST_XDIST)
+
+# The quick suite: no end-to-end stacks, nothing marked slow.
 test-fast: install
-	$(BIN)/pytest -m "not e2e and not slow"
+	$(BIN)/pytest $(PYTEST_XDIST) -m "not e2e and not slow"
 
 lint: install
 	$(UV) lock --check

@@ -147,7 +147,7 @@ class EmbeddedValkey:
         self.name = name
         self.log_path = log_path
         self.server = ValkeyServer(port=port, data_dir=data_dir, config=config, persist=persist)
-        self.server.start(timeout=10)
+        self.server.start(timeout=60)
 
     @property
     def pid(self) -> int | None:
@@ -194,7 +194,7 @@ def start_redis(
             args += ["--appendonly", "no"]
         child = spawn("redis", args, {}, log_dir, own_session=True)
     try:
-        wait_until(lambda: port_open(port), 10, f"{server.kind} on port {port}", child)
+        wait_until(lambda: port_open(port), 60, f"{server.kind} on port {port}", child)
     except BaseException:
         child.stop()
         raise

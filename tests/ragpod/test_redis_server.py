@@ -121,7 +121,7 @@ def test_ragpod_run_says_in_one_line_what_to_do_when_the_writer_is_gone(tmp_path
         [sys.executable, "-m", "ragpod", "run", "--data-dir", str(data), *ports],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
         env={**os.environ, "PATH": str(Path(sys.executable).parent)},  # no server binary on PATH
     )
     assert ran.returncode == 1
