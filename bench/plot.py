@@ -1,6 +1,7 @@
 """Benchmark figures: each script records what it measured; this draws them.
 
     .venv/bin/python bench/plot.py            # draw every docs/benchmarks/<name>.json as <name>.png
+                                              # and write docs/benchmarks.md and the README's table
 
 A benchmark script ends with one call (the script's folder is on ``sys.path``
 when it runs as ``python bench/<name>.py``)::
@@ -19,10 +20,17 @@ Charts are plain data, so a figure can be redrawn without running anything:
 - ``bars(title, y_label, groups, {label: values}, log=False)``: grouped bars,
   one group per entry of ``groups`` (e.g. latency percentiles per stage); a
   log scale where small stages sit beside a large one.
+
+From the same files it writes ``docs/benchmarks.md`` (every benchmark's latest
+figures, each with its date and machine, and its plot) and the table of the
+figures that have a goal (``GOALS``) into README.md, between the two
+``<!-- benchmarks ... -->`` markers. Nothing is measured again: the page and
+the table change only when a benchmark has recorded a new run.
 """
 
 from __future__ import annotations
 
+import ast
 import datetime as dt
 import json
 import os
@@ -33,10 +41,14 @@ import sys
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "benchmarks"
+PAGE = ROOT / "docs" / "benchmarks.md"
+README = ROOT / "README.md"
+README_START = "<!-- benchmarks: written by bench/plot.py from docs/benchmarks/*.json; do not edit by hand -->"
+README_END = "<!-- end of benchmarks -->"
 
 Chart = dict[str, Any]
 
@@ -207,11 +219,180 @@ def draw(json_path: Path) -> Path | None:
     return png
 
 
+# --- the page and the README's table ---------------------------------------------------------------------
+
+
+_SIGNS = {">=": "≥", "<=": "≤", "==": "="}
+
+
+class Goal(NamedTuple):
+    figure: str
+    op: str  # ">=", "<=" or "=="
+    value: float
+    meaning: str
+
+    def met(self, latest: float) -> bool:
+        if self.op == ">=":
+            return latest >= self.value
+        if self.op == "<=":
+            return latest <= self.value
+        return latest == self.value
+
+    def text(self) -> str:
+        return f"{_SIGNS[self.op]} {self.value:g}"
+
+
+GOALS: dict[str, tuple[Goal, ...]] = {
+    # The goals each script's docstring states, keyed by script; a figure without a goal is not in the table.
+    "ask": (Goal("overhead_p50_ms", "<=", 15, "ms the four services add to one question at p50"),),
+    "embedding": (Goal("ratio", ">=", 0.9, "texts/s through HTTP over the raw model's, 32 clients"),),
+    "retriever": (Goal("p99_ms", "<=", 20, "ms of `/v1/search` at p99, query embedding included"),),
+    "retrieval_quality": (
+        Goal("recall_at_1", ">=", 0.9, "the right document first"),
+        Goal("recall_at_5", ">=", 1.0, "the right document in the first five"),
+    ),
+    "answer_quality": (
+        Goal("refused_uncovered", ">=", 0.9, "uncovered questions refused without a job"),
+        Goal("refused_covered", "==", 0, "covered questions refused"),
+    ),
+    "ingest": (Goal("ratio", ">=", 0.8, "chunks/s through `POST /v1/documents` over the model alone"),),
+    "queue_hop": (
+        Goal("throughput_ratio", ">=", 0.95, "jobs/s through the Redis queue over direct calls"),
+        Goal("hop_p50_ms", "<=", 2, "ms the queue adds to one job at p50"),
+    ),
+    "overload": (
+        Goal("goodput_ratio", ">=", 0.95, "answers/s at three times capacity over capacity"),
+        Goal("p99_ratio", "<=", 2, "p99 latency then over p99 at capacity"),
+        Goal("lost", "==", 0, "requests with neither an answer nor an error"),
+    ),
+}
+
+
+def _script(body: Mapping[str, Any]) -> str:
+    """The benchmark script a recorded run came from (``embedding-cuda`` is a run of ``embedding``)."""
+    command = str(body.get("command") or "").split()
+    return Path(command[0]).stem if command else str(body["name"])
+
+
+def _machine_short(machine: Mapping[str, Any]) -> str:
+    gpus = [str(gpu).split(",")[0] for gpu in machine.get("gpus") or []]
+    gpu = f"{len(gpus)}x {gpus[0]}" if len(gpus) > 1 else (gpus[0] if gpus else "no GPU")
+    return f"{machine.get('cores', '?')} CPU cores, {gpu}"
+
+
+def _measured(body: Mapping[str, Any]) -> str:
+    """When and on what: the day, the machine, and the device where a GPU machine ran a CPU benchmark."""
+    machine = body["machine"]
+    on_cpu = machine.get("gpus") and body["figures"].get("device") == "cpu"
+    return f"{body['date'][:10]}, {_machine_short(machine)}" + (" (run on the CPU)" if on_cpu else "")
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return json.dumps(value, separators=(", ", ": "))
+    return f"{value:g}"
+
+
+def latest(out: Path = OUT) -> list[dict[str, Any]]:
+    """Every recorded benchmark, in the order of ``GOALS`` (then the others by name)."""
+    bodies = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(out.glob("*.json"))]
+    order = {script: index for index, script in enumerate(GOALS)}
+    return sorted(bodies, key=lambda body: (order.get(_script(body), len(order)), body["name"]))
+
+
+def goals_table(bodies: Sequence[Mapping[str, Any]]) -> str:
+    """One row per figure with a goal: the latest value, the goal, and when and where it was measured."""
+    rows = [
+        "| benchmark | figure | latest | goal | met | measured |",
+        "|---|---|---|---|---|---|",
+    ]
+    for body in bodies:
+        for goal in GOALS.get(_script(body), ()):
+            value = body["figures"].get(goal.figure)
+            if not isinstance(value, int | float):
+                continue
+            rows.append(
+                f"| {body['name']} | `{goal.figure}`: {goal.meaning} | {_value(value)} | {goal.text()} "
+                f"| {'yes' if goal.met(value) else 'no'} | {_measured(body)} |"
+            )
+    return "\n".join(rows) + "\n"
+
+
+def _summary(script: str) -> str:
+    """The first line of the benchmark script's docstring."""
+    path = Path(__file__).resolve().parent / f"{script}.py"
+    try:
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+    except (OSError, SyntaxError):
+        return ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def page(bodies: Sequence[Mapping[str, Any]]) -> str:
+    """``docs/benchmarks.md``: the goals table, then every benchmark's latest figures with date, machine and plot."""
+    parts = [
+        "# Benchmark figures\n",
+        "Written by `bench/plot.py` from the latest `docs/benchmarks/<name>.json` of each benchmark (`make bench`"
+        " runs every script in `bench/`, then `bench/plot.py`); do not edit it by hand. Every benchmark measures"
+        " against a baseline in the same run; its script's docstring says how, and what each figure means."
+        " Earlier runs are in git's history of `docs/benchmarks/`.\n",
+        "## Against their goals\n",
+        goals_table(bodies),
+    ]
+    for body in bodies:
+        machine = body["machine"]
+        load = machine.get("load_average_1m")
+        summary = _summary(_script(body))
+        parts.append(f"## {body['name']}\n")
+        if summary:
+            parts.append(f"`bench/{_script(body)}.py`: {summary}\n")
+        parts.append(
+            f"Measured {body['date']} on {machine['summary']}"
+            + (f", load average {load} when it ended" if load is not None else "")
+            + (f"; `{body['command']}`" if body.get("command") else "")
+            + ".\n"
+        )
+        if body.get("note"):
+            parts.append(f"{body['note']}\n")
+        goals = {goal.figure: goal for goal in GOALS.get(_script(body), ())}
+        rows = ["| figure | value | goal |", "|---|---|---|"]
+        for figure, value in body["figures"].items():
+            goal = goals.get(figure)
+            rows.append(f"| `{figure}` | {_value(value)} | {goal.text() if goal else ''} |")
+        parts.append("\n".join(rows) + "\n")
+        if body.get("charts"):
+            parts.append(f"![{body['name']}](benchmarks/{body['name']}.png)\n")
+    return "\n".join(parts)
+
+
+def readme_with_table(readme: str, bodies: Sequence[Mapping[str, Any]]) -> str:
+    """The README with the goals table between its markers replaced (unchanged without the markers)."""
+    if README_START not in readme or README_END not in readme:
+        return readme
+    before, rest = readme.split(README_START, 1)
+    _, after = rest.split(README_END, 1)
+    return f"{before}{README_START}\n{goals_table(bodies)}{README_END}{after}"
+
+
+def write_pages(out: Path = OUT, page_path: Path = PAGE, readme_path: Path = README) -> None:
+    bodies = latest(out)
+    page_path.write_text(page(bodies), encoding="utf-8")
+    if readme_path.exists():
+        readme = readme_path.read_text(encoding="utf-8")
+        updated = readme_with_table(readme, bodies)
+        if updated != readme:
+            readme_path.write_text(updated, encoding="utf-8")
+
+
 def main() -> int:
     paths = [Path(arg) for arg in sys.argv[1:]] or sorted(OUT.glob("*.json"))
     for path in paths:
         png = draw(path)
         print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {png.name if png else 'no charts'}")
+    write_pages()
+    print(f"{PAGE.relative_to(ROOT)}, the table in {README.relative_to(ROOT)}: written")
     return 0
 
 

@@ -10,10 +10,9 @@ one, a batch takes at most an equal share of the weight in the batcher
 (waiting, being processed, and its own): 32 callers and two workers settle
 into two batches of 16 that take turns, one answered and refilled while the
 other is processed, instead of one batch of 32 and an idle worker. That is
-what a model on CPU cores may want, each worker with its share of the cores:
-on 2 cores the embedding model alone, two batches of 16 on one thread each,
-did 530-546 texts/s where one batch of 32 on two threads did 511 (and of
-128, 530-544); behind HTTP the gain was smaller (docs/architecture.md).
+what a model on CPU cores may want, each worker with its share of the cores;
+whether it pays depends on the model and the machine (``bench/embedding.py``
+measures it, docs/architecture.md says why).
 
 How long a batch waits to fill adapts to the load: it waits (at most
 ``max_wait_ms``) only until it holds as many items (callers) as the batch

@@ -156,9 +156,8 @@ class ModelThreads:
     One thread per worker, and no other: torch's CPU threads belong to the
     thread that calls it (an OpenMP team each), and once more of them exist
     than the machine has cores, every team sleeps between two operations
-    instead of spinning. On 2 cores, a batch of 32 encoded on a second thread
-    after the model had been loaded and used on another ran 12 % slower, one
-    text twice as slow (84 against 162 texts/s), until the process ended.
+    instead of spinning: a model loaded and used on one thread, then called
+    from another, runs slower from then on until the process ends.
     """
 
     def __init__(self, workers: int, per_batch: int | None) -> None:

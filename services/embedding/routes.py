@@ -5,10 +5,10 @@ model's float32 arrays out) runs ahead of FastAPI's router, in
 ``EmbedFastPath``: the innermost of the service's middlewares, so the request
 id, the HTTP metrics and the error handlers apply as to any route, while
 FastAPI's own layers (its exception and exit-stack middlewares, routing,
-dependency solving, request and response validation) are skipped. Under 32
-concurrent callers those layers cost about 100 us of CPU a request on a small
-CPU (the whole request 160 us, 66 us without them): 3 ms of every batch of 32
-during which the model waits for the next batch's requests. The route stays
+dependency solving, request and response validation) are skipped. Those
+layers cost CPU on every request, and under many concurrent callers that CPU
+is time the model waits for the next batch's requests (``bench/embedding.py``
+measures the whole path). The route stays
 registered for the OpenAPI description and calls the same ``embed_answer``.
 """
 
