@@ -91,7 +91,8 @@ from ragpod.documents import read_documents
 from ragpod.processes import Child, free_port
 from ragpod.redis_server import start_redis
 from ragpod.supervisor import SERVICES, Stack
-from services.common.memory import freeze_heap, keep_freed_memory
+from ragpod.tuning import rerun_with_model_tuning
+from services.common.memory import freeze_heap
 from services.common.schemas import Document
 from services.embedding.model import Embedder
 from services.gateway.attribution import attribute_to, embed_sources, split_sentences
@@ -442,6 +443,7 @@ async def run(args: argparse.Namespace, stack: Stack, redis: Child, redis_url: s
 
 
 def main() -> int:
+    rerun_with_model_tuning()  # the model processes' environment (docs/tuning.md), for the in-process path too
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2, help="passes of each path over every question")
     parser.add_argument("--top-k", type=int, default=1, help="sources per question (fewer: a shorter prompt)")
@@ -449,8 +451,6 @@ def main() -> int:
     parser.add_argument("--hop-calls", type=int, default=60, help="calls per hop probe")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the stack on the way out
-    keep_freed_memory()  # the allocator as every service sets it, for the in-process path's models too
-
     with tempfile.TemporaryDirectory(prefix="ragpod-ask-") as tmp:
         data = Path(tmp)
         log_dir = ROOT / "data" / "bench" / "ask"
