@@ -40,10 +40,8 @@ out. Both paths run torch with one thread (``OMP_NUM_THREADS=1`` unless set):
 on a shared machine a multi-threaded model waits at every layer for its
 slowest thread.
 
-The client (the services path and the hop probes below) is httpx over the
-project's keep-alive transport (``services.common.transport``), the one the
-services use between themselves: plain httpx would add about 0.3 ms of its
-own CPU to every call it times.
+The client (the services path and the hop probes below) is plain httpx, the
+client the services use between themselves.
 
 Then the hops one at a time, each against its own work in process: the
 embedding service's ``/v1/embed`` for the question against ``encode``; the
@@ -93,9 +91,9 @@ from ragpod.documents import read_documents
 from ragpod.processes import Child, free_port
 from ragpod.redis_server import start_redis
 from ragpod.supervisor import SERVICES, Stack
-from services.common.memory import freeze_heap, keep_freed_memory
+from ragpod.tuning import rerun_with_model_tuning
+from services.common.memory import freeze_heap
 from services.common.schemas import Document
-from services.common.transport import KeepAliveTransport
 from services.embedding.model import Embedder
 from services.gateway.attribution import attribute_to, embed_sources, split_sentences
 from services.gateway.config import Settings as GatewaySettings
@@ -279,7 +277,7 @@ async def hops(
     embedding = f"http://127.0.0.1:{stack.ports['embedding']}"
     retriever = f"http://127.0.0.1:{stack.ports['retriever']}"
     redis = Redis.from_url(redis_url)
-    async with httpx.AsyncClient(timeout=60, transport=KeepAliveTransport()) as client:
+    async with httpx.AsyncClient(timeout=60) as client:
 
         async def embed_http() -> None:
             (await client.post(f"{embedding}/v1/embed", json={"texts": [question]})).raise_for_status()
@@ -322,9 +320,7 @@ async def run(args: argparse.Namespace, stack: Stack, redis: Child, redis_url: s
     pids = {proc.name: proc.pid for proc in [*stack.procs, redis]}
     cpu: dict[str, float] = defaultdict(float)
     try:
-        async with httpx.AsyncClient(
-            base_url=gateway, timeout=120, headers=headers, transport=KeepAliveTransport()
-        ) as client:
+        async with httpx.AsyncClient(base_url=gateway, timeout=120, headers=headers) as client:
             for question in questions[:3]:  # warm up both paths: first calls load lazily
                 await inproc.ask(question)
                 await ask_services(client, question, args.top_k)
@@ -447,6 +443,7 @@ async def run(args: argparse.Namespace, stack: Stack, redis: Child, redis_url: s
 
 
 def main() -> int:
+    rerun_with_model_tuning()  # the model processes' environment (docs/tuning.md), for the in-process path too
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2, help="passes of each path over every question")
     parser.add_argument("--top-k", type=int, default=1, help="sources per question (fewer: a shorter prompt)")
@@ -454,8 +451,6 @@ def main() -> int:
     parser.add_argument("--hop-calls", type=int, default=60, help="calls per hop probe")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the stack on the way out
-    keep_freed_memory()  # the allocator as every service sets it, for the in-process path's models too
-
     with tempfile.TemporaryDirectory(prefix="ragpod-ask-") as tmp:
         data = Path(tmp)
         log_dir = ROOT / "data" / "bench" / "ask"

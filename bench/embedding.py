@@ -57,7 +57,8 @@ from plot import OUT, bars, lines, record  # bench/plot.py, beside this script
 from prometheus_client.parser import text_string_to_metric_families
 
 from ragpod.processes import free_port, ready, start_service, wait_until
-from services.common.memory import freeze_heap, keep_freed_memory
+from ragpod.tuning import rerun_with_model_tuning
+from services.common.memory import freeze_heap
 
 WORDS = [
     "kubernetes", "schedules", "pods", "on", "gpu", "nodes", "while", "the", "queue", "protects", "workers",
@@ -281,6 +282,7 @@ def drive(port: int, clients: int, seconds: float, client: str, label: str = "")
 
 
 def main() -> None:
+    rerun_with_model_tuning()  # the service's environment (docs/tuning.md), for the raw model and the service
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--clients", type=int, default=32)
@@ -302,7 +304,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="turns of raw and HTTP for the headline ratio")
     args = parser.parse_args()
 
-    keep_freed_memory()  # the allocator as the service sets it (services/common/serve.py), for the raw model too
     model = RawModel(args.device, args.model)
     freeze_heap()  # as the service does once its model is loaded: the load generator shares this process with it
     device = model.device

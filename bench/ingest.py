@@ -34,7 +34,8 @@ import httpx
 from retrieval_quality import docstring_corpus
 
 from ragpod.processes import free_port, ready, start_service, wait_until
-from services.common.memory import freeze_heap, keep_freed_memory
+from ragpod.tuning import rerun_with_model_tuning
+from services.common.memory import freeze_heap
 from services.common.schemas import Document
 from services.embedding.model import Embedder
 from services.retriever.config import Settings
@@ -92,13 +93,12 @@ async def send(base_url: str, documents: list[Document], per_request: int, in_fl
 
 
 def main() -> int:
+    rerun_with_model_tuning()  # the model processes' environment (docs/tuning.md), for this process's model too
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", type=int, default=1500)
     parser.add_argument("--per-request", type=int, default=128)
     parser.add_argument("--in-flight", type=int, default=2)
     args = parser.parse_args()
-    keep_freed_memory()  # the allocator as every service sets it, for this process's own model and store too
-
     settings = Settings()
     documents = corpus(args.chunks, settings)
     chunks, _, _ = plan(documents, settings.chunk_size, settings.chunk_overlap)

@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 
 from ragpod.processes import free_port, ready, start_service, wait_until
-from services.common.memory import keep_freed_memory
+from ragpod.tuning import rerun_with_model_tuning
 from services.retriever.chunking import point_id
 from services.retriever.store import ChunkPoint, EdgeStore
 from services.retriever.text import KeywordEncoder
@@ -206,13 +206,12 @@ def local_mode_latency(n: int, queries: list[list[float]], encoder: KeywordEncod
 
 
 def main() -> int:
+    rerun_with_model_tuning()  # the model processes' environment (docs/tuning.md), for this process's model too
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--compare-local", type=int, default=0, metavar="N")
     args = parser.parse_args()
-    keep_freed_memory()  # the allocator as every service sets it, for this process's own model and store too
-
     from services.embedding.model import Embedder
 
     encoder = KeywordEncoder(800)

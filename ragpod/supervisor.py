@@ -25,6 +25,7 @@ import httpx
 from ragpod.documents import read_documents
 from ragpod.processes import ROOT, Child, port_open, ready, start_service, wait_until
 from ragpod.redis_server import RedisDataError, available_servers, choose_server, start_redis
+from ragpod.tuning import MODEL_PROCESSES, model_tuning
 
 SERVICES = ("embedding", "retriever", "llm", "gateway")
 PORTS = {"gateway": 8000, "embedding": 8001, "retriever": 8002, "llm": 8003}
@@ -44,8 +45,13 @@ class Stack:
     own_session: bool = False
 
     def env_for(self, name: str) -> dict[str, str]:
+        """The environment ``name`` starts with, besides this process's own: the stack's addresses, the model
+        tuning of ``ragpod.tuning`` for a process that runs a model (a value exported here wins), and
+        ``extra_env`` over all of it."""
         p = self.ports
+        tuning = model_tuning() if name in MODEL_PROCESSES else {}
         return {
+            **tuning,
             "RAG_PORT": str(p[name]),
             "RAG_HOST": "127.0.0.1",
             "RAG_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",

@@ -1,4 +1,4 @@
-"""Calls between services: one place that turns transport failures into RagErrors."""
+"""Calls between services: httpx's own transport, one rule for resending, and every failure a RagError."""
 
 from __future__ import annotations
 
@@ -11,10 +11,20 @@ from pydantic_core import from_json
 
 from services.common.errors import BY_STATUS, BadRequest, RagError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from services.common.logging import REQUEST_ID_HEADER
-from services.common.transport import KeepAliveTransport
 
 log = structlog.get_logger(__name__)
 M = TypeVar("M", bound=BaseModel)
+
+# Idempotent by HTTP's own definition (RFC 9110, 9.2.2): sending one of these twice does what sending it once
+# does. A POST is idempotent only when its caller says so (``idempotent=True``).
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+# The connection failed after the request may have reached the server and before its whole answer came back:
+# a pooled keep-alive connection the server closed just as it was reused, or a reset. Sent once more only when
+# the request is idempotent. A refused connection (``httpx.ConnectError``) is not resent: the service is down
+# and the caller hears so at once. A timeout is not resent either: the caller's deadline is spent.
+_RESENDABLE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+# Idle connections are closed before uvicorn's own keep-alive (5 s) would close them from the server's side.
+KEEPALIVE_EXPIRY_SECONDS = 4.0
 
 
 class ServiceClient:
@@ -23,6 +33,13 @@ class ServiceClient:
     ``get`` and ``post`` fail alike: a refused connection is ``UpstreamUnavailable``,
     no answer in time ``UpstreamTimeout``, an error status is carried on
     (``translate``), and an answer that is not the JSON expected is ``UpstreamError``.
+
+    The wire is httpx's own transport, connections pooled and kept alive. A
+    request whose connection failed before any answer came back is sent once
+    more on a new connection only when it is idempotent: ``GET``, ``HEAD``,
+    ``PUT``, ``DELETE`` and ``OPTIONS`` are; a ``POST`` is when its caller passes
+    ``idempotent=True`` (an embedding, a search, an upsert under deterministic
+    ids), and is sent only once otherwise. Error statuses are never resent here.
     """
 
     def __init__(self, name: str, base_url: str, timeout: float, transport: httpx.AsyncBaseTransport | None = None):
@@ -30,8 +47,13 @@ class ServiceClient:
         self._client = httpx.AsyncClient(
             base_url=base_url,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
-            # httpx's API over a lean wire: about half of what each call costs the caller (transport.py).
-            transport=transport if transport is not None else KeepAliveTransport(),
+            transport=transport
+            if transport is not None
+            else httpx.AsyncHTTPTransport(
+                limits=httpx.Limits(
+                    max_connections=100, max_keepalive_connections=100, keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS
+                )
+            ),
         )
 
     @overload
@@ -51,13 +73,23 @@ class ServiceClient:
         return await self.request("GET", path, request_id=request_id, params=params, model=model)
 
     @overload
-    async def post(self, path: str, payload: Any, *, request_id: str | None = ...) -> Any: ...
+    async def post(self, path: str, payload: Any, *, idempotent: bool = ..., request_id: str | None = ...) -> Any: ...
     @overload
-    async def post(self, path: str, payload: Any, *, request_id: str | None = ..., model: type[M]) -> M: ...
     async def post(
-        self, path: str, payload: Any, *, request_id: str | None = None, model: type[BaseModel] | None = None
+        self, path: str, payload: Any, *, idempotent: bool = ..., request_id: str | None = ..., model: type[M]
+    ) -> M: ...
+    async def post(
+        self,
+        path: str,
+        payload: Any,
+        *,
+        idempotent: bool = False,
+        request_id: str | None = None,
+        model: type[BaseModel] | None = None,
     ) -> Any:
-        return await self.request("POST", path, json=payload, request_id=request_id, model=model)
+        """``idempotent``: sending this POST twice does what sending it once does, so a failed connection may
+        send it again (see the class)."""
+        return await self.request("POST", path, json=payload, request_id=request_id, model=model, idempotent=idempotent)
 
     async def request(
         self,
@@ -68,11 +100,16 @@ class ServiceClient:
         params: dict[str, Any] | None = None,
         request_id: str | None = None,
         model: type[BaseModel] | None = None,
+        idempotent: bool = False,
     ) -> Any:
-        """One call; the decoded JSON body (validated into ``model`` when given), or ``None`` for a 204."""
+        """One call; the decoded JSON body (validated into ``model`` when given), or ``None`` for a 204.
+
+        ``idempotent`` marks a request of another method (a POST) as safe to send twice; the methods in
+        ``IDEMPOTENT_METHODS`` are so without it."""
         headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
+        resend = idempotent or method.upper() in IDEMPOTENT_METHODS
         try:
-            response = await self._client.request(method, path, json=json, params=params, headers=headers)
+            response = await self._send(method, path, resend, json=json, params=params, headers=headers)
         except httpx.TimeoutException as exc:
             log.warning("upstream_timeout", upstream=self.name, path=path)
             raise UpstreamTimeout(f"{self.name} did not answer in time") from exc
@@ -91,6 +128,16 @@ class ServiceClient:
         except (ValueError, ValidationError) as exc:
             log.warning("upstream_bad_answer", upstream=self.name, path=path, error=type(exc).__name__)
             raise UpstreamError(f"{self.name} answered {path} with something other than the JSON expected") from exc
+
+    async def _send(self, method: str, path: str, resend: bool, **options: Any) -> httpx.Response:
+        """The request, sent once more after a failed connection when ``resend`` (it is idempotent)."""
+        try:
+            return await self._client.request(method, path, **options)
+        except _RESENDABLE as exc:
+            if not resend:
+                raise
+            log.info("upstream_resent", upstream=self.name, path=path, error=type(exc).__name__)
+        return await self._client.request(method, path, **options)
 
     async def aclose(self) -> None:
         await self._client.aclose()

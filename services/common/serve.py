@@ -12,17 +12,22 @@ from fastapi import FastAPI
 
 from services.common import stopping
 from services.common.logging import configure_logging
-from services.common.memory import freeze_heap, keep_freed_memory
+from services.common.memory import freeze_heap
 from services.common.settings import ServiceSettings
 
 log = structlog.get_logger(__name__)
 
 
-def run(service: str, settings: ServiceSettings, factory: Callable[[], FastAPI]) -> None:
+def run(
+    service: str, settings: ServiceSettings, factory: Callable[[], FastAPI], *, freeze_when_started: bool = True
+) -> None:
+    """Serve the app ``factory`` makes. ``freeze_when_started``: this process's one heap freeze
+    (``services.common.memory.freeze_heap``) comes once the app's startup is done, which is when an app that
+    loads its model in its startup has it loaded; False for an app that freezes its heap itself, later."""
     configure_logging(settings.log_level, settings.log_json, service)
-    keep_freed_memory()  # a model's batches reuse their freed memory instead of faulting it in again
     app = factory()
-    app.router.lifespan_context = frozen_once_started(app.router.lifespan_context)
+    if freeze_when_started:
+        app.router.lifespan_context = frozen_once_started(app.router.lifespan_context)
     stopping.enable()  # a stop signal while the model loads ends the process at once
     uvicorn.run(
         app,

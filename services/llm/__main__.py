@@ -14,9 +14,8 @@ import signal
 import structlog
 
 from services.common import stopping
-from services.common.cpu import spin_briefly
 from services.common.logging import configure_logging
-from services.common.memory import freeze_heap, keep_freed_memory
+from services.common.memory import freeze_heap
 from services.common.metrics import MODEL_INFO
 from services.common.queue import make_redis
 from services.common.sideserver import side_server
@@ -56,7 +55,8 @@ async def main(settings: Settings) -> int:
             log.exception("engine_failed_to_start", backend=settings.llm_backend)
             return 1
         MODEL_INFO.labels("llm", engine.model_name, engine.device).set(1)
-        log.info("heap_frozen", objects=freeze_heap())  # the engine loaded: out of every full collection
+        # The engine has loaded: this process's one heap freeze.
+        log.info("heap_frozen", objects=freeze_heap())
         if not worker.stopping:
             await worker.run()
         return 0
@@ -71,6 +71,4 @@ if __name__ == "__main__":
     settings = Settings()
     stopping.enable()  # a stop signal while the engine loads its model ends the process at once
     configure_logging(settings.log_level, settings.log_json, "llm")
-    keep_freed_memory()  # the engine's forward passes reuse their freed memory instead of faulting it in again
-    spin_briefly()  # before the engine imports torch: libgomp reads its environment once, then
     raise SystemExit(asyncio.run(main(settings)))

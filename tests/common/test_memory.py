@@ -1,70 +1,20 @@
-"""The allocator setting every model process makes: a model's batches stop faulting their memory in again;
-and the heap every service freezes once started, so that full collections no longer walk it."""
+"""The heap a process freezes once, when its start is done: what was alive then is left out of later
+collections, and the entry point decides where the one freeze comes."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import os
-import platform
-import subprocess
-import sys
 import weakref
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 
 from services.common import serve
-from services.common.memory import freeze_heap, keep_freed_memory
-
-ROOT = Path(__file__).resolve().parents[2]
-
-# The real embedding model on a thread of its own, as the service's batcher runs it: page faults taken by
-# that thread over five batches of 32 texts, after three to warm up.
-SCRIPT = """
-import resource, sys, threading
-from services.common.memory import keep_freed_memory
-if sys.argv[1] == "keep":
-    assert keep_freed_memory()
-from services.embedding.model import Embedder
-embedder = Embedder("", "cpu")
-texts = [f"kubernetes schedules pods on gpu nodes, number {i}, while the queue protects workers" for i in range(32)]
-faults = []
-def batches():
-    for _ in range(3):
-        embedder.encode(texts, 32)
-    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-    for _ in range(5):
-        embedder.encode(texts, 32)
-    faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
-thread = threading.Thread(target=batches)
-thread.start()
-thread.join()
-print(faults[0] / 5)
-"""
-
-
-def faults_per_batch(mode: str) -> float:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, mode], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return float(done.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's; elsewhere nothing is done")
-def test_a_model_thread_takes_far_fewer_page_faults_per_batch_once_set() -> None:
-    default, kept = faults_per_batch("default"), faults_per_batch("keep")
-    # glibc 2.36 here: 2,400 to 4,400 faults per batch by default; kept, none in most runs, 250 at most seen.
-    assert kept * 4 < default, f"{kept} page faults per batch with the freed memory kept, {default} without"
-
-
-def test_an_allocator_setting_in_the_environment_is_left_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1048576")
-    assert keep_freed_memory() is False
+from services.common.memory import freeze_heap
+from services.common.settings import ServiceSettings
 
 
 class Node:
@@ -114,3 +64,25 @@ async def test_the_entry_point_freezes_the_heap_once_the_app_has_started(monkeyp
         assert state == {"state": 1}
         assert events == ["started", "frozen"]
     assert events == ["started", "frozen", "stopped"]
+
+
+@pytest.mark.parametrize("freeze_when_started", [True, False])
+async def test_the_entry_point_freezes_on_startup_only_when_asked(
+    monkeypatch: pytest.MonkeyPatch, freeze_when_started: bool
+) -> None:
+    """An app that freezes its heap itself later (the embedding service, once its model has loaded) is served
+    with ``freeze_when_started=False``: its startup then freezes nothing, so the process freezes once."""
+    events: list[str] = []
+    served: list[FastAPI] = []
+
+    def freeze() -> int:
+        events.append("frozen")
+        return 1
+
+    monkeypatch.setattr(serve, "freeze_heap", freeze)
+    monkeypatch.setattr(serve, "configure_logging", lambda *_: None)
+    monkeypatch.setattr(serve.uvicorn, "run", lambda app, **_: served.append(app))
+    serve.run("test", ServiceSettings(port=8000), FastAPI, freeze_when_started=freeze_when_started)
+    async with served[0].router.lifespan_context(served[0]):
+        events.append("serving")
+    assert events == (["frozen", "serving"] if freeze_when_started else ["serving"])

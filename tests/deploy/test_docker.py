@@ -4,7 +4,8 @@ Each Dockerfile is linted by hadolint and read instruction by instruction:
 pinned base images, multi-stage, dependencies installed before the code is
 copied, the right extra of pyproject.toml, torch only where it belongs and
 from the right wheel index, a non-root user, a HEALTHCHECK on /healthz and an
-exec-form ``python -m services.<name>`` entry point that exists.
+exec-form ``python -m services.<name>`` entry point that exists; an image that
+runs a model carries the model tuning of docs/tuning.md.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from ragpod.tuning import MODEL_TUNING
 
 REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -405,6 +408,22 @@ def test_healthcheck_asks_healthz_on_the_service_port(image: Image) -> None:
     assert f"os.environ.get('{image.port_variable}', '{image.listen_port}')" in script, script
     expose = df.effective(image.target, "EXPOSE")
     assert expose is not None and str(image.listen_port) in expose.args.split()
+
+
+def environment(df: Dockerfile, image: Image) -> dict[str, str]:
+    """The ENV in effect in an image: every ``ENV name=value ...`` of its stage and the stages it is built on."""
+    env: dict[str, str] = {}
+    for stage in df.chain(image.target):
+        for instruction in stage.all("ENV"):
+            env.update(word.split("=", 1) for word in shlex.split(instruction.args))
+    return env
+
+
+@pytest.mark.parametrize("image", [i for i in IMAGES if i.torch], ids=image_id)
+def test_a_model_image_carries_the_model_tuning(image: Image) -> None:
+    """The values the local supervisor gives the model processes (ragpod/tuning.py), as ENV of the image."""
+    env = environment(dockerfile(image.service), image)
+    assert {name: env.get(name) for name in MODEL_TUNING} == MODEL_TUNING
 
 
 # --- .dockerignore ---------------------------------------------------------------------------------

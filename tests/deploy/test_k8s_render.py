@@ -13,6 +13,7 @@ from cloudcoil.models.keda.v1alpha1 import ScaledObject, TriggerAuthentication
 from cloudcoil.models.prometheus_operator.v1 import PodMonitor, ServiceMonitor
 from kubernetes_validate.utils import SchemaNotFoundError
 
+from ragpod.tuning import MODEL_TUNING
 from tests.fixtures import k8s_manifests as k8s
 
 # Custom resources, checked against the models generated from their CRDs.
@@ -222,3 +223,40 @@ def test_every_ragpod_command_names_a_module_that_exists(renders):
     assert {"services.llm.server", "services.retriever.reindex"} <= commands
     missing = [module for module in sorted(commands) if importlib.util.find_spec(module) is None]
     assert missing == []
+
+
+def container_env(render: k8s.Render, container: k8s.Obj) -> dict[str, str]:
+    """What a container's process finds in its environment from the manifests: its ConfigMaps, then its env."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(render.get("ConfigMap", source["configMapRef"]["name"])["data"])
+    env.update({item["name"]: item["value"] for item in container.get("env", []) if "value" in item})
+    return env
+
+
+def model_containers(render: k8s.Render) -> dict[str, k8s.Obj]:
+    """The containers that run a model of ours, by image: both embedding variants, and the CPU model server."""
+    containers = [
+        render.container("Deployment", name, "embedding")
+        for name in ("embedding", "embedding-gpu")
+        if render.find("Deployment", name) is not None
+    ]
+    pod = render.pod_spec("Deployment", "llm")
+    containers += [c for c in pod["containers"] if c.get("command", [])[:3] == ["python", "-m", "services.llm.server"]]
+    return {c["image"].rpartition("/")[2]: c for c in containers}
+
+
+@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+def test_model_containers_carry_the_model_tuning(renders, overlay):
+    """The tuning of docs/tuning.md reaches every model container, and a CPU one runs as many OpenMP threads as
+    its CPU limit allows (torch would otherwise start one per core of the node)."""
+    render = renders[overlay]
+    containers = model_containers(render)
+    gpu_or_llm = "llm:0.1.0-cpu" if overlay == "cpu-only" else "embedding:0.1.0-gpu"
+    assert set(containers) == {"embedding:0.1.0", gpu_or_llm}
+    for container in containers.values():
+        env = container_env(render, container)
+        assert {name: env.get(name) for name in MODEL_TUNING} == MODEL_TUNING, container["name"]
+        if not k8s.gpu_resources(container):
+            assert env["OMP_NUM_THREADS"] == str(container["resources"]["limits"]["cpu"]), container["name"]

@@ -13,6 +13,7 @@ import pytest
 
 from ragpod.processes import Child, spawn, wait_until
 from ragpod.supervisor import RestartPolicy, Stack, Supervisor
+from ragpod.tuning import MODEL_TUNING
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(600)"]
 FAIL = [sys.executable, "-c", "raise SystemExit(3)"]
@@ -114,3 +115,21 @@ def test_a_process_that_ran_a_while_starts_with_a_fresh_count(stack: Sleepers) -
     wait_until(lambda: not stack.proc("worker").alive(), 120, "worker to die")
     assert not supervisor.poll()
     assert "giving up" in out.getvalue()
+
+
+def test_the_model_processes_start_with_the_model_tuning_and_an_exported_value_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in MODEL_TUNING:
+        monkeypatch.delenv(name, raising=False)
+    ports = {"gateway": 1, "embedding": 2, "retriever": 3, "llm": 4}
+    stack = Stack(ports=ports, redis_port=5, data_dir=tmp_path, log_dir=None)
+    for name in ("embedding", "llm"):
+        assert {key: stack.env_for(name).get(key) for key in MODEL_TUNING} == MODEL_TUNING
+    for name in ("gateway", "retriever"):
+        assert set(stack.env_for(name)).isdisjoint(MODEL_TUNING)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")  # exported by whoever runs the stack: inherited as it is
+    assert "GOMP_SPINCOUNT" not in stack.env_for("embedding")
+    assert stack.env_for("embedding")["MALLOC_TRIM_THRESHOLD_"] == MODEL_TUNING["MALLOC_TRIM_THRESHOLD_"]
+    overridden = Stack(ports, 5, tmp_path, None, extra_env={"MALLOC_TRIM_THRESHOLD_": "0"})
+    assert overridden.env_for("llm")["MALLOC_TRIM_THRESHOLD_"] == "0"
