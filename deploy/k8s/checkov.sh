@@ -4,16 +4,17 @@
 #   deploy/k8s/checkov.sh                 # every overlay, compact text
 #   deploy/k8s/checkov.sh -o json         # extra arguments go to checkov
 #
-# checkov lives in a virtualenv of its own, .venv-checkov at the repository
-# root (CHECKOV_VENV elsewhere), made here on first use with a pinned version:
-# it pins packages older than the project's environment needs. It runs with
+# checkov lives in a virtualenv of its own, in the user's cache directory
+# (CHECKOV_VENV elsewhere), made here on first use with a pinned version and
+# shared by every checkout: it pins packages older than the project's
+# environment needs. It runs with
 # --skip-download, offline. A check skipped for a workload carries its reason
 # in a checkov.io/skipN annotation on that workload.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-venv="${CHECKOV_VENV:-${root}/.venv-checkov}"
 version="3.3.30"
+venv="${CHECKOV_VENV:-${XDG_CACHE_HOME:-${HOME}/.cache}/ragpod/checkov-${version}}"
 
 if [ ! -x "${venv}/bin/checkov" ]; then
   python3 -m venv "${venv}"
