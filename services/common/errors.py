@@ -4,8 +4,10 @@ Each subclass fixes a status and a kind; nothing changes them on an instance.
 Transport failures are translated into these where another service is called
 (``services.common.http``), never inside route handlers. Starlette's own
 errors (404, 405, 413, ...) and request validation come out in the same shape,
-and anything unexpected is logged with its traceback and answered 503
-``internal_error`` without it: no 500 and no stack trace reaches a client.
+and anything unexpected is a bug: logged with its traceback and answered 500
+``internal_error`` naming the request id, never with the trace. 502, 503 and
+504 are kept for the designed failures (a dependency down, a bound reached, a
+deadline), so a client and an autoscaler can tell a bug from load.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from services.common.logging import REQUEST_ID_HEADER
+
 log = structlog.get_logger(__name__)
 
 
@@ -28,6 +32,9 @@ class RagError(Exception):
 
     status_code = 503
     error = "unavailable"
+
+    upstream_status: int | None = None
+    """The status another service answered, when this error carries that answer on (``http.translate``)."""
 
     def __init__(self, detail: str, *, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(detail)
@@ -136,9 +143,9 @@ class GenerationFailed(RagError):
 
 
 class Internal(RagError):
-    """Anything no other error describes: logged with its traceback, answered 503 without it."""
+    """Anything no other error describes, a bug: logged with its traceback, answered 500 without it."""
 
-    status_code = 503
+    status_code = 500
     error = "internal_error"
 
 
@@ -229,5 +236,14 @@ def install_error_handlers(app: FastAPI, shapes: Mapping[str, ErrorRenderer] | N
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled_error", path=request.url.path, error_type=type(exc).__name__)
-        return render(request, Internal("the service failed on this request; it has been logged"))
+        # Starlette answers this from its outermost middleware, after the request id middleware has
+        # finished: the id is taken from the scope and named in the log, the detail and the header.
+        request_id = str(request.scope.get("state", {}).get("request_id", ""))
+        log.exception("unhandled_error", path=request.url.path, error_type=type(exc).__name__, request_id=request_id)
+        error = Internal(
+            f"the service failed on this request (request id {request_id}); it has been logged"
+            if request_id
+            else "the service failed on this request; it has been logged",
+            headers={REQUEST_ID_HEADER: request_id} if request_id else None,
+        )
+        return render(request, error)

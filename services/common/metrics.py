@@ -52,7 +52,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 503  # what the error handler answers when the app raises before starting a response
+        status = 500  # what the error handler answers when the app raises before starting a response
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
