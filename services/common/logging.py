@@ -60,9 +60,7 @@ class RequestIdMiddleware:
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = message.setdefault("headers", [])
-                if not any(name == _REQUEST_ID_NAME for name, _ in headers):  # an error answer may name it already
-                    headers.append(echoed)
+                message.setdefault("headers", []).append(echoed)
             await send(message)
 
         tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
