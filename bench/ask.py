@@ -92,6 +92,7 @@ from ragpod.processes import Child, free_port
 from ragpod.redis_server import start_redis
 from ragpod.supervisor import SERVICES, Stack
 from ragpod.tuning import rerun_with_model_tuning
+from services.common.embedding import EmbeddingClient
 from services.common.memory import freeze_heap
 from services.common.schemas import Document
 from services.embedding.model import Embedder
@@ -103,7 +104,6 @@ from services.gateway.security import Guard
 from services.llm.config import Settings as LlmSettings
 from services.llm.engine import GenerationRequest, build_engine
 from services.retriever.config import Settings as RetrieverSettings
-from services.retriever.embedding import EmbeddingClient
 from services.retriever.indexing import DimensionCheck, index_documents
 from services.retriever.store import open_store
 from services.retriever.text import KeywordEncoder
@@ -182,7 +182,9 @@ class InProcess:
             vectors = self.embedder.encode(json.loads(request.content)["texts"])
             return httpx.Response(200, json={"vectors": vectors, "model": "m", "dimension": len(vectors[0])})
 
-        client = EmbeddingClient.from_settings(self.retriever, httpx.MockTransport(embed))
+        client = EmbeddingClient.from_settings(
+            self.retriever, self.retriever.upstream_timeout_seconds, httpx.MockTransport(embed)
+        )
         try:
             await index_documents(
                 documents,

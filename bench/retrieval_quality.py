@@ -48,12 +48,12 @@ from typing import get_args
 import httpx
 import quality_heldout as heldout
 
+from services.common.embedding import EmbeddingClient
 from services.common.http import ServiceClient
 from services.common.schemas import Document
 from services.embedding.model import Embedder
 from services.retriever.chunking import chunk_text, point_id
 from services.retriever.config import Settings
-from services.retriever.embedding import EmbeddingClient
 from services.retriever.indexing import DimensionCheck, index_documents
 from services.retriever.store import ChunkPoint, EdgeStore, Fusion, SearchMode, VectorStore
 from services.retriever.text import KeywordEncoder

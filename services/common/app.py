@@ -11,7 +11,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from services.common.errors import ErrorRenderer, RagError, install_error_handlers
+from services.common.errors import ErrorRenderer, RagError, UnexpectedErrorMiddleware, install_error_handlers
 from services.common.logging import RequestIdMiddleware
 from services.common.metrics import MetricsMiddleware, metrics_endpoint
 
@@ -97,6 +97,7 @@ def add_common_routes(
     ``status`` "ok" or "degraded".
     """
     install_error_handlers(app, error_shapes)
+    app.add_middleware(UnexpectedErrorMiddleware, shapes=error_shapes)  # each added one wraps those before it
     app.add_middleware(MetricsMiddleware, service=service)
     app.add_middleware(RequestIdMiddleware)
 

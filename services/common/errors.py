@@ -4,8 +4,10 @@ Each subclass fixes a status and a kind; nothing changes them on an instance.
 Transport failures are translated into these where another service is called
 (``services.common.http``), never inside route handlers. Starlette's own
 errors (404, 405, 413, ...) and request validation come out in the same shape,
-and anything unexpected is logged with its traceback and answered 503
-``internal_error`` without it: no 500 and no stack trace reaches a client.
+and anything unexpected is a bug: logged with its traceback and answered 500
+``internal_error`` naming the request id, never with the trace. 502, 503 and
+504 are kept for the designed failures (a dependency down, a bound reached, a
+deadline), so a client and an autoscaler can tell a bug from load.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = structlog.get_logger(__name__)
 
@@ -28,6 +31,9 @@ class RagError(Exception):
 
     status_code = 503
     error = "unavailable"
+
+    upstream_status: int | None = None
+    """The status another service answered, when this error carries that answer on (``http.translate``)."""
 
     def __init__(self, detail: str, *, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(detail)
@@ -136,9 +142,9 @@ class GenerationFailed(RagError):
 
 
 class Internal(RagError):
-    """Anything no other error describes: logged with its traceback, answered 503 without it."""
+    """Anything no other error describes, a bug: logged with its traceback, answered 500 without it."""
 
-    status_code = 503
+    status_code = 500
     error = "internal_error"
 
 
@@ -200,8 +206,7 @@ def _from_http(exc: HTTPException) -> RagError:
     return BY_STATUS.get(exc.status_code, BadRequest)(detail or "bad request", headers=exc.headers)
 
 
-def install_error_handlers(app: FastAPI, shapes: Mapping[str, ErrorRenderer] | None = None) -> None:
-    """Every error answered in one shape; ``shapes`` maps a path prefix to another renderer."""
+def _renderer(shapes: Mapping[str, ErrorRenderer] | None) -> Callable[..., Response]:
     renderers = dict(shapes or {})
 
     def render(request: Request, exc: RagError, extra: Mapping[str, object] | None = None) -> Response:
@@ -213,6 +218,24 @@ def install_error_handlers(app: FastAPI, shapes: Mapping[str, ErrorRenderer] | N
             status_code=exc.status_code,
             headers=exc.headers,
         )
+
+    return render
+
+
+def internal_error(request_id: str) -> Internal:
+    """What a client is told of a bug: that it happened, and the request id that finds its traceback in the logs."""
+    if not request_id:
+        return Internal("the service failed on this request; it has been logged")
+    return Internal(f"the service failed on this request (request id {request_id}); it has been logged")
+
+
+def _request_id(scope: Scope) -> str:
+    return str(scope.get("state", {}).get("request_id", ""))
+
+
+def install_error_handlers(app: FastAPI, shapes: Mapping[str, ErrorRenderer] | None = None) -> None:
+    """Every error answered in one shape; ``shapes`` maps a path prefix to another renderer."""
+    render = _renderer(shapes)
 
     @app.exception_handler(RagError)
     async def _rag_error(request: Request, exc: RagError) -> Response:
@@ -229,5 +252,42 @@ def install_error_handlers(app: FastAPI, shapes: Mapping[str, ErrorRenderer] | N
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled_error", path=request.url.path, error_type=type(exc).__name__)
-        return render(request, Internal("the service failed on this request; it has been logged"))
+        # The last resort, from Starlette's outermost middleware (UnexpectedErrorMiddleware answers first).
+        request_id = _request_id(request.scope)
+        log.exception("unhandled_error", path=request.url.path, error_type=type(exc).__name__, request_id=request_id)
+        return render(request, internal_error(request_id))
+
+
+class UnexpectedErrorMiddleware:
+    """Answers an exception nothing else handled, a bug, as a 500 ``internal_error`` naming the request id,
+    and logs its traceback.
+
+    Added inside the request id and metrics middlewares, so the answer carries the id, is counted as a
+    500, and the log line is bound to the request; Starlette's own handler for ``Exception`` would answer
+    from outside them and raise the exception again to the server. Once a response has started (a stream),
+    nothing can be answered any more: the exception goes on to the server, which closes the connection."""
+
+    def __init__(self, app: ASGIApp, shapes: Mapping[str, ErrorRenderer] | None = None) -> None:
+        self.app = app
+        self.render = _renderer(shapes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            if started:
+                raise
+            log.exception("unhandled_error", path=scope.get("path", ""), error_type=type(exc).__name__)
+            response = self.render(Request(scope), internal_error(_request_id(scope)))
+            await response(scope, receive, send)

@@ -152,7 +152,15 @@ def _detail(response: httpx.Response) -> str:
 
 
 def translate(name: str, response: httpx.Response) -> RagError:
-    """Carry a downstream error on: a client error keeps its status and detail, a server error names the service."""
+    """Carry a downstream error on: a client error keeps its status and detail, a server error names the service.
+
+    The status answered stays on the error as ``upstream_status``."""
+    error = _translate(name, response)
+    error.upstream_status = response.status_code
+    return error
+
+
+def _translate(name: str, response: httpx.Response) -> RagError:
     status, detail = response.status_code, _detail(response)
     if status in (502, 503):
         retry_after = response.headers.get("retry-after")

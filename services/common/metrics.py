@@ -31,6 +31,11 @@ MODEL_INFO = Gauge(
 GPU_UTILIZATION = Gauge("rag_gpu_utilization_ratio", "GPU utilisation, 0..1.", ["gpu"])
 GPU_MEMORY_USED = Gauge("rag_gpu_memory_used_bytes", "GPU memory in use.", ["gpu"])
 GPU_MEMORY_TOTAL = Gauge("rag_gpu_memory_total_bytes", "GPU memory in all.", ["gpu"])
+EMBEDDING_SPILL = Counter(
+    "rag_embedding_spill_total",
+    "Embedding calls sent to the CPU embedding service because the GPU one was saturated, slow or down.",
+    ["reason"],
+)
 
 UNMEASURED_PATHS = frozenset({"/healthz", "/readyz", "/health", "/metrics"})
 
@@ -52,7 +57,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 503  # what the error handler answers when the app raises before starting a response
+        status = 500  # what the error handler answers when the app raises before starting a response
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status

@@ -53,3 +53,17 @@ class QueueSettings(BaseSettings):
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("RAG_REDIS_URL must start with redis://, rediss:// or unix://")
         return value
+
+
+class EmbeddingSettings(BaseSettings):
+    """Where the embedding service is (every service that embeds reads these)."""
+
+    model_config = SettingsConfigDict(env_prefix="RAG_", extra="ignore", frozen=True)
+
+    embedding_url: str = Field("http://127.0.0.1:8001", description="Base URL of the embedding service (the GPU one).")
+    embedding_cpu_url: str = Field(
+        "", description="Base URL of the CPU embedding service, used when the first answers 503, times out or is down."
+    )
+    embedding_spill_cooldown_seconds: float = Field(
+        5.0, ge=0, description="After a timeout or refused connection, how long requests go straight to the CPU one."
+    )

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from services.common.app import OK, Checks, StatusResponse, add_common_routes, check_all
 from services.common.deps import lifespan_state
+from services.common.embedding import EmbeddingClient
 from services.common.errors import QueueFull, UpstreamUnavailable
 from services.common.http import ServiceClient
 from services.common.queue import JobQueue, make_redis
@@ -21,13 +22,17 @@ from services.gateway.routes import router
 from services.gateway.schemas import error_responses
 from services.gateway.security import BodyLimitMiddleware, Guard
 
-CHAIN_BELOW_RETRIEVER = ("embedding", "qdrant")
+CHAIN_BELOW_RETRIEVER = ("qdrant",)
 
 
 def create_app(
-    settings: Settings | None = None, *, retriever_transport: httpx.AsyncBaseTransport | None = None
+    settings: Settings | None = None,
+    *,
+    retriever_transport: httpx.AsyncBaseTransport | None = None,
+    embedding_transport: httpx.AsyncBaseTransport | None = None,
+    cpu_embedding_transport: httpx.AsyncBaseTransport | None = None,
 ) -> FastAPI:
-    """``retriever_transport`` lets tests put a retriever (or a stand-in) in the same process."""
+    """Transports let tests put a retriever and the embedding services (or stand-ins) in the same process."""
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
@@ -40,12 +45,16 @@ def create_app(
             retriever=ServiceClient(
                 "retriever", settings.retriever_url, settings.upstream_timeout_seconds, transport=retriever_transport
             ),
+            embedding=EmbeddingClient.from_settings(
+                settings, settings.upstream_timeout_seconds, embedding_transport, cpu_embedding_transport
+            ),
             guard=Guard(settings),
         )
         try:
             yield lifespan_state(state)
         finally:
             await state.retriever.aclose()
+            await state.embedding.aclose()
             await state.guard.aclose()
             await redis.aclose()
 
@@ -81,8 +90,9 @@ async def readiness(state: StateDep) -> Checks:
 
 
 async def status(state: StateDep) -> Checks:
-    """The whole chain, for people and ``make run``: Redis, the LLM queue, the LLM workers, the retriever
-    and what it uses (Qdrant, the embedding service). Workers are counted from their heartbeats
+    """The whole chain, for people and ``make run``: Redis, the LLM queue, the LLM workers, the embedding
+    service (called here for attribution; one of the GPU and CPU services ready is enough), the retriever
+    and its Qdrant. Workers are counted from their heartbeats
     (``JobQueue.live_workers``), not from ``XINFO CONSUMERS``: Redis 7.0 does not tell an idle worker from a
     gone one (a read that finds nothing does not refresh the consumer's idle time)."""
     settings = state.settings
@@ -111,8 +121,19 @@ async def status(state: StateDep) -> Checks:
         if report.checks.get("retriever", OK) != OK:
             raise UpstreamUnavailable(report.checks["retriever"])
 
+    async def embedding() -> None:
+        answer = await state.embedding.ready()
+        if answer != OK:
+            raise UpstreamUnavailable(answer)
+
     checks = await check_all(
-        {"redis": redis, "llm_queue": queue, "llm_workers": llm_workers, "retriever": below},
+        {
+            "redis": redis,
+            "llm_queue": queue,
+            "llm_workers": llm_workers,
+            "embedding": embedding,
+            "retriever": below,
+        },
         within=min(5.0, settings.upstream_timeout_seconds),
     )
     for name in CHAIN_BELOW_RETRIEVER:

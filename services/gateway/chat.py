@@ -15,21 +15,20 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
+from sse_starlette import EventSourceResponse
 from starlette.responses import Response
 
 from services.common.errors import InvalidInput, NotFound, RagError
-from services.common.http import ServiceClient
 from services.common.openai_schemas import (
     AssistantMessage,
     ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatMessage,
     Choice,
     ChunkChoice,
     Delta,
@@ -38,26 +37,13 @@ from services.common.openai_schemas import (
     ModelList,
     Usage,
 )
-from services.common.queue import Event, Job, JobQueue
-from services.common.schemas import Filters, SearchResponse
+from services.common.schemas import Filters
+from services.gateway import pipeline
 from services.gateway.config import Settings
-from services.gateway.deps import Guarded, QueueDep, RequestIdDep, RetrieverDep, SettingsDep
-from services.gateway.documents import check_question
-from services.gateway.metrics import ASK_STAGE_SECONDS, UNANSWERED
-from services.gateway.pipeline import (
-    NOT_COVERED,
-    Prepared,
-    above_floor,
-    admit,
-    answered,
-    embed_sources_early,
-    follow,
-    queue_full,
-    raise_for_error,
-    redis_errors,
-)
-from services.gateway.prompt import build_messages
-from services.gateway.schemas import RagpodCompletion, RagpodExtra, Timings, error_responses
+from services.gateway.deps import ClientsDep, Guarded, RequestIdDep, SettingsDep
+from services.gateway.pipeline import Answer, Pending, Question, Reset
+from services.gateway.prompt import Conversation
+from services.gateway.schemas import RagpodCompletion, RagpodExtra, error_responses
 
 log = structlog.get_logger(__name__)
 router = APIRouter(tags=["openai"])
@@ -132,56 +118,34 @@ def _search_options(body: ChatCompletionRequest, settings: Settings) -> tuple[in
     return top_k, dict(filters)
 
 
-def question_of(messages: list[ChatMessage], settings: Settings) -> str:
+def question_of(body: ChatCompletionRequest, settings: Settings) -> Question:
+    """The last message is the question; the caller's system messages and the earlier turns come along."""
+    messages = body.messages
     last = len(messages) - 1
     if messages[last].role != "user":
         raise InvalidInput(f"messages.{last}.role: the last message must be from the user")
-    question = messages[last].text()
-    if not question.strip():
-        raise InvalidInput(f"messages.{last}.content: must not be empty or whitespace")
-    check_question(question, 1, settings, field=f"messages.{last}.content")
-    return question
-
-
-def chat_prompt(messages: list[ChatMessage], sources: list[Any], settings: Settings) -> list[dict[str, str]]:
-    """Our system message (plus the caller's), the newest earlier turns that fit, then sources and question."""
-    system, last = build_messages(messages[-1].text(), sources, settings.max_context_chars, settings.system_prompt)
-    theirs = [m.text().strip() for m in messages[:-1] if m.role in ("system", "developer") and m.text().strip()]
-    if theirs:
-        system = {"role": "system", "content": "\n\n".join([system["content"], *theirs])}
-    history: list[dict[str, str]] = []
-    budget = settings.chat_history_chars
-    for message in reversed(messages[:-1]):
-        if message.role not in ("user", "assistant"):
-            continue
-        text = message.text().strip()
-        if not text:
-            continue
-        if len(text) > budget:
-            break
-        budget -= len(text)
-        history.append({"role": message.role, "content": text})
-    history.reverse()
-    while history and history[0]["role"] == "assistant":  # an answer whose question did not fit
-        history.pop(0)
-    return [system, *history, last]
-
-
-async def _retrieve(
-    body: ChatCompletionRequest, settings: Settings, retriever: RetrieverDep, queue: QueueDep, rid: str
-) -> tuple[str, SearchResponse, list[Any], float]:
-    started = time.perf_counter()
-    question = question_of(body.messages, settings)
     top_k, filters = _search_options(body, settings)
-    with redis_errors():
-        depth = await queue.depth()
-    if depth >= settings.max_queue_depth:  # refuse before any work; admit() bounds the queue exactly
-        raise queue_full(depth, settings)
-    payload: dict[str, Any] = {"query": question, "top_k": top_k, "filters": filters}
-    search = await retriever.post("/v1/search", payload, request_id=rid, model=SearchResponse)
-    ASK_STAGE_SECONDS.labels("retrieve").observe(time.perf_counter() - started)
-    sources = above_floor(search.hits, settings.min_relevance)
-    return question, search, sources, started
+    earlier = messages[:-1]
+    turns: list[tuple[Literal["user", "assistant"], str]] = []
+    for message in earlier:
+        text = message.text().strip()
+        if text and message.role in ("user", "assistant"):
+            turns.append(("user" if message.role == "user" else "assistant", text))
+    conversation = Conversation(
+        system=[m.text().strip() for m in earlier if m.role in ("system", "developer") and m.text().strip()],
+        turns=turns,
+        history_chars=settings.chat_history_chars,
+    )
+    return Question(
+        messages[last].text(),
+        top_k,
+        filters,
+        field=f"messages.{last}.content",
+        conversation=conversation,
+        stream=body.stream,
+        max_tokens=body.token_limit,
+        temperature=body.temperature,
+    )
 
 
 @router.post(
@@ -198,183 +162,103 @@ async def _retrieve(
     summary="OpenAI-compatible chat over the indexed documents",
 )
 async def chat_completions(
-    body: ChatCompletionRequest,
-    settings: SettingsDep,
-    retriever: RetrieverDep,
-    queue: QueueDep,
-    rid: RequestIdDep,
+    body: ChatCompletionRequest, settings: SettingsDep, clients: ClientsDep, rid: RequestIdDep
 ) -> Any:
-    question, search, sources, started = await _retrieve(body, settings, retriever, queue, rid)
-    completion_id = "chatcmpl-" + uuid.uuid4().hex
-    created = int(time.time())
-    if not sources:
-        UNANSWERED.inc()
-        extra = RagpodExtra(sources=[], timings=_timings_without_job(search, started))
-        if body.stream:
-            return _stream_response(_static_stream(completion_id, created, body, NOT_COVERED, extra))
-        return _completion(completion_id, created, body.model, NOT_COVERED, "stop", Usage.of(0, 0), extra)
-    messages = chat_prompt(body.messages, sources, settings)
-    deadline = time.time() + settings.ask_timeout_seconds - (time.perf_counter() - started)
-    job = Job(
-        messages=messages,
-        deadline=deadline,
-        timeout_s=deadline - time.time(),  # the caller's budget from now; workers count it on Redis' clock
-        stream=body.stream,
-        max_tokens=body.token_limit,
-        temperature=body.temperature,
-        request_id=rid,
-    )
-    await admit(queue, job, settings)
-    embedding = embed_sources_early(sources, settings, retriever, rid)
-    prepared = Prepared(job=job, sources=sources, search=search, started=started, sources_embedded=embedding)
-    log.info("chat_enqueued", job_id=job.id, turns=len(messages) - 2, sources=len(sources), chars=len(question))
+    pending = await pipeline.ask(question_of(body, settings), settings, clients, rid)
+    completion = Completion("chatcmpl-" + uuid.uuid4().hex, int(time.time()), body.model, body.include_usage)
     if body.stream:
-        return _stream_response(_chunks(queue, prepared, completion_id, created, body, settings, retriever, rid))
-    async for event in follow(queue, prepared):
-        if event.type in ("done", "error"):
-            raise_for_error(event)
-            extra = await _extra(prepared, event, settings, retriever, rid)
-            return _completion(
-                completion_id, created, body.model, str(event.data["answer"]), _finish(event), _usage(event), extra
-            )
-    raise RagError("the job's events ended without an answer")
+        return EventSourceResponse(_chunks(pending, completion), headers=SSE_HEADERS, sep="\n")
+    answer = await pending.answer()
+    return RagpodCompletion(
+        id=completion.id,
+        created=completion.created,
+        model=completion.model,
+        choices=[Choice(message=AssistantMessage(content=answer.response.answer), finish_reason=_finish(answer))],
+        usage=_usage(answer),
+        ragpod=_extra(answer),
+    )
 
 
-async def _extra(
-    prepared: Prepared, done: Event, settings: Settings, retriever: ServiceClient, rid: str, answer: str | None = None
-) -> RagpodExtra:
-    """Sources, citations and timings of an answer: the same attribution as /v1/ask."""
-    full = await answered(prepared, done, settings, retriever, rid)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _extra(answer: Answer, replaced: str | None = None) -> RagpodExtra:
+    """Sources, citations and timings of an answer: the body of /v1/ask, in the field OpenAI's shape lacks."""
+    full = answer.response
     return RagpodExtra(
         sources=full.sources,
         citations=full.citations,
         grounded=full.grounded,
         citation_warnings=full.citation_warnings,
         timings=full.timings,
-        answer=answer,
+        answer=replaced,
     )
 
 
-def _finish(event: Event) -> Any:
-    return "length" if event.data.get("finish_reason") == "length" else "stop"
+def _finish(answer: Answer) -> Any:
+    return "length" if answer.finish_reason == "length" else "stop"
 
 
-def _usage(event: Event) -> Usage:
-    return Usage.of(int(event.data.get("prompt_tokens", 0) or 0), int(event.data.get("completion_tokens", 0) or 0))
+def _usage(answer: Answer) -> Usage:
+    return Usage.of(answer.prompt_tokens, answer.completion_tokens)
 
 
-def _timings_without_job(search: SearchResponse, started: float) -> Timings:
-    return Timings(
-        embed_ms=round(search.embed_ms, 2),
-        search_ms=round(search.search_ms, 2),
-        queue_ms=0.0,
-        generate_ms=0.0,
-        total_ms=round((time.perf_counter() - started) * 1000, 2),
-    )
+class Completion:
+    """What every chunk of one streamed completion repeats."""
 
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+        self.id, self.created, self.model, self.include_usage = completion_id, created, model, include_usage
 
-def _completion(
-    completion_id: str, created: int, model: str, answer: str, finish: Any, usage: Usage, extra: RagpodExtra
-) -> RagpodCompletion:
-    return RagpodCompletion(
-        id=completion_id,
-        created=created,
-        model=model,
-        choices=[Choice(message=AssistantMessage(content=answer), finish_reason=finish)],
-        usage=usage,
-        ragpod=extra,
-    )
-
-
-def _stream_response(chunks: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(
-        chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
-
-
-def _data(body: Mapping[str, Any]) -> str:
-    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
-
-
-def _chunk(
-    completion_id: str,
-    created: int,
-    model: str,
-    delta: Delta,
-    finish: Any = None,
-    extra: RagpodExtra | None = None,
-) -> str:
-    chunk = ChatCompletionChunk(
-        id=completion_id,
-        created=created,
-        model=model,
-        choices=[ChunkChoice(delta=delta, finish_reason=finish)],
-    )
-    body = json.loads(chunk.to_json(with_usage=False))
-    if extra is not None:
+    def chunk(self, delta: Delta, finish: Any = None, extra: RagpodExtra | None = None) -> str:
+        chunk = ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=[ChunkChoice(delta=delta, finish_reason=finish)]
+        )
+        if extra is None:
+            return chunk.to_json(with_usage=False)
+        body = json.loads(chunk.to_json(with_usage=False))
         body["ragpod"] = extra.model_dump(mode="json", exclude_none=True)
-    return _data(body)
+        return json.dumps(body, separators=(",", ":"))
+
+    def usage(self, usage: Usage) -> str:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=usage).to_json(
+            with_usage=True
+        )
 
 
-def _usage_chunk(completion_id: str, created: int, model: str, usage: Usage) -> str:
-    chunk = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[], usage=usage)
-    return _data(json.loads(chunk.to_json(with_usage=True)))
+DONE = "[DONE]"
 
 
-DONE = "data: [DONE]\n\n"
-
-
-async def _static_stream(
-    completion_id: str, created: int, body: ChatCompletionRequest, answer: str, extra: RagpodExtra
-) -> AsyncIterator[str]:
-    yield _chunk(completion_id, created, body.model, Delta(role="assistant", content=""))
-    yield _chunk(completion_id, created, body.model, Delta(content=answer))
-    yield _chunk(completion_id, created, body.model, Delta(), "stop", extra)
-    if body.include_usage:
-        yield _usage_chunk(completion_id, created, body.model, Usage.of(0, 0))
-    yield DONE
-
-
-async def _chunks(
-    queue: JobQueue,
-    prepared: Prepared,
-    completion_id: str,
-    created: int,
-    body: ChatCompletionRequest,
-    settings: Settings,
-    retriever: ServiceClient,
-    rid: str,
-) -> AsyncIterator[str]:
-    """The answer as OpenAI chunk events. OpenAI's stream cannot take text back: when a retried
-    generation replaces what was sent, the final chunk's ``ragpod.answer`` carries the whole answer."""
-    model = body.model
-    yield _chunk(completion_id, created, model, Delta(role="assistant", content=""))
-    attempt = 0
+async def _chunks(pending: Pending, completion: Completion) -> AsyncIterator[str]:
+    """The answer as OpenAI chunk events (the data of each; sse-starlette frames them). OpenAI's stream cannot
+    take text back: once a retried generation starts over, no more tokens are sent, and the final chunk's
+    ``ragpod.answer`` carries the whole answer when it differs from what was sent."""
+    yield completion.chunk(Delta(role="assistant", content=""))
     sent: list[str] = []
+    restarted = False
     try:
-        async for event in follow(queue, prepared):
-            if event.type == "token":
-                attempt = attempt or event.attempt
-                if event.attempt == attempt:
-                    text = str(event.data["text"])
-                    sent.append(text)
-                    yield _chunk(completion_id, created, model, Delta(content=text))
-            elif event.type == "done":
-                answer = str(event.data["answer"])
+        async for item in pending.stream():
+            if isinstance(item, Answer):
                 replaced: str | None = None
-                if not sent:
-                    yield _chunk(completion_id, created, model, Delta(content=answer))
-                elif "".join(sent) != answer:
-                    replaced = answer
-                    log.warning("chat_stream_replaced", attempt=event.attempt)
-                extra = await _extra(prepared, event, settings, retriever, rid, replaced)
-                yield _chunk(completion_id, created, model, Delta(), _finish(event), extra)
-                if body.include_usage:
-                    yield _usage_chunk(completion_id, created, model, _usage(event))
+                if "".join(sent) != item.response.answer:
+                    replaced = item.response.answer
+                    log.warning("chat_stream_replaced")
+                yield completion.chunk(Delta(), _finish(item), _extra(item, replaced))
+                if completion.include_usage:
+                    yield completion.usage(_usage(item))
                 yield DONE
                 return
-            else:
-                raise_for_error(event)
+            if isinstance(item, Reset):
+                restarted = restarted or bool(sent)
+            elif not restarted:
+                sent.append(item.text)
+                yield completion.chunk(Delta(content=item.text))
     except RagError as exc:
-        yield _data(error_body(exc))
+        yield json.dumps(error_body(exc), separators=(",", ":"))
+        yield DONE
+    except Exception:  # the status line is sent: the failure goes in the stream
+        log.exception("unhandled_error", path="/v1/chat/completions", request_id=pending.request_id)
+        detail = f"the service failed on this request (request id {pending.request_id}); it has been logged"
+        yield json.dumps(
+            {"error": {"message": detail, "type": "server_error", "param": None, "code": "internal_error"}}
+        )
         yield DONE

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from services.common.settings import QueueSettings, ServiceSettings
+from services.common.settings import EmbeddingSettings, QueueSettings, ServiceSettings
 from services.gateway.prompt import SYSTEM
 
 
-class Settings(ServiceSettings, QueueSettings):
+class Settings(ServiceSettings, QueueSettings, EmbeddingSettings):
     port: int = Field(8000, ge=1, le=65535)
     retriever_url: str = Field("http://127.0.0.1:8002", description="Base URL of the retriever.")
     max_queue_depth: int = Field(64, ge=1, description="Queue depth above which /v1/ask answers 503 at once.")
     ask_timeout_seconds: float = Field(120.0, gt=0, description="Deadline of one /v1/ask, queue wait included.")
-    upstream_timeout_seconds: float = Field(60.0, gt=0, description="Timeout of calls to the retriever.")
+    upstream_timeout_seconds: float = Field(
+        60.0, gt=0, description="Timeout of calls to the retriever and the embedding service."
+    )
     top_k_max: int = Field(20, ge=1, le=100, description="Largest top_k accepted.")
     max_question_chars: int = Field(2000, ge=1)
     max_documents_per_request: int = Field(256, ge=1)

@@ -9,12 +9,25 @@ from fastapi import Depends, Request
 from redis.asyncio import Redis
 
 from services.common.deps import RequestIdDep, settings_getter, state_getter
+from services.common.embedding import EmbeddingClient
 from services.common.http import ServiceClient
 from services.common.queue import JobQueue
 from services.gateway.config import Settings
+from services.gateway.pipeline import Clients
 from services.gateway.security import Guard
 
-__all__ = ["Guarded", "QueueDep", "RequestIdDep", "RetrieverDep", "SettingsDep", "State", "StateDep", "guard"]
+__all__ = [
+    "ClientsDep",
+    "EmbeddingDep",
+    "Guarded",
+    "QueueDep",
+    "RequestIdDep",
+    "RetrieverDep",
+    "SettingsDep",
+    "State",
+    "StateDep",
+    "guard",
+]
 
 
 @dataclass
@@ -25,7 +38,12 @@ class State:
     redis: Redis
     queue: JobQueue
     retriever: ServiceClient
+    embedding: EmbeddingClient  # attribution's sentence vectors, with the GPU-to-CPU spill
     guard: Guard
+
+    @property
+    def clients(self) -> Clients:
+        return Clients(self.retriever, self.embedding, self.queue)
 
 
 StateDep = Annotated[State, Depends(state_getter(State))]
@@ -36,8 +54,16 @@ async def get_retriever(state: StateDep) -> ServiceClient:
     return state.retriever
 
 
+async def get_embedding(state: StateDep) -> EmbeddingClient:
+    return state.embedding
+
+
 async def get_queue(state: StateDep) -> JobQueue:
     return state.queue
+
+
+async def get_clients(state: StateDep) -> Clients:
+    return state.clients
 
 
 async def guard(request: Request, state: StateDep) -> None:
@@ -46,5 +72,7 @@ async def guard(request: Request, state: StateDep) -> None:
 
 
 RetrieverDep = Annotated[ServiceClient, Depends(get_retriever)]
+EmbeddingDep = Annotated[EmbeddingClient, Depends(get_embedding)]
+ClientsDep = Annotated[Clients, Depends(get_clients)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
 Guarded = Depends(guard)

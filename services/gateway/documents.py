@@ -1,4 +1,5 @@
-"""Search without generation, the documents in the index (list, get, delete), and file uploads.
+"""Search without generation (the question pipeline's retrieval), the documents in the index (list, get,
+delete), and file uploads.
 
 The documents routes pass through to the retriever, which owns the index; file uploads are parsed here
 (``services.gateway.files``) and sent to the retriever as one batch, so a request is all or nothing.
@@ -7,7 +8,6 @@ The documents routes pass through to the retriever, which owns the index; file u
 from __future__ import annotations
 
 import json
-import time
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -16,10 +16,12 @@ from fastapi import APIRouter, FastAPI, File, Form, Query, Response, UploadFile
 from pydantic import ValidationError
 
 from services.common.errors import InvalidInput, NotFound
-from services.common.schemas import Document, DocumentsResponse, SearchResponse
+from services.common.schemas import Document, DocumentsResponse
+from services.gateway import pipeline
 from services.gateway.config import Settings
 from services.gateway.deps import Guarded, RequestIdDep, RetrieverDep, SettingsDep
 from services.gateway.files import Unparseable, parse_file
+from services.gateway.pipeline import Question
 from services.gateway.schemas import (
     DocumentInfo,
     DocumentList,
@@ -38,13 +40,6 @@ GUARDED = (401, 413, 429)  # what the front door itself can answer on any guarde
 UPSTREAM = (502, 503, 504)  # the retriever (or what it uses) failed, is down or too slow
 
 
-def check_question(question: str, top_k: int, settings: Settings, *, field: str = "question") -> None:
-    if top_k > settings.top_k_max:
-        raise InvalidInput(f"top_k: must be between 1 and {settings.top_k_max}")
-    if len(question) > settings.max_question_chars:
-        raise InvalidInput(f"{field}: longer than {settings.max_question_chars} characters")
-
-
 def document_path(document_id: str) -> str:
     """The retriever's path for one document; the id travels as a single escaped segment."""
     if not document_id:
@@ -60,17 +55,18 @@ def document_path(document_id: str) -> str:
     summary="Retrieve the chunks that answer a question, without generating an answer",
 )
 async def search(body: SearchQuery, settings: SettingsDep, retriever: RetrieverDep, rid: RequestIdDep) -> SearchResults:
-    check_question(body.question, body.top_k, settings)
-    started = time.perf_counter()
-    payload: dict[str, Any] = {"query": body.question, "top_k": body.top_k, "filters": body.filters}
-    found = await retriever.post("/v1/search", payload, request_id=rid, model=SearchResponse)
-    sources = [hit for hit in found.hits if hit.score >= settings.min_relevance]
-    total_ms = (time.perf_counter() - started) * 1000
-    log.info("search_done", k=body.top_k, hits=len(found.hits), kept=len(sources), total_ms=round(total_ms, 2))
+    question = Question(body.question, body.top_k, body.filters)
+    found = await pipeline.retrieve(question, settings, retriever, rid)
+    total_ms = found.total_ms()
+    log.info(
+        "search_done", k=body.top_k, hits=len(found.search.hits), kept=len(found.sources), total_ms=round(total_ms, 2)
+    )
     return SearchResults(
-        sources=sources,
+        sources=found.sources,
         timings=SearchTimings(
-            embed_ms=round(found.embed_ms, 2), search_ms=round(found.search_ms, 2), total_ms=round(total_ms, 2)
+            embed_ms=round(found.search.embed_ms, 2),
+            search_ms=round(found.search.search_ms, 2),
+            total_ms=round(total_ms, 2),
         ),
     )
 
@@ -167,7 +163,8 @@ async def upload_files(
             raise InvalidInput(f"files.{index}: id {document_id!r} appears more than once")
         indexed.append(FileIndexed(id=document_id, title=parsed.title, format=parsed.format, chars=len(parsed.text)))
     payload = {"documents": [doc.model_dump() for doc in documents]}
-    result = await retriever.post("/v1/documents", payload, request_id=rid, model=DocumentsResponse)
+    # Chunk ids are deterministic: the same documents sent twice are written once.
+    result = await retriever.post("/v1/documents", payload, idempotent=True, request_id=rid, model=DocumentsResponse)
     log.info("files_indexed", files=len(indexed), chunks=result.chunks)
     return FilesResponse(indexed=result.indexed, chunks=result.chunks, files=indexed)
 

@@ -1,12 +1,14 @@
-"""The path of one question: retrieve, keep the sources above the relevance floor, enqueue one job, wait
-for its events, attribute the answer's sentences to the sources.
+"""The path of one question, whichever route it came by (/v1/ask, /v1/chat/completions, /v1/search).
 
-The sources' sentences are embedded for attribution as soon as the job is
-queued, while it waits and is generated; once the answer is there only its own
-sentences are left to embed.
+``retrieve`` validates the question, searches and keeps the sources above the relevance floor.
+``ask`` does that, then builds the prompt, admits one job to the queue and starts embedding the
+sources' sentences for attribution, to run while the job waits and is generated. The ``Pending``
+it returns follows the job: ``answer()`` for the whole answer, ``stream()`` for its tokens and then
+the answer; either way each sentence is attributed to the sources, whose sentences are already
+embedded by then, so only the answer's own sentences take one more call to the embedding service.
 
-A question none of whose sources reaches ``RAG_MIN_RELEVANCE`` is answered at
-once as not covered by the documents: no job, no generation.
+A question none of whose sources reaches ``RAG_MIN_RELEVANCE`` is answered at once as not covered
+by the documents: no job, no generation. The route modules only translate these into their formats.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
+from services.common.embedding import EmbeddingClient
 from services.common.errors import (
     DeadlineExceeded,
     GenerationFailed,
+    InvalidInput,
     QueueFull,
     RagError,
     UpstreamUnavailable,
@@ -35,12 +38,45 @@ from services.common.schemas import SearchResponse, Source
 from services.gateway.attribution import Embed, SourceSentences, attribute_to, embed_sources
 from services.gateway.config import Settings
 from services.gateway.metrics import ASK_STAGE_SECONDS, REJECTED, UNANSWERED, UNGROUNDED
-from services.gateway.prompt import build_messages, context_texts
-from services.gateway.schemas import AskRequest, AskResponse, Timings
+from services.gateway.prompt import Conversation, build_messages, context_texts
+from services.gateway.schemas import AskResponse, Timings
 
 log = structlog.get_logger(__name__)
 
 NOT_COVERED = "The indexed documents do not cover this question."
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question as every route hands it in."""
+
+    text: str
+    top_k: int
+    filters: dict[str, Any] | None = None
+    field: str = "question"  # where the request carries the text, named when it is refused
+    conversation: Conversation | None = None  # chat: earlier turns and the caller's system messages
+    stream: bool = False
+    max_tokens: int | None = None
+    temperature: float | None = None
+
+
+@dataclass(frozen=True)
+class Clients:
+    """What the pipeline calls: the retriever, the embedding service (attribution) and the job queue."""
+
+    retriever: ServiceClient
+    embedding: EmbeddingClient
+    queue: JobQueue
+
+
+def check_question(question: Question, settings: Settings) -> None:
+    """The one validation of a question beyond its schema: the limits this gateway is configured with."""
+    if not 1 <= question.top_k <= settings.top_k_max:
+        raise InvalidInput(f"top_k: must be between 1 and {settings.top_k_max}")
+    if not question.text.strip():
+        raise InvalidInput(f"{question.field}: must not be empty or whitespace")
+    if len(question.text) > settings.max_question_chars:
+        raise InvalidInput(f"{question.field}: longer than {settings.max_question_chars} characters")
 
 
 def above_floor(sources: list[Source], min_relevance: float) -> list[Source]:
@@ -65,6 +101,40 @@ def queue_full(depth: int, settings: Settings) -> QueueFull:
     )
 
 
+@dataclass
+class Retrieved:
+    """A question searched: what the retriever found and the sources that passed the floor."""
+
+    search: SearchResponse
+    sources: list[Source]  # those above the floor, numbered [1].. in the prompt
+    started: float  # perf_counter at arrival
+    deadline: float  # wall clock: arrival plus RAG_ASK_TIMEOUT_SECONDS
+
+    def total_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
+
+async def retrieve(
+    question: Question, settings: Settings, retriever: ServiceClient, request_id: str, queue: JobQueue | None = None
+) -> Retrieved:
+    """Validates, searches and applies the relevance floor. Given the queue (the question is to be answered),
+    refuses first, before any work, when the queue is already full; ``admit`` bounds it exactly."""
+    started = time.perf_counter()
+    deadline = time.time() + settings.ask_timeout_seconds
+    check_question(question, settings)
+    if queue is not None:
+        with redis_errors():
+            depth = await queue.depth()
+        if depth >= settings.max_queue_depth:
+            raise queue_full(depth, settings)
+    payload: dict[str, Any] = {"query": question.text, "top_k": question.top_k, "filters": question.filters}
+    # A search only reads: safe to send again on a connection that dropped before its answer.
+    search = await retriever.post("/v1/search", payload, idempotent=True, request_id=request_id, model=SearchResponse)
+    ASK_STAGE_SECONDS.labels("retrieve").observe(time.perf_counter() - started)
+    sources = above_floor(search.hits, settings.min_relevance)
+    return Retrieved(search=search, sources=sources, started=started, deadline=deadline)
+
+
 async def admit(queue: JobQueue, job: Job, settings: Settings) -> None:
     """Enqueues the job unless RAG_MAX_QUEUE_DEPTH jobs wait, checked and added in one step in Redis,
     so the bound holds across any number of gateway replicas (the early depth check only saves work)."""
@@ -74,177 +144,204 @@ async def admit(queue: JobQueue, job: Job, settings: Settings) -> None:
         raise queue_full(admission.depth, settings)
 
 
-@dataclass
-class Prepared:
-    """A question retrieved and, unless no source passed the floor, enqueued: what the waiting side needs."""
-
-    job: Job | None  # None: not covered by the documents, nothing was queued
-    sources: list[Source]  # those above the floor, numbered [1].. in the prompt
-    search: SearchResponse
-    started: float  # perf_counter at arrival
-    sources_embedded: asyncio.Task[SourceSentences] | None = None  # see embed_sources_early
-
-    def forget(self) -> None:
-        """Stops embedding the sources when no answer will need them."""
-        if self.sources_embedded is not None:
-            self.sources_embedded.cancel()
-
-
-class _Vectors(BaseModel):
-    vectors: list[list[float]]
-
-
-def retriever_embed(retriever: ServiceClient, request_id: str) -> Embed:
-    """Texts to vectors through the retriever's ``/v1/embed`` (the gateway does not call the embedding service
-    itself)."""
+def embedder(embedding: EmbeddingClient, request_id: str) -> Embed:
+    """Texts to vectors for attribution, from the embedding service (spilling to the CPU one)."""
 
     async def embed(texts: list[str]) -> list[list[float]]:
-        body = await retriever.post("/v1/embed", {"texts": texts}, request_id=request_id)
-        try:
-            vectors = _Vectors.model_validate(body).vectors
-        except ValidationError as exc:
-            raise UpstreamUnavailable("retriever answered /v1/embed without vectors") from exc
-        if len(vectors) != len(texts):
-            raise UpstreamUnavailable(f"retriever returned {len(vectors)} vectors for {len(texts)} texts")
-        return vectors
+        return (await embedding.embed(texts, request_id)).vectors
 
     return embed
 
 
-def embed_sources_early(
-    sources: list[Source], settings: Settings, retriever: ServiceClient, request_id: str
-) -> asyncio.Task[SourceSentences]:
-    """Starts embedding the sources' sentences for attribution, to run while the job waits and is generated.
+@dataclass(frozen=True)
+class Token:
+    """Text of the answer as it is generated."""
 
-    Only a head start: a failure is kept in the task, and the answer (``answered``) embeds them again then.
-    """
-    texts = context_texts(sources, settings.max_context_chars)
-    task = asyncio.create_task(embed_sources(texts, retriever_embed(retriever, request_id)))
-    task.add_done_callback(lambda done: done.cancelled() or done.exception())
-    return task
+    text: str
 
 
-async def prepare(
-    body: AskRequest, settings: Settings, retriever: ServiceClient, queue: JobQueue, request_id: str
-) -> Prepared:
-    started = time.perf_counter()
-    deadline = time.time() + settings.ask_timeout_seconds
-    # Refuse before doing any work when the queue is already full.
-    with redis_errors():
-        depth = await queue.depth()
-    if depth >= settings.max_queue_depth:
-        raise queue_full(depth, settings)
-    payload: dict[str, Any] = {"query": body.question, "top_k": body.top_k, "filters": body.filters}
-    search = await retriever.post("/v1/search", payload, request_id=request_id, model=SearchResponse)
-    ASK_STAGE_SECONDS.labels("retrieve").observe(time.perf_counter() - started)
-    sources = above_floor(search.hits, settings.min_relevance)
-    if not sources:
+@dataclass(frozen=True)
+class Reset:
+    """The answer starts over (a retried generation): what was shown of it is to be dropped."""
+
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The answer to a question: the body /v1/ask answers, and what OpenAI's shape adds."""
+
+    response: AskResponse
+    finish_reason: str = "stop"  # "length" when the model ran out of tokens
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Pending:
+    """A question retrieved and, unless no source passed the floor, queued: its answer, to wait for."""
+
+    question: Question
+    retrieved: Retrieved
+    settings: Settings
+    clients: Clients
+    request_id: str
+    job: Job | None = None  # None: not covered by the documents, nothing was queued
+    sources_embedded: asyncio.Task[SourceSentences] | None = None  # the head start on attribution
+
+    async def answer(self) -> Answer:
+        """The whole answer once the job is done; raises the ``RagError`` that ends it otherwise."""
+        async for item in self.stream():
+            if isinstance(item, Answer):
+                return item
+        raise GenerationFailed("the job's events ended without an answer")
+
+    async def stream(self) -> AsyncIterator[Token | Reset | Answer]:
+        """Tokens in order, ``Reset`` when a retry starts the answer over, then the ``Answer``.
+
+        The answer shown is the one that comes last: when another attempt than the one streamed wins,
+        a ``Reset`` and its whole text come before the ``Answer``."""
+        if self.job is None:
+            yield Token(NOT_COVERED)
+            yield Answer(AskResponse(answer=NOT_COVERED, sources=[], grounded=False, timings=self._timings(None)))
+            return
+        attempt = 0
+        async for event in self._follow(self.job):
+            if event.type == "token":
+                if event.attempt > attempt:  # a retry started over: the client drops what it has shown
+                    if attempt:
+                        yield Reset(event.attempt)
+                    attempt = event.attempt
+                if event.attempt == attempt:
+                    yield Token(str(event.data["text"]))
+            elif event.type == "done":
+                text = str(event.data.get("answer", ""))
+                if event.attempt != attempt:  # another attempt than the one shown won: show its answer whole
+                    if attempt:
+                        yield Reset(event.attempt)
+                    if text:
+                        yield Token(text)
+                yield await self._answered(event)
+                return
+            else:
+                raise GenerationFailed(str(event.data.get("detail") or "generation failed"))
+
+    async def _follow(self, job: Job) -> AsyncIterator[Event]:
+        """The job's events until ``done`` or ``error``; raises DeadlineExceeded at the caller's deadline."""
+        queue = self.clients.queue
+        try:
+            with redis_errors():
+                remaining = job.deadline - time.time()
+                if remaining <= 0:
+                    raise DeadlineExceeded("no answer before the deadline")
+                try:
+                    async with asyncio.timeout(remaining):
+                        async for event in queue.events(job.id):
+                            yield event
+                            if event.type in ("done", "error"):
+                                return
+                except TimeoutError:
+                    REJECTED.labels("deadline").inc()
+                    raise DeadlineExceeded(
+                        f"no answer within the deadline of {round(job.deadline - job.enqueued_at, 1):g} s; "
+                        "the job was dropped and will not be generated"
+                    ) from None
+        finally:
+            if self.sources_embedded is not None:  # attributed already, or no answer is coming
+                self.sources_embedded.cancel()
+            with contextlib.suppress(RedisError):
+                await queue.discard(job.id)
+
+    async def _answered(self, done: Event) -> Answer:
+        """Each sentence of the answer attributed to the sources, whose sentences were embedded while it was
+        generated (again now if that failed); the answer's own sentences take one more call."""
+        answer = str(done.data.get("answer", ""))
+        started = time.perf_counter()
+        embed = embedder(self.clients.embedding, self.request_id)
+        sources = await self._embedded_early()
+        if sources is None:
+            texts = context_texts(self.retrieved.sources, self.settings.max_context_chars)
+            sources = await embed_sources(texts, embed)
+        attribution = await attribute_to(answer, sources, embed, self.settings.min_support)
+        ASK_STAGE_SECONDS.labels("attribute").observe(time.perf_counter() - started)
+        if not attribution.grounded:
+            UNGROUNDED.inc()
+        log.info(
+            "answer_attributed",
+            sentences=len(attribution.citations),
+            grounded=attribution.grounded,
+            warnings=len(attribution.warnings),
+            attribute_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+        response = AskResponse(
+            answer=answer,
+            sources=self.retrieved.sources,
+            citations=attribution.citations,
+            grounded=attribution.grounded,
+            citation_warnings=attribution.warnings,
+            timings=self._timings(done),
+            model=str(done.data.get("model", "")),
+        )
+        return Answer(
+            response,
+            finish_reason="length" if done.data.get("finish_reason") == "length" else "stop",
+            prompt_tokens=int(done.data.get("prompt_tokens", 0) or 0),
+            completion_tokens=int(done.data.get("completion_tokens", 0) or 0),
+        )
+
+    async def _embedded_early(self) -> SourceSentences | None:
+        """The sources' sentences as embedded while the answer was generated; None if that failed (the
+        embedding service busy or down then: the answer tries again)."""
+        if self.sources_embedded is None:
+            return None
+        try:
+            return await self.sources_embedded
+        except (RagError, ValueError) as exc:
+            log.info("attribution_head_start_failed", error=str(exc)[:200])
+            return None
+
+    def _timings(self, done: Event | None) -> Timings:
+        total = self.retrieved.total_ms()
+        ASK_STAGE_SECONDS.labels("total").observe(total / 1000)
+        data = done.data if done is not None else {}
+        search = self.retrieved.search
+        return Timings(
+            embed_ms=round(search.embed_ms, 2),
+            search_ms=round(search.search_ms, 2),
+            queue_ms=round(float(data.get("queue_ms", 0.0)), 2),
+            generate_ms=round(float(data.get("generate_ms", 0.0)), 2),
+            total_ms=round(total, 2),
+        )
+
+
+async def ask(question: Question, settings: Settings, clients: Clients, request_id: str) -> Pending:
+    """Retrieves, and unless no source passes the floor, queues one job for the answer and starts embedding
+    the sources' sentences for attribution. Refusals (bad input, a full queue, a dependency down) are raised
+    here, before a route starts its answer."""
+    retrieved = await retrieve(question, settings, clients.retriever, request_id, clients.queue)
+    pending = Pending(question, retrieved, settings, clients, request_id)
+    if not retrieved.sources:
         UNANSWERED.inc()
-        best = max((hit.score for hit in search.hits), default=None)
-        log.info("ask_not_covered", hits=len(search.hits), best_score=best, min_relevance=settings.min_relevance)
-        return Prepared(job=None, sources=[], search=search, started=started)
-    messages = build_messages(body.question, sources, settings.max_context_chars, settings.system_prompt)
-    remaining = deadline - time.time()  # the caller's budget from now; workers count it on Redis' clock
-    job = Job(messages=messages, deadline=deadline, timeout_s=remaining, stream=body.stream, request_id=request_id)
-    await admit(queue, job, settings)
-    embedding = embed_sources_early(sources, settings, retriever, request_id)
-    return Prepared(job=job, sources=sources, search=search, started=started, sources_embedded=embedding)
-
-
-async def follow(queue: JobQueue, prepared: Prepared) -> AsyncIterator[Event]:
-    """The job's events until ``done`` or ``error``; raises DeadlineExceeded at the caller's deadline."""
-    job = prepared.job
-    if job is None:
-        return
-    try:
-        with redis_errors():
-            remaining = job.deadline - time.time()
-            if remaining <= 0:
-                raise DeadlineExceeded("no answer before the deadline")
-            try:
-                async with asyncio.timeout(remaining):
-                    async for event in queue.events(job.id):
-                        yield event
-                        if event.type in ("done", "error"):
-                            return
-            except TimeoutError:
-                REJECTED.labels("deadline").inc()
-                raise DeadlineExceeded(
-                    f"no answer within the deadline of {round(job.deadline - job.enqueued_at, 1):g} s; "
-                    "the job was dropped and will not be generated"
-                ) from None
-    finally:
-        prepared.forget()  # no answer needs the sources' vectors any more: attributed already, or none coming
-        with contextlib.suppress(RedisError):
-            await queue.discard(job.id)
-
-
-def raise_for_error(event: Event) -> None:
-    if event.type == "error":
-        raise GenerationFailed(str(event.data.get("detail") or "generation failed"))
-
-
-def timings(prepared: Prepared, done: Event | None) -> Timings:
-    total = (time.perf_counter() - prepared.started) * 1000
-    ASK_STAGE_SECONDS.labels("total").observe(total / 1000)
-    data = done.data if done is not None else {}
-    return Timings(
-        embed_ms=round(prepared.search.embed_ms, 2),
-        search_ms=round(prepared.search.search_ms, 2),
-        queue_ms=round(float(data.get("queue_ms", 0.0)), 2),
-        generate_ms=round(float(data.get("generate_ms", 0.0)), 2),
-        total_ms=round(total, 2),
+        hits = retrieved.search.hits
+        best = max((hit.score for hit in hits), default=None)
+        log.info("ask_not_covered", hits=len(hits), best_score=best, min_relevance=settings.min_relevance)
+        return pending
+    messages = build_messages(
+        question.text, retrieved.sources, settings.max_context_chars, settings.system_prompt, question.conversation
     )
-
-
-def not_covered(prepared: Prepared) -> AskResponse:
-    """The answer to a question no source passed the floor for: nothing was generated."""
-    return AskResponse(answer=NOT_COVERED, sources=[], grounded=False, timings=timings(prepared, None))
-
-
-async def _embedded_early(prepared: Prepared) -> SourceSentences | None:
-    """The sources' sentences as embedded while the answer was generated; None if that was not done or failed
-    (the embedding service busy or down then: the answer tries again)."""
-    if prepared.sources_embedded is None:
-        return None
-    try:
-        return await prepared.sources_embedded
-    except (RagError, ValueError) as exc:
-        log.info("attribution_head_start_failed", error=str(exc)[:200])
-        return None
-
-
-async def answered(
-    prepared: Prepared, done: Event, settings: Settings, retriever: ServiceClient, request_id: str
-) -> AskResponse:
-    """The full answer to a ``done`` event: each sentence attributed to the sources, whose sentences were
-    embedded while it was generated; the answer's own sentences take one more call through the retriever.
-
-    The plain and the streamed answer are both built here, so they carry the same citations.
-    """
-    answer = str(done.data.get("answer", ""))
-    started = time.perf_counter()
-    embed = retriever_embed(retriever, request_id)
-    sources = await _embedded_early(prepared)
-    if sources is None:
-        sources = await embed_sources(context_texts(prepared.sources, settings.max_context_chars), embed)
-    attribution = await attribute_to(answer, sources, embed, settings.min_support)
-    ASK_STAGE_SECONDS.labels("attribute").observe(time.perf_counter() - started)
-    if not attribution.grounded:
-        UNGROUNDED.inc()
-    log.info(
-        "answer_attributed",
-        sentences=len(attribution.citations),
-        grounded=attribution.grounded,
-        warnings=len(attribution.warnings),
-        attribute_ms=round((time.perf_counter() - started) * 1000, 2),
+    job = Job(
+        messages=messages,
+        deadline=retrieved.deadline,
+        timeout_s=retrieved.deadline - time.time(),  # the caller's budget from now; workers count it on Redis' clock
+        stream=question.stream,
+        max_tokens=question.max_tokens,
+        temperature=question.temperature,
+        request_id=request_id,
     )
-    return AskResponse(
-        answer=answer,
-        sources=prepared.sources,
-        citations=attribution.citations,
-        grounded=attribution.grounded,
-        citation_warnings=attribution.warnings,
-        timings=timings(prepared, done),
-        model=str(done.data.get("model", "")),
-    )
+    await admit(clients.queue, job, settings)
+    texts = context_texts(retrieved.sources, settings.max_context_chars)
+    task = asyncio.create_task(embed_sources(texts, embedder(clients.embedding, request_id)))
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())  # a failure is kept, not logged
+    pending.job, pending.sources_embedded = job, task
+    log.info("question_queued", job_id=job.id, sources=len(retrieved.sources), chars=len(question.text))
+    return pending

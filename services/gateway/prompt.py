@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
 from services.common.schemas import Source
 
 # Plain on purpose: the packaged 135M model copes with this and loses the thread when asked to cite
@@ -25,9 +29,23 @@ def context_texts(sources: list[Source], max_context_chars: int) -> list[str]:
     return texts
 
 
+@dataclass(frozen=True)
+class Conversation:
+    """What a chat adds to its last question: the caller's own system messages and the earlier turns."""
+
+    system: Sequence[str] = ()
+    turns: Sequence[tuple[Literal["user", "assistant"], str]] = ()  # oldest first, texts stripped, none empty
+    history_chars: int = 0  # characters of earlier turns kept, newest first
+
+
 def build_messages(
-    question: str, sources: list[Source], max_context_chars: int, system: str = SYSTEM
+    question: str,
+    sources: list[Source],
+    max_context_chars: int,
+    system: str = SYSTEM,
+    conversation: Conversation | None = None,
 ) -> list[dict[str, str]]:
+    """Our system message (plus the caller's), the newest earlier turns that fit, then sources and question."""
     blocks = [
         f"[{number}] (source: {source.document_id}, chunk {source.chunk})\n{text}"
         for number, (source, text) in enumerate(
@@ -35,5 +53,24 @@ def build_messages(
         )
     ]
     context = "\n\n".join(blocks) if blocks else "(no sources were found)"
-    user = f"Sources:\n{context}\n\nQuestion: {question.strip()}"
-    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    user = {"role": "user", "content": f"Sources:\n{context}\n\nQuestion: {question.strip()}"}
+    if conversation is None:
+        return [{"role": "system", "content": system}, user]
+    system_message = {"role": "system", "content": "\n\n".join([system, *conversation.system])}
+    return [system_message, *_history(conversation), user]
+
+
+def _history(conversation: Conversation) -> list[dict[str, str]]:
+    """The newest earlier turns within ``history_chars``, never starting with an answer whose question did not
+    fit."""
+    history: list[dict[str, str]] = []
+    budget = conversation.history_chars
+    for role, text in reversed(conversation.turns):
+        if len(text) > budget:
+            break
+        budget -= len(text)
+        history.append({"role": role, "content": text})
+    history.reverse()
+    while history and history[0]["role"] == "assistant":
+        history.pop(0)
+    return history

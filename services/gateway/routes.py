@@ -1,3 +1,5 @@
+"""The gateway's own routes: /v1/ask (the plain and the streamed answer), adding documents, the web page."""
+
 from __future__ import annotations
 
 import json
@@ -7,14 +9,13 @@ from typing import Any
 
 import structlog
 from fastapi import APIRouter
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.responses import HTMLResponse
+from sse_starlette import EventSourceResponse
 
-from services.common.errors import GenerationFailed, InvalidInput, RagError
-from services.common.http import ServiceClient
-from services.common.queue import JobQueue
-from services.gateway.config import Settings
-from services.gateway.deps import Guarded, QueueDep, RequestIdDep, RetrieverDep, SettingsDep
-from services.gateway.pipeline import Prepared, answered, follow, not_covered, prepare, raise_for_error
+from services.common.errors import InvalidInput, RagError
+from services.gateway import pipeline
+from services.gateway.deps import ClientsDep, Guarded, RequestIdDep, RetrieverDep, SettingsDep
+from services.gateway.pipeline import Answer, Pending, Question, Reset
 from services.gateway.schemas import (
     AskRequest,
     AskResponse,
@@ -48,14 +49,10 @@ async def add_documents(
     for index, doc in enumerate(body.documents):
         if len(doc.text) > settings.max_document_chars:
             raise InvalidInput(f"documents.{index}.text: longer than {settings.max_document_chars} characters")
-    return await retriever.post("/v1/documents", body.model_dump(), request_id=rid, model=DocumentsResponse)
-
-
-def _check_ask(body: AskRequest, settings: Settings) -> None:
-    if body.top_k > settings.top_k_max:
-        raise InvalidInput(f"top_k: must be between 1 and {settings.top_k_max}")
-    if len(body.question) > settings.max_question_chars:
-        raise InvalidInput(f"question: longer than {settings.max_question_chars} characters")
+    # Chunk ids are deterministic: the same documents sent twice are written once.
+    return await retriever.post(
+        "/v1/documents", body.model_dump(), idempotent=True, request_id=rid, model=DocumentsResponse
+    )
 
 
 @router.post(
@@ -67,64 +64,37 @@ def _check_ask(body: AskRequest, settings: Settings) -> None:
         **error_responses(400, 401, 413, 422, 429, 502, 503, 504),
     },
 )
-async def ask(
-    body: AskRequest, settings: SettingsDep, retriever: RetrieverDep, queue: QueueDep, rid: RequestIdDep
-) -> Any:
-    _check_ask(body, settings)
-    prepared = await prepare(body, settings, retriever, queue, rid)
-    if prepared.job is None:  # no source reached the relevance floor: answered at once, nothing queued
-        response = not_covered(prepared)
-        return _sse_response(_sse_at_once(response)) if body.stream else response
+async def ask(body: AskRequest, settings: SettingsDep, clients: ClientsDep, rid: RequestIdDep) -> Any:
+    question = Question(body.question, body.top_k, body.filters, stream=body.stream)
+    pending = await pipeline.ask(question, settings, clients, rid)
     if body.stream:
-        return _sse_response(_sse(queue, prepared, settings, retriever, rid))
-    async for event in follow(queue, prepared):
-        if event.type in ("done", "error"):
-            raise_for_error(event)
-            return await answered(prepared, event, settings, retriever, rid)
-    raise GenerationFailed("the job's events ended without an answer")
+        return EventSourceResponse(_events(pending), headers=SSE_HEADERS, sep="\n")
+    return (await pending.answer()).response
 
 
-def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(
-        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _event(name: str, data: dict[str, Any]) -> str:
-    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+def _event(name: str, data: dict[str, Any]) -> dict[str, str]:
+    """One event as sse-starlette writes it: its name and its data as compact JSON."""
+    return {"event": name, "data": json.dumps(data, separators=(",", ":"))}
 
 
-async def _sse_at_once(response: AskResponse) -> AsyncIterator[str]:
-    """An answer known without generation, as the same events a generated one has."""
-    yield _event("token", {"text": response.answer})
-    yield _event("done", response.model_dump())
-
-
-async def _sse(
-    queue: JobQueue, prepared: Prepared, settings: Settings, retriever: ServiceClient, rid: str
-) -> AsyncIterator[str]:
-    """token events in order; ``reset`` if a retry restarts the answer; then ``done`` (or ``error``).
+async def _events(pending: Pending) -> AsyncIterator[dict[str, str]]:
+    """``token`` events in order; ``reset`` if a retry restarts the answer; then ``done`` (or ``error``).
 
     ``done`` carries the same body as the plain answer: sources, citations, grounded, timings."""
-    attempt = 0
     try:
-        async for event in follow(queue, prepared):
-            if event.type == "token":
-                if event.attempt > attempt:  # a retry started over: the client drops what it has shown
-                    if attempt:
-                        yield _event("reset", {"attempt": event.attempt})
-                    attempt = event.attempt
-                if event.attempt == attempt:
-                    yield _event("token", {"text": event.data["text"]})
-            elif event.type == "done":
-                if event.attempt != attempt:  # another attempt than the one shown won: show its answer whole
-                    if attempt:
-                        yield _event("reset", {"attempt": event.attempt})
-                    if event.data["answer"]:
-                        yield _event("token", {"text": event.data["answer"]})
-                full = await answered(prepared, event, settings, retriever, rid)
-                yield _event("done", full.model_dump())
+        async for item in pending.stream():
+            if isinstance(item, Answer):
+                yield _event("done", item.response.model_dump(mode="json"))
+            elif isinstance(item, Reset):
+                yield _event("reset", {"attempt": item.attempt})
             else:
-                yield _event("error", {"error": "generation_failed", "detail": event.data.get("detail", "")})
+                yield _event("token", {"text": item.text})
     except RagError as exc:
         yield _event("error", {"error": exc.error, "detail": exc.detail})
+    except Exception:  # the status line is sent: the failure goes in the stream
+        log.exception("unhandled_error", path="/v1/ask", request_id=pending.request_id)
+        detail = f"the service failed on this request (request id {pending.request_id}); it has been logged"
+        yield _event("error", {"error": "internal_error", "detail": detail})

@@ -12,10 +12,10 @@ from fastapi import FastAPI
 
 from services.common.app import OK, Checks, add_common_routes, check_all
 from services.common.deps import lifespan_state
+from services.common.embedding import EmbeddingClient
 from services.common.errors import RagError, UpstreamUnavailable
 from services.retriever.config import Settings
 from services.retriever.deps import State, StateDep
-from services.retriever.embedding import EmbeddingClient
 from services.retriever.indexing import DimensionCheck
 from services.retriever.routes import router
 from services.retriever.store import VectorStore, open_store
@@ -40,7 +40,9 @@ def create_app(
         state = State(
             settings=settings,
             store=opened,
-            embedding=EmbeddingClient.from_settings(settings, embedding_transport, cpu_embedding_transport),
+            embedding=EmbeddingClient.from_settings(
+                settings, settings.upstream_timeout_seconds, embedding_transport, cpu_embedding_transport
+            ),
             encoder=KeywordEncoder(settings.chunk_size),
             dimensions=DimensionCheck(opened),
         )

@@ -6,18 +6,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from services.common.settings import ServiceSettings
+from services.common.settings import EmbeddingSettings, ServiceSettings
 
 
-class Settings(ServiceSettings):
+class Settings(ServiceSettings, EmbeddingSettings):
     port: int = Field(8002, ge=1, le=65535)
-    embedding_url: str = Field("http://127.0.0.1:8001", description="Base URL of the embedding service (the GPU one).")
-    embedding_cpu_url: str = Field(
-        "", description="Base URL of the CPU embedding service, used when the first answers 503, times out or is down."
-    )
-    embedding_spill_cooldown_seconds: float = Field(
-        5.0, ge=0, description="After a timeout or refused connection, how long requests go straight to the CPU one."
-    )
     qdrant_url: str = Field("", description="Qdrant server URL; empty means the embedded Qdrant Edge store.")
     qdrant_api_key: str = Field("", description="API key for a Qdrant server.")
     qdrant_path: str = Field("data/qdrant", description="Directory of the embedded store (one process at a time).")

@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import Depends
 
 from services.common.deps import RequestIdDep, settings_getter, state_getter
+from services.common.embedding import EmbeddingClient
 from services.retriever.config import Settings
-from services.retriever.embedding import EmbeddingClient
 from services.retriever.indexing import DimensionCheck
 from services.retriever.store import VectorStore
 from services.retriever.text import KeywordEncoder

@@ -19,9 +19,9 @@ from typing import NoReturn
 
 import structlog
 
+from services.common.embedding import EmbeddingClient
 from services.common.schemas import Document
 from services.retriever.chunking import chunk_text, point_id
-from services.retriever.embedding import EmbeddingClient
 from services.retriever.metrics import CHUNKS_INDEXED, DOCUMENTS_INDEXED
 from services.retriever.store import ChunkPoint, DimensionMismatch, VectorStore
 from services.retriever.store.base import mismatch

@@ -11,8 +11,3 @@ STAGE_SECONDS = Histogram(
 CHUNKS_INDEXED = Counter("rag_retriever_chunks_indexed_total", "Chunks written to the vector store.")
 DOCUMENTS_INDEXED = Counter("rag_retriever_documents_indexed_total", "Documents indexed.")
 DOCUMENTS_DELETED = Counter("rag_retriever_documents_deleted_total", "Documents deleted.")
-EMBEDDING_SPILL = Counter(
-    "rag_embedding_spill_total",
-    "Embedding calls sent to the CPU embedding service because the GPU one was saturated, slow or down.",
-    ["reason"],
-)

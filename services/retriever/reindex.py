@@ -19,9 +19,9 @@ import time
 
 import structlog
 
+from services.common.embedding import EmbeddingClient
 from services.common.logging import configure_logging, new_request_id
 from services.retriever.config import Settings
-from services.retriever.embedding import EmbeddingClient
 from services.retriever.store import ChunkPoint, VectorStore, open_store
 from services.retriever.text import KeywordEncoder, header, indexed_text
 
@@ -56,7 +56,7 @@ async def reindex(store: VectorStore, embedding: EmbeddingClient, encoder: Keywo
 
 async def main(settings: Settings) -> int:
     store = await open_store(settings)
-    embedding = EmbeddingClient.from_settings(settings)
+    embedding = EmbeddingClient.from_settings(settings, settings.upstream_timeout_seconds)
     try:
         total = await reindex(store, embedding, KeywordEncoder(settings.chunk_size), settings.embed_batch_size)
     finally:

@@ -23,8 +23,6 @@ from services.retriever.schemas import (
     DocumentList,
     DocumentsRequest,
     DocumentsResponse,
-    EmbedRequest,
-    EmbedResponse,
     SearchRequest,
     SearchResponse,
     StatsResponse,
@@ -123,13 +121,6 @@ async def search(
         search_ms=round((done - after_embed) * 1000, 2),
     )
     return SearchResponse(hits=hits, embed_ms=(after_embed - start) * 1000, search_ms=(done - after_embed) * 1000)
-
-
-@router.post("/v1/embed", response_model=EmbedResponse)
-async def embed(body: EmbedRequest, embedding: EmbeddingDep, rid: RequestIdDep) -> EmbedResponse:
-    """The embedding model for other services (the gateway's sentence attribution), with the CPU spill."""
-    embedded = await embedding.embed(body.texts, rid)
-    return EmbedResponse(vectors=embedded.vectors, dimension=embedded.dimension, model=embedded.model)
 
 
 @router.get("/v1/stats", response_model=StatsResponse)

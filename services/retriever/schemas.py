@@ -7,7 +7,6 @@ from pydantic import BaseModel, Field
 from services.common.schemas import (
     DocumentsRequest,
     DocumentsResponse,
-    NonBlankStr,
     SearchRequest,
     SearchResponse,
 )
@@ -17,8 +16,6 @@ __all__ = [
     "DocumentList",
     "DocumentsRequest",
     "DocumentsResponse",
-    "EmbedRequest",
-    "EmbedResponse",
     "SearchRequest",
     "SearchResponse",
     "StatsResponse",
@@ -42,13 +39,3 @@ class DocumentEntry(BaseModel):
 class DocumentList(BaseModel):
     documents: list[DocumentEntry]
     next_cursor: str | None = Field(None, description="Pass as cursor for the next page; null on the last page.")
-
-
-class EmbedRequest(BaseModel):
-    texts: list[NonBlankStr] = Field(..., min_length=1, max_length=512, description="Texts to embed, in order.")
-
-
-class EmbedResponse(BaseModel):
-    vectors: list[list[float]]
-    dimension: int
-    model: str

@@ -1,4 +1,4 @@
-"""One error shape on every status, Starlette's own included; nothing unexpected reaches a client as a 500."""
+"""One error shape on every status, Starlette's own included; a bug is a 500 naming the request id, never a trace."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
 from services.common.app import OK, Checks, add_common_routes
-from services.common.errors import BY_STATUS, DimensionMismatch, RagError
+from services.common.errors import BY_STATUS, DimensionMismatch, Internal, RagError
 
 
 class Body(BaseModel):
@@ -70,21 +70,24 @@ def test_validation_names_the_field(client: TestClient) -> None:
     assert response.json()["error"] == "validation_error" and response.json()["detail"].startswith("n:")
 
 
-def test_an_unexpected_exception_is_503_without_its_trace(client: TestClient) -> None:
-    response = client.get("/boom")
-    assert response.status_code == 503
+def test_an_unexpected_exception_is_500_naming_the_request_id_without_its_trace(client: TestClient) -> None:
+    response = client.get("/boom", headers={"x-request-id": "bug-17"})
+    assert response.status_code == 500
     assert response.json() == {
         "error": "internal_error",
-        "detail": "the service failed on this request; it has been logged",
+        "detail": "the service failed on this request (request id bug-17); it has been logged",
     }
+    assert response.headers["x-request-id"] == "bug-17"
     assert "KeyError" not in response.text and "a bug" not in response.text
+    metrics = client.get("/metrics").text
+    assert 'route="/boom",service="test",status="500"' in metrics
 
 
-def test_every_status_has_its_own_class_and_no_class_is_a_500() -> None:
+def test_every_status_has_its_own_class_and_only_a_bug_is_a_500() -> None:
     for status, cls in BY_STATUS.items():
         assert cls.status_code == status
     classes = list(RagError.__subclasses__())
-    assert classes and all(cls.status_code != 500 for cls in [RagError, *classes])
+    assert [cls for cls in [RagError, *classes] if cls.status_code == 500] == [Internal]
 
 
 def test_a_dimension_mismatch_names_both_sizes() -> None:

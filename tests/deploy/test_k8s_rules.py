@@ -678,6 +678,7 @@ DESIGN_FLOWS = {
     ("gateway", "retriever", 8002),
     ("gateway", "redis", 6379),
     ("gateway", "redis", 26379),
+    ("gateway", "embedding", 8001),  # attribution's sentence vectors
     ("retriever", "embedding", 8001),
     ("retriever", "qdrant", 6333),
     ("retriever", "qdrant", 6334),

@@ -1,10 +1,11 @@
-"""An in-process gateway on a real Redis, with a worker (scripted engine) and a stand-in retriever."""
+"""An in-process gateway on a real Redis, with a worker (scripted engine), a stand-in retriever and a stand-in
+embedding service (the real model behind it)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from services.gateway.config import Settings
 from services.llm.config import Settings as LlmSettings
 from services.llm.worker import Worker
 from tests.fixtures.apps import in_process
+from tests.fixtures.embedding import EmbeddingDouble
 from tests.fixtures.engines import ScriptedEngine
 from tests.fixtures.llm import wait_for
 from tests.fixtures.redis import RedisServer
@@ -30,30 +32,21 @@ HITS = [
 
 @dataclass
 class RetrieverDouble:
-    """Search answers ``hits``; ``/v1/embed`` (the gateway's attribution) embeds with ``embed`` when given."""
+    """Search answers ``hits``; documents are counted; the status report is all ok."""
 
     requests: list[httpx.Request] = field(default_factory=list)
-    embed: Callable[[list[str]], list[list[float]]] | None = None
     hits: list[dict[str, Any]] = field(default_factory=lambda: list(HITS))
-    embed_down: bool = False  # /v1/embed answers 503, as when the embedding service is down
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
-        if request.url.path == "/v1/embed" and self.embed_down:
-            return httpx.Response(503, json={"error": "upstream_unavailable", "detail": "embedding is unavailable"})
         if request.url.path == "/v1/search":
             top_k = json.loads(request.content)["top_k"]
             return httpx.Response(200, json={"hits": self.hits[:top_k], "embed_ms": 3.0, "search_ms": 2.0})
-        if request.url.path == "/v1/embed" and self.embed is not None:
-            vectors = self.embed(json.loads(request.content)["texts"])
-            return httpx.Response(
-                200, json={"vectors": vectors, "model": "all-MiniLM-L6-v2", "dimension": len(vectors[0])}
-            )
         if request.url.path == "/v1/documents":
             docs = json.loads(request.content)["documents"]
             return httpx.Response(200, json={"indexed": len(docs), "chunks": len(docs)})
         if request.url.path == "/v1/status":
-            checks = {"retriever": "ok", "embedding": "ok", "qdrant": "ok"}
+            checks = {"retriever": "ok", "qdrant": "ok"}
             return httpx.Response(200, json={"status": "ok", "service": "retriever", "checks": checks})
         return httpx.Response(404, json={"error": "not_found", "detail": "no such route"})
 
@@ -62,6 +55,7 @@ class RetrieverDouble:
 class Gateway:
     client: httpx.AsyncClient
     retriever: RetrieverDouble
+    embedding: EmbeddingDouble
     engine: ScriptedEngine
     redis: Redis
 
@@ -69,15 +63,18 @@ class Gateway:
 @pytest.fixture
 async def gateway(redis_server: RedisServer, redis_client: Redis, embedder: Embedder) -> AsyncIterator[Gateway]:
     settings = Settings(redis_url=redis_server.url, top_k_max=10, max_question_chars=300, max_documents_per_request=3)
-    retriever = RetrieverDouble(embed=embedder.encode)
+    retriever = RetrieverDouble()
+    embedding = EmbeddingDouble(embedder.encode)
     engine = ScriptedEngine()
-    app = create_app(settings, retriever_transport=httpx.MockTransport(retriever))
+    app = create_app(
+        settings, retriever_transport=httpx.MockTransport(retriever), embedding_transport=embedding.transport()
+    )
     async with in_process(app, base_url="http://gateway") as client:
         worker_redis = Redis.from_url(redis_server.url, decode_responses=True)
         worker = Worker(LlmSettings(redis_url=redis_server.url), engine, worker_redis, name="test-worker")
         task = asyncio.create_task(worker.run())
         await wait_for(lambda: _has_live_worker(worker))  # its first heartbeat: /v1/status counts it
-        yield Gateway(client, retriever, engine, redis_client)
+        yield Gateway(client, retriever, embedding, engine, redis_client)
         worker.request_stop()
         await asyncio.wait_for(task, 10)
         await worker_redis.aclose()

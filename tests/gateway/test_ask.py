@@ -37,8 +37,8 @@ async def unanswered_count(gateway: Gateway) -> float:
 
 
 def embedded(gateway: Gateway) -> list[list[str]]:
-    """The texts of each ``/v1/embed`` call the gateway made through the retriever, in order."""
-    return [json.loads(r.content)["texts"] for r in gateway.retriever.requests if r.url.path == "/v1/embed"]
+    """The texts of each ``/v1/embed`` call the gateway made to the embedding service, in order."""
+    return gateway.embedding.texts()
 
 
 async def ask_while_generating(gateway: Gateway) -> asyncio.Task[Any]:
@@ -210,18 +210,18 @@ async def test_attribution_without_the_embedding_service_is_a_503_and_the_next_q
     gateway: Gateway,
 ) -> None:
     payload = {"question": "When was the Zorblax first sold?", "top_k": 2}
-    gateway.retriever.embed_down = True
+    gateway.embedding.down = True
     response = await gateway.client.post("/v1/ask", json=payload)
     assert response.status_code == 503
-    assert "retriever is unavailable: embedding is unavailable" in response.json()["detail"]
-    gateway.retriever.embed_down = False
+    assert response.json()["detail"] == "embedding is unavailable: too many texts waiting"
+    gateway.embedding.down = False
     assert (await gateway.client.post("/v1/ask", json=payload)).json()["citations"]
 
 
 async def test_sources_not_embedded_ahead_are_embedded_with_the_answer(gateway: Gateway) -> None:
-    gateway.retriever.embed_down = True  # while the job is queued and generated
+    gateway.embedding.down = True  # while the job is queued and generated
     asking = await ask_while_generating(gateway)
-    gateway.retriever.embed_down = False  # back before the answer is
+    gateway.embedding.down = False  # back before the answer is
     response = await asking
     assert response.status_code == 200
     citation = response.json()["citations"][0]

@@ -1,7 +1,7 @@
 """/v1/chat/completions and /v1/models: OpenAI's shapes, driven by the official OpenAI client.
 
 The gateway runs under a real uvicorn server on a real Redis with a worker (scripted engine) in the same
-process; the retriever is a stand-in that also embeds texts (for attribution) with a small bag of words.
+process; the retriever is a stand-in, and so is the embedding service (attribution), with a small bag of words.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import json
 import math
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 import openai
 import pytest
+from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from services.gateway.app import create_app
@@ -26,6 +27,7 @@ from services.gateway.pipeline import NOT_COVERED
 from services.llm.config import Settings as LlmSettings
 from services.llm.worker import Worker
 from tests.fixtures.apps import in_process
+from tests.fixtures.embedding import EmbeddingDouble
 from tests.fixtures.engines import ScriptedEngine
 from tests.fixtures.redis import RedisServer
 from tests.fixtures.uvicorn_server import serving
@@ -40,20 +42,23 @@ def bag_of_words(text: str, size: int = 64) -> list[float]:
     return [x / norm for x in vector]
 
 
-class EmbeddingRetriever(RetrieverDouble):
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/embed":
-            self.requests.append(request)
-            texts = json.loads(request.content)["texts"]
-            return httpx.Response(200, json={"vectors": [bag_of_words(t) for t in texts], "dimension": 64})
-        return super().__call__(request)
+def bags_of_words(texts: list[str]) -> list[list[float]]:
+    return [bag_of_words(text) for text in texts]
 
 
 @dataclass
 class Chat:
     settings: Settings
-    retriever: EmbeddingRetriever
+    retriever: RetrieverDouble
     engine: ScriptedEngine
+    embedding: EmbeddingDouble = field(default_factory=lambda: EmbeddingDouble(bags_of_words))
+
+    def app(self) -> FastAPI:
+        return create_app(
+            self.settings,
+            retriever_transport=httpx.MockTransport(self.retriever),
+            embedding_transport=self.embedding.transport(),
+        )
 
 
 @contextlib.asynccontextmanager
@@ -77,8 +82,8 @@ def _settings(redis_server: RedisServer, **overrides: object) -> Settings:
 
 @pytest.fixture
 async def served(redis_server: RedisServer, redis_client: Redis) -> AsyncIterator[tuple[str, Chat]]:
-    chat = Chat(_settings(redis_server), EmbeddingRetriever(), ScriptedEngine())
-    app = create_app(chat.settings, retriever_transport=httpx.MockTransport(chat.retriever))
+    chat = Chat(_settings(redis_server), RetrieverDouble(), ScriptedEngine())
+    app = chat.app()
     async with serving(app) as url, _worker(redis_server.url, chat.engine):
         yield url, chat
 
@@ -164,8 +169,8 @@ async def test_extra_body_chooses_top_k(served: tuple[str, Chat]) -> None:
 
 @pytest.fixture
 async def chat_client(redis_server: RedisServer, redis_client: Redis) -> AsyncIterator[tuple[httpx.AsyncClient, Chat]]:
-    chat = Chat(_settings(redis_server, chat_history_chars=60), EmbeddingRetriever(), ScriptedEngine())
-    app = create_app(chat.settings, retriever_transport=httpx.MockTransport(chat.retriever))
+    chat = Chat(_settings(redis_server, chat_history_chars=60), RetrieverDouble(), ScriptedEngine())
+    app = chat.app()
     async with in_process(app) as client, _worker(redis_server.url, chat.engine):
         yield client, chat
 
@@ -198,8 +203,8 @@ async def test_earlier_turns_go_into_the_prompt_newest_first_within_the_budget(
 async def test_a_question_no_source_covers_is_answered_without_a_job(
     redis_server: RedisServer, redis_client: Redis
 ) -> None:
-    chat = Chat(_settings(redis_server, min_relevance=0.95), EmbeddingRetriever(), ScriptedEngine())
-    app = create_app(chat.settings, retriever_transport=httpx.MockTransport(chat.retriever))
+    chat = Chat(_settings(redis_server, min_relevance=0.95), RetrieverDouble(), ScriptedEngine())
+    app = chat.app()
     async with in_process(app) as client:
         plain = await client.post(
             "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "q"}]}
@@ -241,7 +246,7 @@ async def test_every_error_is_in_openai_shape(
 
 
 async def test_a_body_over_the_limit_is_a_413_in_openai_shape(redis_server: RedisServer, redis_client: Redis) -> None:
-    retriever = EmbeddingRetriever()
+    retriever = RetrieverDouble()
     app = create_app(_settings(redis_server, max_body_bytes=2048), retriever_transport=httpx.MockTransport(retriever))
     big = {"model": "m", "messages": [{"role": "user", "content": "x" * 4000}]}
     async with in_process(app) as client:
@@ -254,8 +259,8 @@ async def test_a_body_over_the_limit_is_a_413_in_openai_shape(redis_server: Redi
 async def test_a_failed_generation_is_an_openai_error_plain_and_streamed(
     redis_server: RedisServer, redis_client: Redis
 ) -> None:
-    chat = Chat(_settings(redis_server), EmbeddingRetriever(), ScriptedEngine(fail_times=2, retryable=False))
-    app = create_app(chat.settings, retriever_transport=httpx.MockTransport(chat.retriever))
+    chat = Chat(_settings(redis_server), RetrieverDouble(), ScriptedEngine(fail_times=2, retryable=False))
+    app = chat.app()
     question = {"model": "m", "messages": [{"role": "user", "content": QUESTION}]}
     async with (
         serving(app) as url,

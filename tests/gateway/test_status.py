@@ -13,6 +13,7 @@ from services.gateway.config import Settings
 from services.llm.config import Settings as LlmSettings
 from services.llm.worker import Worker
 from tests.fixtures.apps import in_process
+from tests.fixtures.embedding import EmbeddingDouble
 from tests.fixtures.engines import ScriptedEngine
 from tests.fixtures.llm import wait_for
 from tests.fixtures.redis import RedisServer
@@ -43,7 +44,11 @@ async def test_redis_down_keeps_the_gateway_ready_and_each_ask_is_503_naming_it(
     redis_server: RedisServer, redis_client: Redis
 ) -> None:
     retriever = RetrieverDouble()
-    app = create_app(Settings(redis_url=redis_server.url), retriever_transport=httpx.MockTransport(retriever))
+    app = create_app(
+        Settings(redis_url=redis_server.url),
+        retriever_transport=httpx.MockTransport(retriever),
+        embedding_transport=EmbeddingDouble().transport(),
+    )
     async with in_process(app) as client:
         assert (await client.get("/v1/status")).json()["checks"]["redis"] == "ok"
         redis_server.proc.stop()
@@ -73,7 +78,11 @@ async def test_retriever_down_keeps_the_gateway_ready_and_each_ask_is_503_naming
     def refused(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
 
-    app = create_app(Settings(redis_url=redis_server.url), retriever_transport=httpx.MockTransport(refused))
+    app = create_app(
+        Settings(redis_url=redis_server.url),
+        retriever_transport=httpx.MockTransport(refused),
+        embedding_transport=EmbeddingDouble().transport(),
+    )
     async with in_process(app) as client:
         assert (await client.get("/readyz")).status_code == 200
         asked = await client.post("/v1/ask", json=ASK)
@@ -81,30 +90,61 @@ async def test_retriever_down_keeps_the_gateway_ready_and_each_ask_is_503_naming
         assert asked.json() == {"error": "upstream_unavailable", "detail": "retriever is unavailable"}
         checks = (await client.get("/v1/status")).json()["checks"]
         assert checks["retriever"] == "retriever is unavailable"
-        assert checks["embedding"] == checks["qdrant"] == "unknown: retriever is unavailable"
-        assert checks["redis"] == "ok"
+        assert checks["qdrant"] == "unknown: retriever is unavailable"
+        assert checks["redis"] == checks["embedding"] == "ok"  # the gateway asks the embedding service itself
 
 
 async def test_status_passes_on_what_the_retriever_reports_below_it(
     redis_server: RedisServer, redis_client: Redis
 ) -> None:
-    def embedding_down(request: httpx.Request) -> httpx.Response:
-        checks = {"retriever": "ok", "embedding": "embedding is unavailable", "qdrant": "ok"}
+    def qdrant_down(request: httpx.Request) -> httpx.Response:
+        checks = {"retriever": "ok", "embedding": "ok", "qdrant": "qdrant is unavailable"}
         return httpx.Response(200, json={"status": "degraded", "service": "retriever", "checks": checks})
 
-    app = create_app(Settings(redis_url=redis_server.url), retriever_transport=httpx.MockTransport(embedding_down))
+    app = create_app(
+        Settings(redis_url=redis_server.url),
+        retriever_transport=httpx.MockTransport(qdrant_down),
+        embedding_transport=EmbeddingDouble().transport(),
+    )
     async with in_process(app) as client:
         body = (await client.get("/v1/status")).json()
         assert body["status"] == "degraded"
-        assert body["checks"]["embedding"] == "embedding is unavailable"
-        assert body["checks"]["retriever"] == body["checks"]["qdrant"] == "ok"
+        assert body["checks"]["qdrant"] == "qdrant is unavailable"
+        assert body["checks"]["retriever"] == body["checks"]["embedding"] == "ok"
+
+
+async def test_status_checks_the_embedding_services_itself_one_ready_is_enough(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    gpu, cpu = EmbeddingDouble(down=True), EmbeddingDouble(down=True)
+    settings = Settings(redis_url=redis_server.url, embedding_cpu_url="http://embedding-cpu")
+    app = create_app(
+        settings,
+        retriever_transport=httpx.MockTransport(RetrieverDouble()),
+        embedding_transport=gpu.transport(),
+        cpu_embedding_transport=cpu.transport(),
+    )
+    async with in_process(app) as client:
+        checks = (await client.get("/v1/status")).json()["checks"]
+        assert checks["embedding"] == (
+            "embedding is unavailable: too many texts waiting; embedding-cpu is unavailable: too many texts waiting"
+        )
+        assert checks["retriever"] == checks["qdrant"] == "ok"
+        assert [r.url.path for r in gpu.requests] == [r.url.path for r in cpu.requests] == ["/readyz"]
+        cpu.down = False
+        checks = (await client.get("/v1/status")).json()["checks"]
+        assert checks["embedding"] == "ok"
 
 
 async def test_status_is_degraded_without_a_live_worker_and_ok_once_one_beats(
     redis_server: RedisServer, redis_client: Redis
 ) -> None:
     settings = Settings(redis_url=redis_server.url, llm_stream="t:status:workers")
-    app = create_app(settings, retriever_transport=httpx.MockTransport(RetrieverDouble()))
+    app = create_app(
+        settings,
+        retriever_transport=httpx.MockTransport(RetrieverDouble()),
+        embedding_transport=EmbeddingDouble().transport(),
+    )
     async with in_process(app) as client:
         response = await client.get("/v1/status")
         assert response.status_code == 200

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,17 +10,18 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from services.common.embedding import EmbeddingClient
 from services.common.http import ServiceClient
 from services.common.queue import Job, JobQueue
 from services.common.schemas import SearchResponse
 from services.gateway.config import Settings as GatewaySettings
-from services.gateway.pipeline import Prepared
-from services.gateway.routes import _sse
+from services.gateway.pipeline import Answer, Clients, Pending, Question, Reset, Retrieved, Token
 from services.llm.config import Settings
 from services.llm.engine import Generation, GenerationRequest, TokenCallback
 from services.llm.worker import Worker
+from tests.fixtures.embedding import EmbeddingDouble
 from tests.fixtures.engines import ScriptedEngine
-from tests.fixtures.llm import all_events, events_until_end, make_job, metric, parse_sse, wait_for, worker_settings
+from tests.fixtures.llm import all_events, events_until_end, make_job, metric, wait_for, worker_settings
 from tests.fixtures.llm import queue_is_empty as _queue_is_empty
 from tests.fixtures.redis import RedisServer
 
@@ -192,31 +192,39 @@ async def test_two_workers_finishing_one_job_answer_it_once(redis_server: RedisS
     assert await queue_is_empty(redis_client, settings)
 
     # The caller's stream shows one attempt's tokens, and they join to the answer it gets.
-    prepared = Prepared(job=job, sources=[], search=SearchResponse(hits=[], embed_ms=1, search_ms=1), started=0.0)
-    retriever = ServiceClient("retriever", "http://retriever", 5, transport=httpx.MockTransport(_embed))
+    retrieved = Retrieved(SearchResponse(hits=[], embed_ms=1, search_ms=1), [], started=0.0, deadline=job.deadline)
+    retriever = ServiceClient("retriever", "http://retriever", 5, transport=httpx.MockTransport(_unused))
+    embedding = EmbeddingClient(
+        ServiceClient("embedding", "http://embedding", 5, transport=EmbeddingDouble().transport())
+    )
+    pending = Pending(
+        Question("who answers?", 1, stream=True),
+        retrieved,
+        GatewaySettings(**_queue_names(settings)),
+        Clients(retriever, embedding, queue),
+        "request-1",
+        job=job,
+    )
+    shown: list[str] = []
+    answers: list[Answer] = []
     try:
-        sse = _sse(queue, prepared, GatewaySettings(**_queue_names(settings)), retriever, "request-1")
-        streamed = parse_sse(await asyncio.wait_for(_collect(sse), 5))
+        async with asyncio.timeout(5):
+            async for item in pending.stream():
+                if isinstance(item, Reset):
+                    shown.clear()
+                elif isinstance(item, Token):
+                    shown.append(item.text)
+                else:
+                    answers.append(item)
     finally:
         await retriever.aclose()
-    shown: list[str] = []
-    for name, data in streamed:
-        if name == "reset":
-            shown.clear()
-        elif name == "token":
-            shown.append(data["text"])
-    assert streamed[-1][0] == "done"
-    assert "".join(shown).strip() == streamed[-1][1]["answer"] == dones[0].data["answer"]
+        await embedding.aclose()
+    assert len(answers) == 1
+    assert "".join(shown).strip() == answers[0].response.answer == dones[0].data["answer"]
 
 
-async def _collect(chunks: AsyncIterator[str]) -> str:
-    return "".join([chunk async for chunk in chunks])
-
-
-def _embed(request: httpx.Request) -> httpx.Response:
-    """The retriever's /v1/embed for the gateway's attribution: one fixed vector per text."""
-    texts = json.loads(request.content)["texts"]
-    return httpx.Response(200, json={"vectors": [[1.0, float(len(text) % 7)] for text in texts]})
+def _unused(request: httpx.Request) -> httpx.Response:
+    raise AssertionError(f"the stream called {request.url}")
 
 
 def _queue_names(settings: Settings) -> dict[str, str]:

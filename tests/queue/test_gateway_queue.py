@@ -8,7 +8,6 @@ same things again with every service as a real process.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,6 +23,7 @@ from services.gateway.config import Settings
 from services.llm.config import Settings as LlmSettings
 from services.llm.worker import Worker
 from tests.fixtures.apps import in_process
+from tests.fixtures.embedding import EmbeddingDouble
 from tests.fixtures.engines import ScriptedEngine
 from tests.fixtures.llm import parse_sse, queue_is_empty, wait_for
 from tests.fixtures.redis import RedisServer
@@ -43,8 +43,6 @@ class Retriever:
         self._all_arrived = asyncio.Event()
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/embed":  # the gateway's attribution: any fixed vectors do here
-            return httpx.Response(200, json={"vectors": embed(json.loads(request.content)["texts"])})
         self.searches += 1
         if self.hold_for:
             if self.searches >= self.hold_for:
@@ -65,7 +63,11 @@ async def gateway(
     """The gateway app with its lifespan, a stand-in retriever and, given an engine, a worker."""
     settings = Settings(redis_url=redis_url, **{**QUEUE, **overrides})
     retriever = Retriever()
-    app = create_app(settings, retriever_transport=httpx.MockTransport(retriever))
+    app = create_app(  # the gateway's attribution: any fixed vectors do here
+        settings,
+        retriever_transport=httpx.MockTransport(retriever),
+        embedding_transport=EmbeddingDouble(embed).transport(),
+    )
     worker, task, worker_redis = None, None, None
     if engine is not None:
         worker_redis = Redis.from_url(redis_url, decode_responses=True)

@@ -242,14 +242,11 @@ def test_bad_list_parameters_are_422(client: TestClient, params: dict[str, objec
     assert response.json()["detail"].startswith(field)
 
 
-def test_embed_passes_texts_through_to_the_model(client: TestClient, embedder: Embedder) -> None:
-    response = client.post("/v1/embed", json={"texts": ["one sentence", "another one"]})
-    assert response.status_code == 200
-    body = response.json()
-    assert body["dimension"] == 384 and len(body["vectors"]) == 2
-    assert body["vectors"][0] == pytest.approx(embedder.encode(["one sentence"])[0], abs=1e-5)
-    for bad in ({"texts": []}, {"texts": ["ok", " "]}, {}):
-        assert client.post("/v1/embed", json=bad).status_code == 422
+def test_the_retriever_no_longer_serves_embed(client: TestClient) -> None:
+    # Other services call the embedding service themselves (services.common.embedding).
+    response = client.post("/v1/embed", json={"texts": ["one sentence"]})
+    assert response.status_code == 404
+    assert response.json()["error"] == "not_found"
 
 
 def test_dense_mode_is_a_setting(tmp_path: Path, embedding: EmbeddingDouble, backend: str) -> None:

@@ -9,12 +9,12 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from services.common.embedding import EmbeddingClient
 from services.common.errors import RagError
 from services.common.http import ServiceClient
 from services.embedding.model import Embedder
 from services.retriever.app import create_app
 from services.retriever.config import Settings
-from services.retriever.embedding import EmbeddingClient
 from services.retriever.reindex import reindex
 from services.retriever.store import VectorStore
 from services.retriever.text import KeywordEncoder

@@ -1,8 +1,8 @@
-"""The retriever sends to the GPU embedding service and spills to the CPU one when it cannot answer."""
+"""The retriever sends to the GPU embedding service and spills to the CPU one when it cannot answer: two real
+embedding processes (the client itself is tested in tests/common/test_embedding.py)."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,107 +10,11 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from prometheus_client import REGISTRY
 
 from ragpod.processes import Proc, free_port, ready, start_service, wait_until
-from services.common.errors import UpstreamUnavailable
-from services.common.http import ServiceClient
-from services.embedding.model import Embedder
 from services.retriever.app import create_app
 from services.retriever.config import Settings
-from services.retriever.embedding import EmbeddingClient
-
-
-def spilled(reason: str | None = None) -> float:
-    total = 0.0
-    for metric in REGISTRY.collect():
-        if metric.name == "rag_embedding_spill":
-            for sample in metric.samples:
-                if sample.name.endswith("_total") and reason in (None, sample.labels["reason"]):
-                    total += sample.value
-    return total
-
-
-class Model:
-    """An embedding service in-process: the real model, or an outage of one kind."""
-
-    def __init__(self, embedder: Embedder, name: str) -> None:
-        self.embedder = embedder
-        self.name = name
-        self.fail: str | None = None
-        self.calls = 0
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        if self.fail == "saturated":
-            return httpx.Response(503, json={"error": "overloaded", "detail": "too many texts waiting"})
-        if self.fail == "timeout":
-            raise httpx.ReadTimeout("no answer", request=request)
-        if self.fail == "refused":
-            raise httpx.ConnectError("connection refused", request=request)
-        self.calls += 1
-        texts = json.loads(request.content)["texts"]
-        vectors = self.embedder.encode(texts)
-        return httpx.Response(200, json={"vectors": vectors, "model": self.name, "dimension": 384, "device": "cpu"})
-
-
-def pair(embedder: Embedder, cooldown: float = 0.0) -> tuple[EmbeddingClient, Model, Model]:
-    gpu, cpu = Model(embedder, "gpu"), Model(embedder, "cpu")
-    client = EmbeddingClient(
-        ServiceClient("embedding", "http://gpu", 5, transport=httpx.MockTransport(gpu)),
-        ServiceClient("embedding-cpu", "http://cpu", 5, transport=httpx.MockTransport(cpu)),
-        cooldown_seconds=cooldown,
-    )
-    return client, gpu, cpu
-
-
-@pytest.mark.parametrize("failure", ["saturated", "timeout", "refused"])
-async def test_each_kind_of_failure_spills_to_the_cpu_service(embedder: Embedder, failure: str) -> None:
-    client, gpu, cpu = pair(embedder)
-    try:
-        before = spilled()
-        gpu.fail = failure
-        embedded = await client.embed(["a question"])
-        assert embedded.model == "cpu" and cpu.calls == 1
-        assert spilled() == before + 1
-        gpu.fail = None
-        assert (await client.embed(["a question"])).model == "gpu"  # back at once with no cooldown
-        assert spilled() == before + 1
-    finally:
-        await client.aclose()
-
-
-async def test_after_a_refused_connection_the_gpu_service_rests_for_the_cooldown(embedder: Embedder) -> None:
-    client, gpu, cpu = pair(embedder, cooldown=3600)
-    try:
-        gpu.fail = "refused"
-        await client.embed(["one"])
-        gpu.fail = None
-        assert (await client.embed(["two"])).model == "cpu"  # not even tried: no timeout paid again
-        assert gpu.calls == 0
-    finally:
-        await client.aclose()
-
-
-async def test_a_503_does_not_start_a_cooldown(embedder: Embedder) -> None:
-    client, gpu, _ = pair(embedder, cooldown=3600)
-    try:
-        gpu.fail = "saturated"
-        await client.embed(["one"])
-        gpu.fail = None
-        assert (await client.embed(["two"])).model == "gpu"
-    finally:
-        await client.aclose()
-
-
-async def test_without_a_cpu_service_the_error_names_the_embedding_service(embedder: Embedder) -> None:
-    gpu = Model(embedder, "gpu")
-    gpu.fail = "refused"
-    client = EmbeddingClient(ServiceClient("embedding", "http://gpu", 5, transport=httpx.MockTransport(gpu)))
-    try:
-        with pytest.raises(UpstreamUnavailable, match="embedding is unavailable"):
-            await client.embed(["one"])
-    finally:
-        await client.aclose()
+from tests.common.test_embedding import spilled
 
 
 def embed_requests(port: int) -> float:

@@ -1,11 +1,12 @@
-"""The retriever's client of the embedding service: the GPU one first, the CPU one when it cannot answer.
+"""A client of the embedding service: the GPU one first, the CPU one when it cannot answer.
 
-A 503 (saturated or down), a timeout or a refused connection from the first
-service sends the same texts to ``RAG_EMBEDDING_CPU_URL``, counted in
-``rag_embedding_spill_total``. After a timeout or a refused connection the
-next calls go straight to the CPU service for a short cooldown, so a dead
-GPU service does not cost every request a timeout; then the GPU service is
-tried again and takes the traffic back as soon as it answers.
+Used by every service that embeds (the retriever for queries and documents, the gateway for
+attribution). A 503 (saturated or down), a timeout or a refused connection from the first service
+sends the same texts to the second, counted in ``rag_embedding_spill_total``; nothing else does: a
+500 is a bug that would fail there too, and a 4xx is the caller's. After a timeout or a refused
+connection the next calls go straight to the CPU service for a short cooldown, so a dead GPU service
+does not cost every request a timeout; then the GPU service is tried again and takes the traffic back
+as soon as it answers.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import Any
 import httpx
 import structlog
 
-from services.common.errors import RagError, UpstreamTimeout, UpstreamUnavailable
+from services.common.errors import RagError, UpstreamUnavailable
 from services.common.http import ServiceClient
-from services.retriever.config import Settings
-from services.retriever.metrics import EMBEDDING_SPILL
+from services.common.metrics import EMBEDDING_SPILL
+from services.common.settings import EmbeddingSettings
 
 log = structlog.get_logger(__name__)
 
@@ -47,11 +48,12 @@ class EmbeddingClient:
     @classmethod
     def from_settings(
         cls,
-        settings: Settings,
+        settings: EmbeddingSettings,
+        timeout: float,
         transport: httpx.AsyncBaseTransport | None = None,
         cpu_transport: httpx.AsyncBaseTransport | None = None,
     ) -> EmbeddingClient:
-        timeout = settings.upstream_timeout_seconds
+        """``RAG_EMBEDDING_URL`` first, ``RAG_EMBEDDING_CPU_URL`` (when set) for the spill; ``timeout`` per call."""
         primary = ServiceClient("embedding", settings.embedding_url, timeout, transport=transport)
         fallback = None
         if settings.embedding_cpu_url or cpu_transport is not None:
@@ -73,20 +75,23 @@ class EmbeddingClient:
         return embedded
 
     async def _post(self, payload: dict[str, Any], request_id: str) -> Any:
+        # An embedding is a function of its texts alone: every call here is safe to send again.
         if self.fallback is None:
-            return await self.primary.post("/v1/embed", payload, request_id=request_id)
+            return await self.primary.post("/v1/embed", payload, idempotent=True, request_id=request_id)
         if time.monotonic() < self._skip_until:
             EMBEDDING_SPILL.labels("cooldown").inc()
-            return await self.fallback.post("/v1/embed", payload, request_id=request_id)
+            return await self.fallback.post("/v1/embed", payload, idempotent=True, request_id=request_id)
         try:
-            return await self.primary.post("/v1/embed", payload, request_id=request_id)
-        except (UpstreamUnavailable, UpstreamTimeout) as exc:
-            reason = _reason(exc)
+            return await self.primary.post("/v1/embed", payload, idempotent=True, request_id=request_id)
+        except RagError as exc:
+            reason = spill_reason(exc)
+            if reason is None:
+                raise
             if reason != "saturated":
                 self._skip_until = time.monotonic() + self._cooldown
             EMBEDDING_SPILL.labels(reason).inc()
             log.warning("embedding_spill", reason=reason, detail=exc.detail, texts=len(payload["texts"]))
-            return await self.fallback.post("/v1/embed", payload, request_id=request_id)
+            return await self.fallback.post("/v1/embed", payload, idempotent=True, request_id=request_id)
 
     async def ready(self) -> str:
         """ "ok" when one of the embedding services is ready, else why not (for the status report)."""
@@ -108,10 +113,14 @@ class EmbeddingClient:
             await self.fallback.aclose()
 
 
-def _reason(exc: RagError) -> str:
-    if isinstance(exc, UpstreamTimeout):
-        return "timeout"
+def spill_reason(exc: RagError) -> str | None:
+    """Why a failure of the first service sends the texts to the second: ``saturated`` (it answered 503),
+    ``timeout`` (no answer in time), ``unreachable`` (the connection was refused); ``None``: no spill."""
     cause = exc.__cause__
-    if isinstance(cause, httpx.TransportError):
+    if isinstance(cause, httpx.TimeoutException):
+        return "timeout"
+    if isinstance(cause, httpx.ConnectError):
         return "unreachable"
-    return "saturated"
+    if exc.upstream_status == 503:
+        return "saturated"
+    return None
