@@ -26,9 +26,10 @@
 #           cu130 (--build-arg TORCH_CUDA=cu130): driver >= 580.65.06.
 #         The CUDA runtime comes inside the torch wheels; the host only needs
 #         the NVIDIA driver and container toolkit.
-#   wheels: no index at all: torch from the wheels in build/wheels of the build
-#         context (behind a firewall: `pip download torch==2.13.0 --no-deps -d
-#         build/wheels` where pip can reach a copy, as `make images` does).
+#   wheels: no index at all: torch and its requirements from the wheels in
+#         build/wheels of the build context (behind a firewall: `pip download
+#         torch==2.13.0 -d build/wheels` where pip can reach a copy, as `make
+#         images` does).
 
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 ARG TORCH_SOURCE=index
@@ -69,7 +70,11 @@ RUN pip install --no-cache-dir torch==2.13.0 --no-index --find-links /wheels
 
 FROM torch-wheels AS torch-cpu-wheels
 FROM torch-wheels AS torch-gpu-wheels
+# torch-cpu and torch-gpu: the stages TORCH_SOURCE picks, not images from a registry.
+# hadolint ignore=DL3006
 FROM torch-cpu-${TORCH_SOURCE} AS torch-cpu
+# (torch-gpu-index or torch-gpu-wheels)
+# hadolint ignore=DL3006
 FROM torch-gpu-${TORCH_SOURCE} AS torch-gpu
 
 FROM deps AS deps-gateway

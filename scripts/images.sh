@@ -10,8 +10,8 @@
 #   ENGINE              docker or podman (default: docker if it answers, else podman)
 #   TAG                 the tag (default: the project's version)
 #   TORCH_SOURCE        index, wheels or auto (default). auto: PyTorch's wheel index when it answers, else
-#                       the wheels pip finds with this machine's own configuration (find-links, a mirror),
-#                       downloaded into build/wheels and sent with the build context.
+#                       torch and its requirements as pip finds them with this machine's own configuration
+#                       (find-links, a mirror), downloaded into build/wheels and sent with the build context.
 #   TORCH_INDEX         another index for the CPU torch (with TORCH_SOURCE=index)
 #   PODMAN_FLAGS        podman's global flags (default: --cgroup-manager=cgroupfs where systemd does not run)
 #   BUILD_FLAGS         extra flags for every build (podman on a host that needs them: --isolation chroot)
@@ -57,12 +57,9 @@ fi
 build_args=(--build-arg "TORCH_SOURCE=$torch_source")
 [[ -n "${TORCH_INDEX:-}" ]] && build_args+=(--build-arg "TORCH_INDEX=$TORCH_INDEX")
 if [[ "$torch_source" == wheels ]]; then
-    mkdir -p build/wheels
-    if ! compgen -G "build/wheels/torch-${TORCH_VERSION}*.whl" >/dev/null; then
-        echo "images: PyTorch's index does not answer; torch $TORCH_VERSION into build/wheels with pip's own configuration"
-        "${PIP:-pip}" download --quiet --no-deps --only-binary=:all: --python-version 3.11 \
-            -d build/wheels "torch==$TORCH_VERSION"
-    fi
+    # torch and its own requirements: the build installs them with no index at all.
+    echo "images: torch $TORCH_VERSION and its requirements into build/wheels, with pip's own configuration"
+    "${PIP:-pip}" download --quiet --only-binary=:all: --python-version 3.11 -d build/wheels "torch==$TORCH_VERSION"
 fi
 
 # The base image the Dockerfile starts FROM: where no registry answers, podman gets a local stand-in.

@@ -48,14 +48,17 @@ done
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 echo "podman-base: making $image from Debian $suite ($packages)"
-mmdebstrap --quiet --variant=minbase --include="$packages" "$suite" "$work/rootfs.tar"
-"${podman[@]}" import --quiet "$work/rootfs.tar" "localhost/ragpod-smoke/debian-$what:$suite" >/dev/null
+rootfs="localhost/ragpod-smoke/debian-$what:$suite"
+if ! "${podman[@]}" image exists "$rootfs"; then
+    mmdebstrap --quiet --variant=minbase --include="$packages" "$suite" "$work/rootfs.tar"
+    "${podman[@]}" import --quiet "$work/rootfs.tar" "$rootfs" >/dev/null
+fi
 
 case "$what" in
 python)
     cp "$ca_bundle" "$work/ca-certificates.crt"
     cat >"$work/Containerfile" <<CONTAINERFILE
-FROM localhost/ragpod-smoke/debian-python:$suite
+FROM $rootfs
 COPY ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt \\
     SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \\
@@ -65,14 +68,25 @@ CMD ["python3"]
 CONTAINERFILE
     ;;
 redis)
-    # Redis as the official image runs it: its own user, data in /data.
+    # Redis as the official image runs it: its own user, data in /data, and a redis-server command with no
+    # configuration file listening on every address without protected mode (the network is the boundary).
+    cat >"$work/redis-entrypoint" <<'ENTRYPOINT'
+#!/bin/sh
+if [ "${1:-}" = redis-server ]; then
+    shift
+    exec redis-server --bind 0.0.0.0 --protected-mode no "$@"
+fi
+exec "$@"
+ENTRYPOINT
     cat >"$work/Containerfile" <<CONTAINERFILE
-FROM localhost/ragpod-smoke/debian-redis:$suite
+FROM $rootfs
+COPY --chmod=755 redis-entrypoint /usr/local/bin/redis-entrypoint
 RUN mkdir -p /data && chown redis:redis /data
 WORKDIR /data
 USER redis
 EXPOSE 6379
-CMD ["redis-server", "--bind", "0.0.0.0", "--protected-mode", "no"]
+ENTRYPOINT ["/usr/local/bin/redis-entrypoint"]
+CMD ["redis-server"]
 CONTAINERFILE
     ;;
 esac
