@@ -241,8 +241,11 @@ def main() -> int:
                 sys.exit(f"compose-smoke: {service['image']} is not built (make images)")
         elif name == "redis" and not available(service["image"]):
             print(f"compose-smoke: no {service['image']} here: Redis from Debian's redis-server")
-            subprocess.run([str(ROOT / "scripts" / "podman-base.sh"), "redis"], check=True, env={
-                **os.environ, "PODMAN": shlex.join(ENGINE)})
+            subprocess.run(
+                [str(ROOT / "scripts" / "podman-base.sh"), "redis"],
+                check=True,
+                env={**os.environ, "PODMAN": shlex.join(ENGINE)},
+            )
             service["image"] = REDIS_STAND_IN
         elif not available(service["image"]):
             sys.exit(f"compose-smoke: {name}: {service['image']} cannot be pulled")

@@ -297,7 +297,9 @@ def test_images_are_built_here_or_pinned(stack: str) -> None:
 
 def project_images(services: dict[str, Any]) -> dict[str, str | None]:
     """The project's own images a stack names, with the Dockerfile target each is built from."""
-    return {s["image"]: (s.get("build") or {}).get("target") for s in services.values() if s["image"].startswith("ragpod/")}
+    return {
+        s["image"]: (s.get("build") or {}).get("target") for s in services.values() if s["image"].startswith("ragpod/")
+    }
 
 
 def test_compose_and_the_manifests_tag_images_alike() -> None:

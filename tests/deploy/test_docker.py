@@ -132,6 +132,11 @@ class Dockerfile:
         return seen
 
 
+def resolve(text: str, values: dict[str, str]) -> str:
+    """Substitute ${NAME} and $NAME from values, leaving unknown names as they are."""
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m.group(1), m.group(0)), text)
+
+
 def parse_dockerfile(path: Path, build_args: dict[str, str] | None = None) -> Dockerfile:
     """Read a Dockerfile; a FROM that names an ARG resolves it from build_args, else from its default."""
     args: dict[str, str] = {}
@@ -156,8 +161,7 @@ def parse_dockerfile(path: Path, build_args: dict[str, str] | None = None) -> Do
         keyword, _, rest = logical.partition(" ")
         keyword, rest = keyword.upper(), rest.strip()
         if keyword == "FROM":
-            values = {**args, **(build_args or {})}
-            rest = re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m.group(1), m.group(0)), rest)
+            rest = resolve(rest, {**args, **(build_args or {})})
             words = [w for w in rest.split() if not w.startswith("--platform")]
             name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
             stages.append(Stage(words[0], name))
