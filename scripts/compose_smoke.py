@@ -92,6 +92,19 @@ def free_port() -> int:
         return port
 
 
+def seconds(duration: str) -> int:
+    """A compose duration (1m30s, 150s, 2h) in whole seconds."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    total, number = 0.0, ""
+    for char in duration:
+        if char in units:
+            total += float(number) * units[char]
+            number = ""
+        else:
+            number += char
+    return int(total + float(number or 0))
+
+
 def container(service: str) -> str:
     return f"{PROJECT}-{service}"
 
@@ -113,7 +126,7 @@ def run_args(name: str, service: dict[str, Any], network: str, gateway_port: int
     for option in service.get("security_opt") or []:
         args += ["--security-opt", option.replace(":true", "")]
     if service.get("stop_grace_period"):
-        args += ["--stop-timeout", str(int(float(service["stop_grace_period"].rstrip("s"))))]
+        args += ["--stop-timeout", str(seconds(service["stop_grace_period"]))]
     if name == "gateway":
         args += ["--publish", f"127.0.0.1:{gateway_port}:8000"]
     test = (service.get("healthcheck") or {}).get("test") or []
