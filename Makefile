@@ -14,7 +14,7 @@ TORCH_INDEX ?=
 TORCH_PIP_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 UV := UV_PROJECT_ENVIRONMENT=$(abspath $(VENV)) $(BIN)/uv
 
-.PHONY: install system-deps run smoke test test-fast test-gpu lint lock bench compose-smoke clean
+.PHONY: install system-deps run smoke test test-fast test-gpu lint lock bench images compose-smoke clean
 
 install: $(STAMP)
 
@@ -80,8 +80,17 @@ GPU_PYTHON ?= $(BIN)/python
 test-gpu:
 	$(GPU_PYTHON) -m pytest -m gpu tests/gpu -rs -s
 
-compose-smoke:
-	scripts/compose-smoke.sh
+# Every image compose and deploy/k8s name, tagged with the project's version, with docker or podman
+# (ENGINE=docker|podman), then their sizes. torch comes from PyTorch's index when it answers, else from
+# build/wheels, filled by pip with this machine's own configuration (TORCH_SOURCE=index|wheels|auto).
+# Podman flags for an unusual host: PODMAN_FLAGS (global), BUILD_FLAGS (e.g. --isolation chroot), RUN_FLAGS.
+images: install
+	PIP=$(BIN)/pip scripts/images.sh
+
+# The compose stack from those images: the demo corpus indexed, one question answered with sources,
+# non-root read-only containers with passing health checks, nothing left after stopping.
+compose-smoke: images
+	PYTHON=$(BIN)/python scripts/compose-smoke.sh
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

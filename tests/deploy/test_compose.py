@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -280,9 +281,6 @@ def test_services_wait_for_healthy_dependencies(stack: str) -> None:
             assert healthcheck(services[dependency]), f"{dependency} has no healthcheck to wait on"
 
 
-DOCKERFILE_OF = {"llm-server": "llm", "model-fetch": "llm"}
-
-
 @pytest.mark.parametrize("stack", [*STACKS, "cpu+models"])
 def test_images_are_built_here_or_pinned(stack: str) -> None:
     services = render(CPU_FILES, ("models",))["services"] if stack == "cpu+models" else STACKS[stack]()
@@ -292,9 +290,40 @@ def test_images_are_built_here_or_pinned(stack: str) -> None:
             assert pinned(service["image"]), f"{name}: pin {service['image']} to a version"
             continue
         dockerfile, target = build
-        assert dockerfile == f"services/{DOCKERFILE_OF.get(name, name)}/Dockerfile"
+        assert dockerfile == "Dockerfile", f"{name}: every image is a target of ./Dockerfile"
         assert Path(service["build"]["context"]) == REPO, "build with the repository root as the context"
-        assert target is None or target in dockerfile_stages(dockerfile), f"{name}: no stage {target}"
+        assert target in dockerfile_stages(dockerfile), f"{name}: no stage {target}"
+
+
+def project_images(services: dict[str, Any]) -> dict[str, str | None]:
+    """The project's own images a stack names, with the Dockerfile target each is built from."""
+    return {
+        s["image"]: (s.get("build") or {}).get("target") for s in services.values() if s["image"].startswith("ragpod/")
+    }
+
+
+def test_compose_and_the_manifests_tag_images_alike() -> None:
+    # One tag scheme: ragpod/<name>:<the project's version>, -cpu or -gpu where one repository has two builds.
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    compose = {**project_images(cpu()), **project_images(gpu())}
+    manifests = {
+        image
+        for path in (REPO / "deploy" / "k8s").rglob("*.yaml")
+        for image in re.findall(r"image:\s*[\"']?(ragpod/[^\s\"']+)", path.read_text())
+    }
+    assert manifests, "the manifests name no ragpod image"
+    for image in sorted(set(compose) | manifests):
+        assert re.fullmatch(rf"ragpod/[a-z-]+:{re.escape(version)}(-cpu|-gpu)?", image), image
+    assert manifests <= set(compose), f"the manifests name images compose never builds: {manifests - set(compose)}"
+
+
+def test_make_images_builds_every_image_of_the_cpu_stack() -> None:
+    # scripts/images.sh: one line per image, "name target repository [tag suffix]".
+    script = (REPO / "scripts" / "images.sh").read_text()
+    lines = re.findall(r'^\s+"([\w-]+)\s+([\w-]+)\s+(ragpod/[\w-]+)(?:\s+(-\w+))?"$', script, re.MULTILINE)
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    built = {f"{repository}:{version}{suffix}": target for _, target, repository, suffix in lines}
+    assert built == project_images(render(CPU_FILES, ("models",))["services"])
 
 
 def test_redis_keeps_an_append_only_file_on_a_volume() -> None:
@@ -342,9 +371,9 @@ def test_cpu_model_server_is_the_projects_server_from_the_cpu_image() -> None:
     server, worker = services["llm-server"], services["llm"]
     assert server["command"] == ["python", "-m", "services.llm.server"]
     assert (REPO / "services" / "llm" / "server" / "__main__.py").is_file(), "services/llm/server/ does not exist"
-    assert built_from(server) == ("services/llm/Dockerfile", "cpu")
-    assert built_from(worker) == ("services/llm/Dockerfile", "worker"), "the worker image carries no torch"
-    assert built_from(services["embedding"]) == ("services/embedding/Dockerfile", "cpu")
+    assert built_from(server) == ("Dockerfile", "llm-cpu")
+    assert built_from(worker) == ("Dockerfile", "llm-worker"), "the worker image carries no torch"
+    assert built_from(services["embedding"]) == ("Dockerfile", "embedding-cpu")
     assert rag_env(server)["RAG_LLM_SERVE_PORT"] == "8004"
     assert rag_env(server)["RAG_LLM_MODEL_NAME"] == rag_env(worker)["RAG_LLM_MODEL_NAME"]
     assert not any("deploy" in s for s in services.values()), "the CPU stack reserves no GPU"
@@ -357,9 +386,9 @@ def gpu_reserved(service: dict[str, Any]) -> bool:
 
 def test_gpu_variant_puts_embedding_and_vllm_on_the_gpu() -> None:
     services = gpu()
-    assert built_from(services["embedding"]) == ("services/embedding/Dockerfile", "gpu")
+    assert built_from(services["embedding"]) == ("Dockerfile", "embedding-gpu")
     assert gpu_reserved(services["embedding"]) and gpu_reserved(services["llm-server"])
-    assert built_from(services["llm"]) == ("services/llm/Dockerfile", "worker")
+    assert built_from(services["llm"]) == ("Dockerfile", "llm-worker")
     assert not gpu_reserved(services["llm"]), "the worker only bridges to vLLM"
     assert {n for n, s in services.items() if gpu_reserved(s)} == {"embedding", "llm-server"}
 

