@@ -34,5 +34,8 @@ class Settings(ServiceSettings, QueueSettings):
         60.0, gt=0, description="Idle time after which another worker claims a job."
     )
     llm_drain_seconds: float = Field(30.0, ge=0, description="How long SIGTERM waits for jobs in flight.")
+    llm_read_block_ms: int = Field(
+        1000, ge=10, le=60_000, description="How long one read of the queue waits for a job; a stop waits for it."
+    )
     llm_batch_wait_ms: float = Field(10.0, ge=0, le=1000, description="Local engine: how long a batch waits to fill.")
     llm_request_timeout_seconds: float = Field(300.0, gt=0, description="Timeout of one call to the model server.")

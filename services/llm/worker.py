@@ -29,6 +29,7 @@ import os
 import socket
 import time
 import uuid
+from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -125,6 +126,7 @@ class Worker:
         if not self._group_ready:
             await self.queue.ensure_group()
             self._group_ready = True
+        block_ms = self.settings.llm_read_block_ms
         free = self.settings.llm_concurrency - len(self._inflight)
         now = time.monotonic()
         if now >= self._next_reclaim:
@@ -139,9 +141,9 @@ class Worker:
             self._next_reclaim = now + (0.0 if not went_round else self.reclaim_interval)
             free = self.settings.llm_concurrency - len(self._inflight)
         if free <= 0:
-            await asyncio.wait(list(self._inflight.values()), timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(list(self._inflight.values()), timeout=block_ms / 1000, return_when=FIRST_COMPLETED)
             return
-        await self._start(await self.queue.read(self.name, count=free, block_ms=1000))
+        await self._start(await self.queue.read(self.name, count=free, block_ms=block_ms))
 
     async def _start(self, deliveries: list[Delivery]) -> None:
         for index, delivery in enumerate(deliveries):

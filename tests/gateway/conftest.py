@@ -71,7 +71,9 @@ async def gateway(redis_server: RedisServer, redis_client: Redis, embedder: Embe
     )
     async with in_process(app, base_url="http://gateway") as client:
         worker_redis = Redis.from_url(redis_server.url, decode_responses=True)
-        worker = Worker(LlmSettings(redis_url=redis_server.url), engine, worker_redis, name="test-worker")
+        worker = Worker(
+            LlmSettings(redis_url=redis_server.url, llm_read_block_ms=100), engine, worker_redis, name="test-worker"
+        )
         task = asyncio.create_task(worker.run())
         await wait_for(lambda: _has_live_worker(worker))  # its first heartbeat: /v1/status counts it
         yield Gateway(client, retriever, embedding, engine, redis_client)

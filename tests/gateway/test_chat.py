@@ -64,7 +64,7 @@ class Chat:
 @contextlib.asynccontextmanager
 async def _worker(redis_url: str, engine: ScriptedEngine) -> AsyncIterator[None]:
     redis = Redis.from_url(redis_url, decode_responses=True)
-    worker = Worker(LlmSettings(redis_url=redis_url), engine, redis, name="chat-test-worker")
+    worker = Worker(LlmSettings(redis_url=redis_url, llm_read_block_ms=100), engine, redis, name="chat-test-worker")
     task = asyncio.create_task(worker.run())
     try:
         yield

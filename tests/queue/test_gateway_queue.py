@@ -30,6 +30,7 @@ from tests.fixtures.redis import RedisServer
 
 STREAM = "t:gateway"
 QUEUE = {"llm_stream": STREAM, "llm_group": f"{STREAM}:workers", "llm_dead_letter_stream": f"{STREAM}:dead"}
+WORKER = {**QUEUE, "llm_read_block_ms": 100}
 HIT = {"document_id": "zorblax.md", "chunk": 0, "score": 0.9, "text": "The Zorblax was sold in 1987.", "metadata": {}}
 ASK = {"question": "When was the Zorblax sold?", "top_k": 1}
 
@@ -71,7 +72,7 @@ async def gateway(
     worker, task, worker_redis = None, None, None
     if engine is not None:
         worker_redis = Redis.from_url(redis_url, decode_responses=True)
-        worker = Worker(LlmSettings(redis_url=redis_url, **QUEUE), engine, worker_redis, name="in-process")
+        worker = Worker(LlmSettings(redis_url=redis_url, **WORKER), engine, worker_redis, name="in-process")
         task = asyncio.create_task(worker.run())
     try:
         async with in_process(app, base_url="http://gateway") as client:
