@@ -82,6 +82,15 @@ class Proc:
         return tail(self.log_path, lines)
 
 
+def pid_alive(pid: int) -> bool:
+    """A process of that id exists (it may be one this process did not start)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def tail(path: Path | None, lines: int = 30) -> str:
     if path is None or not path.exists():
         return ""

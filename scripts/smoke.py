@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from ragpod.processes import ROOT, free_port, port_open
+from ragpod.processes import ROOT, free_port, pid_alive, port_open
 
 READY_WITHIN = 600.0  # a first start installs nothing more, but converts the LLM and loads every model
 STOPPED_WITHIN = 120.0
@@ -45,14 +45,6 @@ def path_without_redis(path: str, shadow: Path) -> str:
                 (copy / item.name).symlink_to(item)
         dirs.append(str(copy))
     return os.pathsep.join(dirs)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def main() -> int:
@@ -122,7 +114,7 @@ def main() -> int:
                 failures.append(f"make run still running {STOPPED_WITHIN:.0f} s after Ctrl-C")
                 os.killpg(make.pid, signal.SIGKILL)
         reader.join(5)
-        left = [pid for pid in pids if alive(pid)]
+        left = [pid for pid in pids if pid_alive(pid)]
         if left:
             failures.append(f"processes still running after Ctrl-C: {left}")
         busy = [f"{name}:{port}" for name, port in ports.items() if port_open(port)]

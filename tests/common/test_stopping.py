@@ -73,13 +73,11 @@ def start(procs: list[subprocess.Popen[str]], args: list[str], **env: str) -> su
 
 def stops_promptly(proc: subprocess.Popen[str]) -> None:
     proc.send_signal(signal.SIGTERM)
-    began = time.monotonic()
     try:
         proc.wait(STOPPED_WITHIN)
     except subprocess.TimeoutExpired:
         raise AssertionError(f"still running {STOPPED_WITHIN:.0f} s after SIGTERM") from None
     assert proc.returncode == -signal.SIGTERM, proc.returncode  # the signal's own default action
-    assert time.monotonic() - began < STOPPED_WITHIN
 
 
 def wait_for(check: object, proc: subprocess.Popen[str], timeout: float = 120.0) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ragpod.processes import free_port
+from ragpod.processes import free_port, pid_alive
 from tests.fixtures.models import MODEL_CACHE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -91,14 +91,6 @@ def started_pids(console: Console) -> list[int]:
     return [int(pid) for pid in re.findall(r"\bpid (\d+)", text)]
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_a_killed_llm_worker_comes_back_while_the_gateway_keeps_answering(
     ragpod_run: tuple[Console, dict[str, int]],
 ) -> None:
@@ -126,12 +118,12 @@ def test_a_killed_llm_worker_comes_back_while_the_gateway_keeps_answering(
         assert response.json()["answer"].strip() and response.json()["sources"]
 
     new_pid = int(restarted.group(1))
-    assert new_pid != pids["llm"] and alive(new_pid)
-    assert all(alive(pids[name]) for name in ("gateway", "embedding", "retriever"))  # nobody else was restarted
+    assert new_pid != pids["llm"] and pid_alive(new_pid)
+    assert all(pid_alive(pids[name]) for name in ("gateway", "embedding", "retriever"))  # nobody else was restarted
     assert not any(re.match(r"^(gateway|embedding|retriever|redis) ", line) for line in console.lines[killed_at:])
 
     # Ctrl-C: every process it started stops, and it exits cleanly.
     console.popen.send_signal(signal.SIGINT)
     assert console.popen.wait(120) == 0, "\n".join(console.lines)
     console.wait_for(r"^stopping \.\.\.$", 5, after=killed_at)
-    assert not any(alive(pid) for pid in [*pids.values(), new_pid])
+    assert not any(pid_alive(pid) for pid in [*pids.values(), new_pid])
