@@ -14,7 +14,7 @@ TORCH_INDEX ?=
 TORCH_PIP_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 UV := UV_PROJECT_ENVIRONMENT=$(abspath $(VENV)) $(BIN)/uv
 
-.PHONY: install system-deps run smoke test test-fast test-gpu lint lock bench images compose-smoke clean
+.PHONY: install system-deps run smoke test test-fast test-gpu lint lock bench images compose-smoke kube-smoke clean
 
 install: $(STAMP)
 
@@ -91,6 +91,12 @@ images: install
 # non-root read-only containers with passing health checks, nothing left after stopping.
 compose-smoke: images
 	PYTHON=$(BIN)/python scripts/compose-smoke.sh
+
+# The cluster's own pod specs (deploy/k8s/overlays/cpu-only, rendered) under podman kube play: every
+# readiness probe 200, the whole chain ok, one question answered; scripts/kube_smoke.py lists what one host
+# changes (Service names, Redis without Sentinel, the embedded Qdrant).
+kube-smoke: images
+	PYTHON=$(BIN)/python scripts/kube-smoke.sh
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache
