@@ -32,3 +32,9 @@ JOBS_IN_FLIGHT = Gauge("rag_llm_jobs_in_flight", "Jobs this worker is generating
 ENGINE_BATCH_SIZE = Histogram(
     "rag_llm_engine_batch_size", "Sequences generated together by the local engine.", buckets=(1, 2, 4, 8, 16, 32, 64)
 )
+ENGINE_READY = Gauge(
+    "rag_llm_engine_ready", "1 while this worker's engine answers and it reads jobs; 0 while it waits for it."
+)
+JOBS_UNTRIED = Counter(
+    "rag_llm_jobs_untried_total", "Jobs put back without counting a try: the model server refused the connection."
+)

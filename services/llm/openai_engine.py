@@ -69,7 +69,8 @@ class OpenAIEngine:
         self._slots = asyncio.Semaphore(settings.llm_concurrency)
 
     async def start(self) -> None:
-        """The server may still be loading its model: readiness reports it, jobs wait for it."""
+        """The server may still be loading its model: readiness reports it, and the worker reads no job
+        until it is ready (``Worker``)."""
 
     async def ready(self) -> bool:
         try:
@@ -96,8 +97,12 @@ class OpenAIEngine:
             except openai.APITimeoutError as exc:
                 raise EngineError("model server timed out", retryable=True) from exc
             except openai.APIConnectionError as exc:
-                cause = type(exc.__cause__ or exc).__name__
-                raise EngineError(f"model server unreachable: {cause}", retryable=True) from exc
+                cause = exc.__cause__ or exc
+                # No connection at all (refused, no route): nothing was sent, so nothing was tried.
+                refused = isinstance(cause, httpx2.ConnectError)
+                raise EngineError(
+                    f"model server unreachable: {type(cause).__name__}", retryable=True, unreachable=refused
+                ) from exc
             except openai.APIError as exc:  # an error chunk inside a stream that had started well
                 raise EngineError(f"model server failed while streaming: {exc.message}"[:300], retryable=True) from exc
             except _MALFORMED as exc:
