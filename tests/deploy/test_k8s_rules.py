@@ -248,13 +248,19 @@ def test_llm_worker_beside_vllm_owning_the_gpu_a100_nodes_requests_4_16gi_limits
     config = render.get("ConfigMap", "llm-config")["data"]
     worker = k8s.container_named(pod, "worker")
     server = k8s.container_named(pod, "model-server")
-    assert [c["name"] for c in pod["containers"]] == ["worker", "model-server"]
+    # vLLM is a native sidecar: started, and past its startupProbe, before the worker; stopped after it.
+    assert [c["name"] for c in pod["containers"]] == ["worker"]
+    assert [c["name"] for c in pod["initContainers"]][-1] == "model-server"
+    assert server["restartPolicy"] == "Always"
+    assert server["startupProbe"]["httpGet"]["path"] == "/health"
+    assert "lifecycle" not in server  # no preStop sleep: the kubelet stops a sidecar after the worker has left
     assert worker["image"].startswith("ragpod/llm:")
     image, _, tag = server["image"].partition(":")
     assert image == "vllm/vllm-openai" and tag.startswith("v") and tag != "latest"
     # The GPU belongs to the model server; the worker has none.
     assert gpu_resources(worker) == {}
-    assert resources(server, "requests") == {"cpu": 4, "memory": 16 * 2**30, "nvidia.com/gpu": 1}
+    requests = {k: v for k, v in resources(server, "requests").items() if k != "ephemeral-storage"}
+    assert requests == {"cpu": 4, "memory": 16 * 2**30, "nvidia.com/gpu": 1}
     assert resources(server, "limits") == {"cpu": 8, "memory": 32 * 2**30, "nvidia.com/gpu": 1}
     # vLLM serves the configured model on 8004, where the worker looks for it.
     env = {e["name"]: e for e in server["env"]}
@@ -292,8 +298,6 @@ def test_llm_worker_beside_vllm_owning_the_gpu_a100_nodes_requests_4_16gi_limits
     # The worker drains in flight jobs before the pod is killed, with its model server still up.
     drain = float(config["RAG_LLM_DRAIN_SECONDS"])
     assert pod["terminationGracePeriodSeconds"] > drain
-    assert server["lifecycle"]["preStop"]["sleep"]["seconds"] > drain
-    assert pod["terminationGracePeriodSeconds"] > server["lifecycle"]["preStop"]["sleep"]["seconds"]
 
 
 @ALL
@@ -552,7 +556,9 @@ def test_every_service_has_liveness_healthz_and_readiness_readyz_probes(renders,
         workload = render.find(kind, name)
         if workload is None:
             continue
-        for container in workload["spec"]["template"]["spec"]["containers"]:
+        pod = workload["spec"]["template"]["spec"]
+        sidecars = [c for c in pod.get("initContainers") or [] if c.get("restartPolicy") == "Always"]
+        for container in pod["containers"] + sidecars:
             assert "livenessProbe" in container and "readinessProbe" in container, f"{name}/{container['name']}"
             live = container["livenessProbe"].get("httpGet", {}).get("path")
             ready = container["readinessProbe"].get("httpGet", {}).get("path")
@@ -838,17 +844,25 @@ def test_metrics_to_autoscalers_service_monitors_and_adapter_rules_for_the_hpa_m
 
 
 @ALL
-def test_qdrant_metrics_are_scraped_with_the_api_key_the_servers_require(renders, overlay):
-    render = renders[overlay]
-    qdrant = render.container("StatefulSet", "qdrant", "qdrant")
-    key = next(e for e in qdrant["env"] if e["name"] == "QDRANT__SERVICE__API_KEY")["valueFrom"]["secretKeyRef"]
+def test_qdrant_metrics_are_scraped_without_credentials_by_default(renders, overlay):
+    """prometheus-operator rejects a whole ServiceMonitor whose credentials Secret is absent, optional or
+    not: without a Qdrant key (the default) the monitor must name none."""
+    (endpoint,) = renders[overlay].get("ServiceMonitor", "qdrant")["spec"]["endpoints"]
+    assert not {"authorization", "bearerTokenSecret", "basicAuth"} & set(endpoint)
+
+
+def test_qdrant_with_keys_gives_prometheus_the_read_only_key(tmp_path):
+    render = k8s.with_components(tmp_path, "gpu-cluster", "qdrant-auth")
+    env = {e["name"]: e for e in render.container("StatefulSet", "qdrant", "qdrant")["env"]}
+    admin = env["QDRANT__SERVICE__API_KEY"]["valueFrom"]["secretKeyRef"]
+    read_only = env["QDRANT__SERVICE__READ_ONLY_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert read_only["name"] == admin["name"] == "qdrant-auth" and read_only["key"] != admin["key"]
+    assert not read_only.get("optional")  # the component is for clusters with the Secret
     (endpoint,) = render.get("ServiceMonitor", "qdrant")["spec"]["endpoints"]
-    authorization = endpoint["authorization"]
-    assert authorization["type"] == "Bearer"
-    credentials = authorization["credentials"]
-    assert (credentials["name"], credentials["key"]) == (key["name"], key["key"])
-    # Optional on both sides: without the Secret Qdrant asks for no key and none is sent.
-    assert credentials.get("optional") is True and key.get("optional") is True
+    credentials = endpoint["authorization"]["credentials"]
+    assert endpoint["authorization"]["type"] == "Bearer"
+    assert (credentials["name"], credentials["key"]) == (read_only["name"], read_only["key"])
+    assert not credentials.get("optional")
 
 
 def test_readme_documents_prerequisites_and_every_overlay():
