@@ -8,6 +8,7 @@ production sizes; cpu-only shrinks requests and drops the GPUs (its own test).
 from __future__ import annotations
 
 import ipaddress
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -740,19 +741,41 @@ def test_network_policies_deny_by_default_and_allow_only_the_flows_of_the_design
         assert not _allowed(policies, "ingress", redis_labels, redis_namespace, port, {}, "keda")
     qdrant_labels, qdrant_namespace, _ = pods["qdrant"]
     assert not _allowed(policies, "ingress", qdrant_labels, qdrant_namespace, 6333, {}, "some-other-namespace")
-    # Every pod resolves names: CoreDNS, and NodeLocal DNSCache on its link-local address.
+    # Every pod resolves names: CoreDNS, NodeLocal DNSCache on its link-local address, GKE Cloud DNS on the
+    # metadata address, and the kube-dns ClusterIP (NodeLocal DNSCache in interception mode).
     dns = {"k8s-app": "kube-dns"}
     for name, (labels, namespace, _) in pods.items():
         if namespace == k8s.NAMESPACE:
             assert _allowed(policies, "egress", labels, namespace, 53, dns, "kube-system"), name
             for protocol in ("UDP", "TCP"):
-                assert _egress_to_address(policies, labels, namespace, NODE_LOCAL_DNS, 53, protocol), name
-    # The cache's address is no way out to anything else.
+                for address in DNS_ADDRESSES:
+                    assert _egress_to_address(policies, labels, namespace, address, 53, protocol), (name, address)
+    # Those addresses are no way out to anything else (the metadata server answers on 80).
     labels, namespace, _ = pods["gateway"]
-    assert not _egress_to_address(policies, labels, namespace, NODE_LOCAL_DNS, 443, "TCP")
+    for address in DNS_ADDRESSES:
+        for port in (80, 443):
+            assert not _egress_to_address(policies, labels, namespace, address, port, "TCP"), address
 
 
 NODE_LOCAL_DNS = "169.254.20.10"
+GKE_CLOUD_DNS = "169.254.169.254"
+KUBE_DNS_CLUSTER_IP = "10.96.0.10"  # base/cluster-dns.yaml's default
+DNS_ADDRESSES = (NODE_LOCAL_DNS, GKE_CLOUD_DNS, KUBE_DNS_CLUSTER_IP)
+
+
+def test_the_kube_dns_cluster_ip_is_one_setting(tmp_path):
+    """A cluster whose kube-dns Service has another ClusterIP sets it in base/cluster-dns.yaml only."""
+    copy = tmp_path / "k8s"
+    shutil.copytree(k8s.K8S, copy)
+    setting = copy / "base" / "cluster-dns.yaml"
+    setting.write_text(setting.read_text().replace("kube-dns-cluster-ip: 10.96.0.10", "kube-dns-cluster-ip: 10.0.0.10"))
+    render = k8s.Render("custom", k8s.render(copy / "overlays" / "gpu-cluster"))
+    policies = render.all("NetworkPolicy")
+    labels = pod_template(render.get("Deployment", "gateway"))["metadata"]["labels"]
+    for protocol in ("UDP", "TCP"):
+        assert _egress_to_address(policies, labels, k8s.NAMESPACE, "10.0.0.10", 53, protocol)
+    assert not _egress_to_address(policies, labels, k8s.NAMESPACE, KUBE_DNS_CLUSTER_IP, 53, "UDP")
+    assert render.find("ConfigMap", "cluster-dns") is None  # read by kustomize, never applied
 
 
 def _egress_to_address(policies, pod_labels, pod_namespace, address: str, port: int, protocol: str) -> bool:
