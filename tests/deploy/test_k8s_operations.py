@@ -111,7 +111,7 @@ def _chains(render: Render) -> dict[str, list[tuple[str, float, float, float]]]:
             # The model server answers until its preStop ends, then shuts down (vLLM at once; the
             # project's server within its RAG_SHUTDOWN_GRACE_SECONDS).
             server_stop = 0.0
-            if server["image"].startswith("ragpod/"):
+            if k8s.ragpod_repository(server["image"]):
                 server_stop = setting(render, "llm-config", LlmServerSettings, "RAG_SHUTDOWN_GRACE_SECONDS")
             chain = [
                 ("worker", generation, worker_drain, pre_stop(containers["worker"])),

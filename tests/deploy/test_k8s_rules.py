@@ -110,7 +110,7 @@ def test_embedding_cpu_2_to_4_or_one_gpu_on_the_embedding_pool_only_hpa_2_10_on_
     render = renders[overlay]
     gpu_pod = render.pod_spec("Deployment", "embedding-gpu")
     container = k8s.container_named(gpu_pod, "embedding")
-    assert container["image"].startswith("ragpod/embedding:") and container["image"].endswith("-gpu")
+    assert k8s.ragpod_repository(container["image"]) == "ragpod/embedding" and container["image"].endswith("-gpu")
     units = gpu_resources(container)
     assert len(units) == 1 and list(units.values()) == [1]
     (unit,) = units
@@ -255,7 +255,7 @@ def test_llm_worker_beside_vllm_owning_the_gpu_a100_nodes_requests_4_16gi_limits
     assert server["restartPolicy"] == "Always"
     assert server["startupProbe"]["httpGet"]["path"] == "/health"
     assert "lifecycle" not in server  # no preStop sleep: the kubelet stops a sidecar after the worker has left
-    assert worker["image"].startswith("ragpod/llm:")
+    assert k8s.ragpod_repository(worker["image"]) == "ragpod/llm"
     image, _, tag = server["image"].partition(":")
     assert image == "vllm/vllm-openai" and tag.startswith("v") and tag != "latest"
     # The GPU belongs to the model server; the worker has none.
@@ -563,7 +563,7 @@ def test_every_service_has_liveness_healthz_and_readiness_readyz_probes(renders,
             assert "livenessProbe" in container and "readinessProbe" in container, f"{name}/{container['name']}"
             live = container["livenessProbe"].get("httpGet", {}).get("path")
             ready = container["readinessProbe"].get("httpGet", {}).get("path")
-            if container["image"].startswith(("ragpod/", "qdrant/")):
+            if k8s.ragpod_repository(container["image"]) or container["image"].startswith("qdrant/"):
                 assert (live, ready) == ("/healthz", "/readyz"), f"{name}/{container['name']}"
                 checked += 1
             elif container["image"].startswith("vllm/"):
