@@ -139,6 +139,32 @@ def test_images_are_pinned(renders, overlay):
     assert unpinned == []
 
 
+@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+def test_ragpod_images_come_from_a_registry_a_cluster_can_pull_from(renders, overlay):
+    """``ragpod/x`` alone means Docker Hub, where the images are not: the GPU overlays name a registry
+    (one setting, components/registry); cpu-only keeps the bare names kind load docker-image gives."""
+    images = {
+        c["image"]
+        for workload in renders[overlay].workloads()
+        for c in k8s.all_containers(k8s.pod_template(workload)["spec"])
+        if k8s.ragpod_repository(c["image"])
+    }
+    assert {k8s.ragpod_repository(i) for i in images} >= {"ragpod/gateway", "ragpod/retriever", "ragpod/llm"}
+    hosts = {k8s.registry_host(i) for i in images}
+    if overlay == "cpu-only":
+        assert hosts == {""}
+    else:
+        assert len(hosts) == 1 and "" not in hosts, hosts  # every one from the one registry set
+
+
+def test_registry_host_reads_names_as_a_container_runtime_does():
+    assert k8s.registry_host("ragpod/llm:0.1.0") == ""
+    assert k8s.registry_host("registry.example.com/ragpod/llm:0.1.0") == "registry.example.com"
+    assert k8s.registry_host("localhost:5000/ragpod/llm:0.1.0") == "localhost:5000"
+    assert k8s.ragpod_repository("registry.example.com/ragpod/llm:0.1.0-cpu") == "ragpod/llm"
+    assert k8s.ragpod_repository("vllm/vllm-openai:v0.18.0") == ""
+
+
 # The values every environment shares with docker-compose (its tests compare them).
 CANONICAL = {
     "RAG_HOST": "0.0.0.0",
@@ -169,6 +195,14 @@ def test_service_configmaps_hold_the_shared_settings(renders, overlay):
         assert {k: v for k, v in data.items() if k in CANONICAL} == {k: v for k, v in CANONICAL.items() if k in data}
     gateway = render.get("ConfigMap", "gateway-config")["data"]
     assert gateway["RAG_RETRIEVER_URL"] == "http://retriever:8002"
+    # Closed by default on a cluster: the gateway does not start without API keys; a laptop's kind may.
+    assert gateway["RAG_REQUIRE_API_KEYS"] == ("true" if overlay in k8s.GPU_OVERLAYS else "false")
+    keys = [
+        source["secretRef"]
+        for source in render.container("Deployment", "gateway", "gateway").get("envFrom", [])
+        if "secretRef" in source
+    ]
+    assert [k["name"] for k in keys] == ["gateway-api-keys"]
     retriever = render.get("ConfigMap", "retriever-config")["data"]
     gpu = overlay in k8s.GPU_OVERLAYS
     assert retriever["RAG_EMBEDDING_URL"] == ("http://embedding-gpu:8001" if gpu else "http://embedding:8001")
