@@ -301,6 +301,25 @@ def test_llm_worker_beside_vllm_owning_the_gpu_a100_nodes_requests_4_16gi_limits
     assert pod["terminationGracePeriodSeconds"] > drain
 
 
+@GPU
+def test_a_zone_outage_does_not_block_scaling(renders, overlay):
+    """Zone spreads count only nodes a pod could use, and only the pods of its own revision."""
+    render = renders[overlay]
+
+    def zone_spread(name: str) -> dict:
+        spreads = render.pod_spec("Deployment", name).get("topologySpreadConstraints", [])
+        (spread,) = [c for c in spreads if c["topologyKey"] == "topology.kubernetes.io/zone"]
+        assert label_selector_matches(spread["labelSelector"], labels_of(render, "Deployment", name)), name
+        return spread
+
+    gateway = zone_spread("gateway")
+    # DoNotSchedule with tainted (unreachable) nodes counted would keep the skew from ever being met.
+    assert gateway["whenUnsatisfiable"] == "DoNotSchedule" and gateway["nodeTaintsPolicy"] == "Honor"
+    for name in ("gateway", "llm", "embedding-gpu"):
+        assert zone_spread(name)["matchLabelKeys"] == ["pod-template-hash"], name
+    assert zone_spread("embedding-gpu")["whenUnsatisfiable"] == "ScheduleAnyway"
+
+
 @ALL
 def test_llm_keda_scaledobject_1_8_on_the_exported_queue_depth_over_5_per_replica_and_jobs_in_flight(renders, overlay):
     """KEDA reads rag_llm_queue_depth (admitted, not yet started) through its Prometheus trigger.
