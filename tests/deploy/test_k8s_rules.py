@@ -331,7 +331,14 @@ def test_llm_keda_scaledobject_1_8_on_the_exported_queue_depth_over_5_per_replic
     scaled = render.get("ScaledObject", "llm")
     spec = scaled["spec"]
     assert spec["scaleTargetRef"]["name"] == "llm" and spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
-    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (1, 8)
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (2, 8)
+    # A rollout replaces pods one at a time (no surge pod: none would fit the pool at full scale); with
+    # two pods at least, one serves while the other is replaced.
+    rollout = render.get("Deployment", "llm")["spec"]["strategy"]["rollingUpdate"]
+    assert spec["minReplicaCount"] - int(rollout["maxUnavailable"]) + int(rollout["maxSurge"]) >= 1
+    assert int(rollout["maxUnavailable"]) < spec["minReplicaCount"]
+    # Prometheus down: keep what runs, never fewer (KEDA >= 2.17).
+    assert spec["fallback"]["behavior"] == "currentReplicasIfHigher"
     assert [h for h in render.all("HorizontalPodAutoscaler") if h["spec"]["scaleTargetRef"]["name"] == "llm"] == []
     assert spec["fallback"]["replicas"] >= spec["minReplicaCount"]
     config = render.get("ConfigMap", "llm-config")["data"]
