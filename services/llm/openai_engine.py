@@ -48,6 +48,8 @@ log = structlog.get_logger(__name__)
 # The SDK answers a body it cannot parse with a bare string or a half-built object: these are what reading
 # such an answer raises.
 _MALFORMED = (ValueError, KeyError, IndexError, TypeError, AttributeError)
+# How long a readiness check waits for the server's model list (the pod's readiness probe waits longer).
+READY_TIMEOUT_SECONDS = 5.0
 
 
 class OpenAIEngine:
@@ -74,7 +76,7 @@ class OpenAIEngine:
 
     async def ready(self) -> bool:
         try:
-            page = await self._client.models.list(timeout=5.0)
+            page = await self._client.models.list(timeout=READY_TIMEOUT_SECONDS)
             served = [model.id for model in page.data]
         except (openai.OpenAIError, *_MALFORMED):
             return False

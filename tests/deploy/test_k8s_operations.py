@@ -16,6 +16,7 @@ from services.common.settings import ServiceSettings
 from services.embedding.config import Settings as EmbeddingSettings
 from services.gateway.config import Settings as GatewaySettings
 from services.llm.config import Settings as LlmSettings
+from services.llm.openai_engine import READY_TIMEOUT_SECONDS
 from services.llm.server.config import Settings as LlmServerSettings
 from services.retriever.config import Settings as RetrieverSettings
 from tests.fixtures import k8s_manifests as k8s
@@ -394,3 +395,13 @@ def test_gpu_writable_root_component_switches_off_read_only_roots_on_gpu_contain
             key = f"{workload['metadata']['name']}/{container['name']}"
             if key not in gpu:
                 assert container["securityContext"]["readOnlyRootFilesystem"] is True, key
+
+
+@GPU
+def test_the_llm_pod_probes_outwait_the_worker_and_keeps_its_volume_owners(renders, overlay):
+    pod = renders[overlay].pod_spec("Deployment", "llm")
+    worker = k8s.container_named(pod, "worker")
+    # /readyz asks vLLM for its model list: a probe that gives up first marks a loaded pod unready.
+    assert worker["readinessProbe"]["timeoutSeconds"] > READY_TIMEOUT_SECONDS
+    # fsGroup over a model volume: owners changed only when the volume's root does not match.
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"

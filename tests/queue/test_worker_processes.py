@@ -213,7 +213,8 @@ async def test_worker_started_before_its_model_server_waits_and_a_refused_call_i
     worker = start_worker(redis_server.url, stream, f"http://127.0.0.1:{port}/v1", tmp_path, extra)
     server = None
     try:
-        jobs = [job(max_tokens=4, stream=False) for _ in range(6)]
+        # Budgets long enough for a model server that loads slowly on a busy machine.
+        jobs = [job(ttl=900.0, max_tokens=4, stream=False) for _ in range(6)]
         for item in jobs:
             await queue.enqueue(item)
         await asyncio.sleep(3.0)  # the worker asks its engine several times meanwhile
@@ -224,7 +225,7 @@ async def test_worker_started_before_its_model_server_waits_and_a_refused_call_i
 
         server = await asyncio.to_thread(start_llm_server, port, tmp_path)
         for item in jobs:
-            events = await events_until_end(queue, item.id, within=120)
+            events = await events_until_end(queue, item.id, within=300)
             assert [e.type for e in events] == ["done"]
             assert events[0].attempt == 1
         assert worker.metric("rag_llm_engine_ready") == 1
@@ -233,7 +234,7 @@ async def test_worker_started_before_its_model_server_waits_and_a_refused_call_i
         # port. With one try allowed, counting that would dead-letter it; it waits for the server instead.
         server.proc.stop()
         server = None
-        late = job(max_tokens=4, stream=False)
+        late = job(ttl=900.0, max_tokens=4, stream=False)
         await queue.enqueue(late)
         await wait_for(lambda: _true(worker.metric("rag_llm_jobs_untried_total") >= 1), within=30)
         assert worker.metric("rag_llm_engine_ready") == 0
@@ -241,7 +242,7 @@ async def test_worker_started_before_its_model_server_waits_and_a_refused_call_i
         assert await queue.depth() == 1  # back in the queue, not read again while the server is down
 
         server = await asyncio.to_thread(start_llm_server, port, tmp_path)
-        events = await events_until_end(queue, late.id, within=120)
+        events = await events_until_end(queue, late.id, within=300)
         assert [e.type for e in events] == ["done"]
         assert events[0].attempt == 1  # the refused call took none of its tries
 
