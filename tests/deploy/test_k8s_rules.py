@@ -928,3 +928,34 @@ def test_readme_documents_prerequisites_and_every_overlay():
     for overlay in k8s.OVERLAYS:
         assert f"kubectl apply -k deploy/k8s/overlays/{overlay}" in readme, overlay
     assert Path(k8s.K8S / "checkov.sh").is_file()
+
+
+def test_prerequisites_list_everything_a_cluster_needs_in_one_place(renders):
+    readme = README.read_text()
+    section = readme[readme.index("## Prerequisites") :]
+    section = section[: section.index("\n## ", 3)]
+    for needed in (
+        "KEDA ≥ 2.17",  # fallback.behavior
+        "Prometheus operator",
+        "GPU Operator (device plugin and GPU feature discovery)",
+        "NetworkPolicy enforcement",
+        "EKS",
+        "enableNetworkPolicy",
+        "registry",
+        "components/registry",
+        "169.254.20.10",
+        "169.254.169.254",
+        "base/cluster-dns.yaml",
+        "GKE",
+        "Bottlerocket",
+        "components/gpu-writable-root",
+        "`llm-models`",
+    ):
+        assert needed in section, needed
+    # The version stated is the one the manifests need.
+    scaled = renders["gpu-cluster"].get("ScaledObject", "llm")
+    assert "behavior" in scaled["spec"]["fallback"]
+    # The operator notes say what an upgrade from the last deployment must do.
+    notes = readme[readme.index("### This version") : readme.index("### The version before")]
+    for needed in ("llm-weights", "delete pvc llm-models", "gateway-api-keys", "read-only-api-key", "KEDA 2.17"):
+        assert needed in notes, needed
