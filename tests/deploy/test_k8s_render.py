@@ -54,6 +54,8 @@ def without_newer_fields(obj: dict) -> tuple[dict, list[str]]:
             if value not in allowed:
                 problems.append(f"{kind}/{obj['metadata']['name']}: {'.'.join(path)}: {value!r} not in {allowed}")
     return copy, problems
+
+
 # Secrets created by the operator of the cluster, not shipped (README: Secrets).
 EXTERNAL_SECRETS = {"redis-auth", "gateway-api-keys", "qdrant-auth"}
 
