@@ -57,7 +57,7 @@ def without_newer_fields(obj: dict) -> tuple[dict, list[str]]:
 
 
 # Secrets created by the operator of the cluster, not shipped (README: Secrets).
-EXTERNAL_SECRETS = {"redis-auth", "gateway-api-keys", "qdrant-auth"}
+EXTERNAL_SECRETS = {"redis-auth", "gateway-api-keys", "qdrant-auth", "llm-api-key"}
 
 
 @pytest.mark.parametrize("overlay", k8s.OVERLAYS)

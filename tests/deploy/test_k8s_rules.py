@@ -271,6 +271,12 @@ def test_llm_worker_beside_vllm_owning_the_gpu_a100_nodes_requests_4_16gi_limits
     }
     args = [a.replace("$(RAG_LLM_MODEL_NAME)", config["RAG_LLM_MODEL_NAME"]) for a in server["args"]]
     assert "--port=8004" in args
+    # Closed by default: vLLM takes the key from a Secret it cannot start without; the worker sends it.
+    assert "--api-key=$(VLLM_API_KEY)" in server["args"]
+    vllm_key = env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert not vllm_key.get("optional")
+    sent = {e["name"]: e for e in worker["env"]}["RAG_LLM_OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert (sent["name"], sent["key"]) == (vllm_key["name"], vllm_key["key"])
     assert f"--served-model-name={config['RAG_LLM_MODEL_NAME']}" in args
     assert config["RAG_LLM_OPENAI_URL"] == "http://127.0.0.1:8004/v1"
     assert "/" in config["RAG_LLM_MODEL_NAME"] and "smollm" not in config["RAG_LLM_MODEL_NAME"]
@@ -957,5 +963,6 @@ def test_prerequisites_list_everything_a_cluster_needs_in_one_place(renders):
     assert "behavior" in scaled["spec"]["fallback"]
     # The operator notes say what an upgrade from the last deployment must do.
     notes = readme[readme.index("### This version") : readme.index("### The version before")]
-    for needed in ("llm-weights", "delete pvc llm-models", "gateway-api-keys", "read-only-api-key", "KEDA 2.17"):
+    notes_needed = ("llm-weights", "delete pvc llm-models", "gateway-api-keys", "llm-api-key", "read-only-api-key")
+    for needed in (*notes_needed, "KEDA 2.17"):
         assert needed in notes, needed
