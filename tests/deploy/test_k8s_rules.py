@@ -117,6 +117,11 @@ def test_embedding_cpu_2_to_4_or_one_gpu_on_the_embedding_pool_only_hpa_2_10_on_
     assert resources(container, "requests")[unit] == resources(container, "limits")[unit]
     assert cpu_mem(container)[:2] == (2, 4)
     assert tolerates_gpu_taint(gpu_pod)
+    # A GPU pod never serves from the CPU unseen; threads fit its CPU limit.
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["RAG_EMBEDDING_DEVICE"] == "cuda"
+    assert int(env["OMP_NUM_THREADS"]) == int(cpu_mem(container)[1])
+    assert env["TOKENIZERS_PARALLELISM"] == "false"
     # Required, not preferred: the pods never take a node of the LLM's pool (nor make the
     # Cluster Autoscaler add one for them). The MIG overlay's embedding pool is the A100s cut
     # into slices, which only it asks for.
