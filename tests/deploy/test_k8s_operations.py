@@ -236,6 +236,9 @@ def test_the_headroom_placeholder_frees_room_for_a_whole_llm_pod(renders, overla
         assert held[resource] >= llm[resource], f"{overlay}: the placeholder holds {held[resource]} {resource}"
     assert (held["cpu"], held["memory"]) == (llm["cpu"], llm["memory"])  # no more than one pod needs
     assert resources(pause, "limits") == held
+    # It runs the model server's image, idle: the warm node already holds the image the LLM pod pulls.
+    server = k8s.container_named(render.pod_spec("Deployment", "llm"), "model-server")
+    assert pause["image"] == server["image"] and pause["command"] == ["sleep", "infinity"]
 
 
 # --- the model volume and the zones ------------------------------------------------------------------
