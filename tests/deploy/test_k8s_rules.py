@@ -328,6 +328,10 @@ def test_a_zone_outage_does_not_block_scaling(renders, overlay):
     assert gateway["whenUnsatisfiable"] == "DoNotSchedule" and gateway["nodeTaintsPolicy"] == "Honor"
     for name in ("gateway", "llm", "embedding-gpu"):
         assert zone_spread(name)["matchLabelKeys"] == ["pod-template-hash"], name
+    # Qdrant's peers hold two copies of each shard: strictly one zone apart, an outage's tainted nodes aside.
+    (qdrant,) = render.pod_spec("StatefulSet", "qdrant")["topologySpreadConstraints"]
+    assert qdrant["topologyKey"] == "topology.kubernetes.io/zone"
+    assert (qdrant["whenUnsatisfiable"], qdrant["nodeTaintsPolicy"]) == ("DoNotSchedule", "Honor")
     assert zone_spread("embedding-gpu")["whenUnsatisfiable"] == "ScheduleAnyway"
 
 
