@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from deploy import capacity
+from deploy.manifests import node_selector_terms_match
 from services.embedding.config import Settings as EmbeddingSettings
 from services.retriever.config import Settings as RetrieverSettings
 from tests.fixtures import k8s_manifests as k8s
@@ -474,6 +475,23 @@ def test_gpu_sharing_mig_mixed_strategy_embedding_on_a_small_slice_llm_on_a_full
     embedding = render.container("Deployment", "embedding-gpu", "embedding")
     assert gpu_resources(embedding) == {"nvidia.com/mig-1g.10gb": 1}
     assert gpu_resources(render.container("Deployment", "llm", "model-server")) == {"nvidia.com/gpu": 1}
+    # Only on nodes where 1g.10gb is a valid profile and applied: the pool label (seen by the Cluster
+    # Autoscaler), GPU feature discovery's memory (80 GB cards) and the MIG manager's state.
+    affinity = render.pod_spec("Deployment", "embedding-gpu")["affinity"]["nodeAffinity"]
+    (term,) = affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    wanted = {e["key"]: e for e in term["matchExpressions"]}
+    assert wanted["nvidia.com/mig.config"]["values"] == [pool["migConfig"]]
+    assert wanted["nvidia.com/mig.config.state"] == {
+        "key": "nvidia.com/mig.config.state",
+        "operator": "In",
+        "values": ["success"],
+    }
+    memory = wanted["nvidia.com/gpu.memory"]
+    assert memory["operator"] == "Gt" and 40960 <= int(memory["values"][0]) < 81559  # 40 GB out, 80 GB in
+    assert node_selector_terms_match([term], pool["labels"])  # the planned pool takes them
+    forty = {**pool["labels"], "nvidia.com/gpu.memory": "40960"}
+    pending = {**pool["labels"], "nvidia.com/mig.config.state": "pending"}
+    assert not node_selector_terms_match([term], forty) and not node_selector_terms_match([term], pending)
 
 
 def test_gpu_sharing_spot_pool_runs_reindexing_with_spot_toleration_and_the_lowest_priority(renders):
