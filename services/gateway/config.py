@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from services.common.settings import EmbeddingSettings, QueueSettings, ServiceSettings
 from services.gateway.prompt import SYSTEM
@@ -23,6 +23,11 @@ class Settings(ServiceSettings, QueueSettings, EmbeddingSettings):
     api_keys: str = Field(
         "",
         description="Comma-separated API keys or sha256:<hex> digests of them; empty disables authentication.",
+    )
+    require_api_keys: bool = Field(
+        False,
+        description="Refuse to start without API keys (RAG_API_KEYS): the Kubernetes base sets it, so an open API "
+        "there is a choice (false), never a missing Secret.",
     )
     rate_limit_per_minute: int = Field(
         0, ge=0, description="Requests per minute per API key (per client address without keys), in Redis; 0 disables."
@@ -55,3 +60,12 @@ class Settings(ServiceSettings, QueueSettings, EmbeddingSettings):
         if not 0.0 <= value <= 1.0:  # also refuses NaN
             raise ValueError(f"RAG_{str(info.field_name).upper()} must be between 0 and 1, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _keys_when_required(self) -> Settings:
+        if self.require_api_keys and not any(key.strip() for key in self.api_keys.split(",")):
+            raise ValueError(
+                "RAG_REQUIRE_API_KEYS is true but RAG_API_KEYS holds no key: set the keys (on Kubernetes, the "
+                "Secret gateway-api-keys) or set RAG_REQUIRE_API_KEYS=false if an open API is intended"
+            )
+        return self

@@ -32,11 +32,16 @@ class Generation:
 
 
 class EngineError(Exception):
-    """A failed generation. ``retryable``: another try may succeed (the server was down, say)."""
+    """A failed generation. ``retryable``: another try may succeed (the server was down, say).
 
-    def __init__(self, message: str, *, retryable: bool) -> None:
+    ``unreachable``: the request never reached the model server (its connection was refused): not a try
+    at all. The worker puts the job back uncounted and reads nothing until the engine is ready again.
+    """
+
+    def __init__(self, message: str, *, retryable: bool, unreachable: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.unreachable = unreachable
 
 
 class Engine(Protocol):

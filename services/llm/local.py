@@ -35,7 +35,7 @@ from services.common.batcher import MicroBatcher
 from services.common.devices import choose_device, is_out_of_memory, release_cached_memory
 from services.common.stopping import loading
 from services.llm.engine import EngineError, Generation, GenerationRequest, TokenCallback
-from services.llm.metrics import ENGINE_BATCH_SIZE
+from services.llm.engine_metrics import ENGINE_BATCH_SIZE
 
 log = structlog.get_logger(__name__)
 

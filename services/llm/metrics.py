@@ -1,4 +1,9 @@
-"""Series of the LLM worker and model server (HTTP and GPU series live in services.common.metrics)."""
+"""Series of the LLM worker (HTTP and GPU series live in services.common.metrics).
+
+The local engine's own series are in ``services.llm.engine_metrics``: the CPU model server runs that
+engine too, and must not export the worker's queue series (a Prometheus query over every pod would
+read its zeros as workers).
+"""
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -29,6 +34,9 @@ DEAD_LETTERS_TRIMMED = Counter(
 )
 JOBS_RECLAIMED = Counter("rag_llm_jobs_reclaimed_total", "Jobs claimed from a worker that stopped answering.")
 JOBS_IN_FLIGHT = Gauge("rag_llm_jobs_in_flight", "Jobs this worker is generating now.")
-ENGINE_BATCH_SIZE = Histogram(
-    "rag_llm_engine_batch_size", "Sequences generated together by the local engine.", buckets=(1, 2, 4, 8, 16, 32, 64)
+ENGINE_READY = Gauge(
+    "rag_llm_engine_ready", "1 while this worker's engine answers and it reads jobs; 0 while it waits for it."
+)
+JOBS_UNTRIED = Counter(
+    "rag_llm_jobs_untried_total", "Jobs put back without counting a try: the model server refused the connection."
 )

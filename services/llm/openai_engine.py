@@ -48,6 +48,8 @@ log = structlog.get_logger(__name__)
 # The SDK answers a body it cannot parse with a bare string or a half-built object: these are what reading
 # such an answer raises.
 _MALFORMED = (ValueError, KeyError, IndexError, TypeError, AttributeError)
+# How long a readiness check waits for the server's model list (the pod's readiness probe waits longer).
+READY_TIMEOUT_SECONDS = 5.0
 
 
 class OpenAIEngine:
@@ -69,11 +71,12 @@ class OpenAIEngine:
         self._slots = asyncio.Semaphore(settings.llm_concurrency)
 
     async def start(self) -> None:
-        """The server may still be loading its model: readiness reports it, jobs wait for it."""
+        """The server may still be loading its model: readiness reports it, and the worker reads no job
+        until it is ready (``Worker``)."""
 
     async def ready(self) -> bool:
         try:
-            page = await self._client.models.list(timeout=5.0)
+            page = await self._client.models.list(timeout=READY_TIMEOUT_SECONDS)
             served = [model.id for model in page.data]
         except (openai.OpenAIError, *_MALFORMED):
             return False
@@ -96,8 +99,12 @@ class OpenAIEngine:
             except openai.APITimeoutError as exc:
                 raise EngineError("model server timed out", retryable=True) from exc
             except openai.APIConnectionError as exc:
-                cause = type(exc.__cause__ or exc).__name__
-                raise EngineError(f"model server unreachable: {cause}", retryable=True) from exc
+                cause = exc.__cause__ or exc
+                # No connection at all (refused, no route): nothing was sent, so nothing was tried.
+                refused = isinstance(cause, httpx2.ConnectError)
+                raise EngineError(
+                    f"model server unreachable: {type(cause).__name__}", retryable=True, unreachable=refused
+                ) from exc
             except openai.APIError as exc:  # an error chunk inside a stream that had started well
                 raise EngineError(f"model server failed while streaming: {exc.message}"[:300], retryable=True) from exc
             except _MALFORMED as exc:

@@ -12,6 +12,12 @@ start and then every third of the visibility timeout (at most every 5 s), keeps
 the worker in the queue's live workers, which the gateway's ``/v1/status``
 counts; a stop takes it out at once (before it drains: it takes no new job), a dead worker ages out.
 
+The worker reads no job, new or claimed, while its engine is not ready: a model server still loading
+(vLLM takes minutes) or restarting. It asks the engine again with a growing pause (up to
+``ENGINE_WAIT_MAX_SECONDS``). A job whose call found the server's port closed is put back at the end of
+the stream without counting a try, and the worker waits for its engine again: a restart of the model
+server costs no job a try, and none is dead-lettered for it.
+
 Every Redis command is the queue module's (``services.common.queue``): this
 loop only reads, runs and reports. A report that meets a Redis error (a
 failover, a blip) is tried again with backoff until the job's deadline, so
@@ -43,6 +49,7 @@ from services.llm.config import Settings
 from services.llm.engine import Engine, EngineError, GenerationRequest
 from services.llm.metrics import (
     DEAD_LETTERS_TRIMMED,
+    ENGINE_READY,
     GENERATION_SECONDS,
     JOBS_ANSWERED,
     JOBS_DEAD_LETTERED,
@@ -50,12 +57,16 @@ from services.llm.metrics import (
     JOBS_IN_FLIGHT,
     JOBS_RECLAIMED,
     JOBS_RETRIED,
+    JOBS_UNTRIED,
     QUEUE_DEPTH,
     QUEUE_WAIT,
     TOKENS_GENERATED,
 )
 
 T = TypeVar("T")
+
+ENGINE_WAIT_FIRST_SECONDS = 0.25  # the first pause before the engine is asked again; it doubles from there
+ENGINE_WAIT_MAX_SECONDS = 5.0
 
 log = structlog.get_logger(__name__)
 
@@ -80,6 +91,8 @@ class Worker:
         self._stop = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._group_ready = False
+        self._engine_ready = False
+        self._engine_wait = ENGINE_WAIT_FIRST_SECONDS
 
     @property
     def stopping(self) -> bool:
@@ -126,6 +139,8 @@ class Worker:
         if not self._group_ready:
             await self.queue.ensure_group()
             self._group_ready = True
+        if not await self._wait_for_engine():
+            return
         block_ms = self.settings.llm_read_block_ms
         free = self.settings.llm_concurrency - len(self._inflight)
         now = time.monotonic()
@@ -144,6 +159,29 @@ class Worker:
             await asyncio.wait(list(self._inflight.values()), timeout=block_ms / 1000, return_when=FIRST_COMPLETED)
             return
         await self._start(await self.queue.read(self.name, count=free, block_ms=block_ms))
+
+    async def _wait_for_engine(self) -> bool:
+        """True when the engine is ready; else waits a growing pause (a stop ends it) and returns False."""
+        if self._engine_ready:
+            return True
+        if await self.engine.ready():
+            self._engine_ready = True
+            self._engine_wait = ENGINE_WAIT_FIRST_SECONDS
+            ENGINE_READY.set(1)
+            log.info("engine_ready", model=self.engine.model_name)
+            return True
+        ENGINE_READY.set(0)
+        log.info("engine_not_ready", retry_in_s=self._engine_wait)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), self._engine_wait)
+        self._engine_wait = min(self._engine_wait * 2, ENGINE_WAIT_MAX_SECONDS)
+        return False
+
+    def _engine_lost(self) -> None:
+        if self._engine_ready:
+            log.warning("engine_lost", model=self.engine.model_name)
+        self._engine_ready = False
+        ENGINE_READY.set(0)
 
     async def _start(self, deliveries: list[Delivery]) -> None:
         for index, delivery in enumerate(deliveries):
@@ -305,6 +343,14 @@ class Worker:
                 JOBS_DROPPED_DEADLINE.inc()
                 log.info("job_deadline_during_generation")
                 await self.queue.drop(delivery, job.id)
+                return
+            if isinstance(exc, EngineError) and exc.unreachable:
+                # The server's port is closed (restarting, or not started yet): not a try. Back in the queue
+                # uncounted, and no more reads here until the engine answers again.
+                self._engine_lost()
+                if await self._persist(lambda: self.queue.hand_back_untried(delivery, job, token), until):
+                    JOBS_UNTRIED.inc()
+                    log.info("job_handed_back", reason="engine_unreachable", error=str(exc))
                 return
             if isinstance(exc, EngineError):
                 error, retryable = str(exc), exc.retryable

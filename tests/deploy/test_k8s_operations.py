@@ -7,17 +7,16 @@ Deployment controller, the scheduler and Qdrant would act on them.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from deploy.manifests import all_containers, pod_template, quantity, render, resources
+from deploy.manifests import all_containers, pod_template, quantity, resources
 from services.common.settings import ServiceSettings
 from services.embedding.config import Settings as EmbeddingSettings
 from services.gateway.config import Settings as GatewaySettings
 from services.llm.config import Settings as LlmSettings
+from services.llm.openai_engine import READY_TIMEOUT_SECONDS
 from services.llm.server.config import Settings as LlmServerSettings
 from services.retriever.config import Settings as RetrieverSettings
 from tests.fixtures import k8s_manifests as k8s
@@ -101,7 +100,7 @@ def _chains(render: Render) -> dict[str, list[tuple[str, float, float, float]]]:
     chains: dict[str, list[tuple[str, float, float, float]]] = {}
     for deployment in render.all("Deployment"):
         name = deployment["metadata"]["name"]
-        containers = {c["name"]: c for c in pod_template(deployment)["spec"]["containers"]}
+        containers = {c["name"]: c for c in all_containers(pod_template(deployment)["spec"])}
         if name == "gateway":
             chain = [("gateway", ask, gateway_drain, pre_stop(containers["gateway"]))]
         elif name == "retriever":
@@ -113,7 +112,7 @@ def _chains(render: Render) -> dict[str, list[tuple[str, float, float, float]]]:
             # The model server answers until its preStop ends, then shuts down (vLLM at once; the
             # project's server within its RAG_SHUTDOWN_GRACE_SECONDS).
             server_stop = 0.0
-            if server["image"].startswith("ragpod/"):
+            if k8s.ragpod_repository(server["image"]):
                 server_stop = setting(render, "llm-config", LlmServerSettings, "RAG_SHUTDOWN_GRACE_SECONDS")
             chain = [
                 ("worker", generation, worker_drain, pre_stop(containers["worker"])),
@@ -137,7 +136,16 @@ def test_every_deployment_stops_without_cutting_a_request(renders, overlay):
         for container, deadline, drain, sleep in chain:
             where = f"{overlay} {name}/{container}"
             if container == "model-server":
-                # Keeps answering (preStop) while the worker drains, then stops within the grace period.
+                server = {c["name"]: c for c in all_containers(pod_template(render.get("Deployment", name))["spec"])}[
+                    container
+                ]
+                if server.get("restartPolicy") == "Always":
+                    # A native sidecar: stopped only once the worker has exited, so it serves the whole drain
+                    # without a preStop; worker drain and its own stop fit the grace period.
+                    assert sleep == 0, f"{where}: a sidecar's preStop {sleep} s only delays the pod's end"
+                    assert deadline + drain < period, f"{where}: {deadline} + {drain} s does not fit {period} s"
+                    continue
+                # A plain container beside the worker: keeps answering (preStop) while the worker drains.
                 assert sleep > deadline, f"{where}: preStop {sleep} s ends before the worker's {deadline} s drain"
                 assert sleep + drain < period, f"{where}: {sleep} + {drain} s does not fit {period} s"
                 continue
@@ -182,7 +190,11 @@ def startup_budget(container: dict[str, Any]) -> float:
 def test_rollouts_are_not_reported_failed_while_a_pod_is_still_allowed_to_start(renders, overlay):
     for deployment in renders[overlay].all("Deployment"):
         spec = pod_template(deployment)["spec"]
-        budget = max((startup_budget(c) for c in spec["containers"]), default=0.0)
+        # Native sidecars start one after the other, each past its startupProbe, before the containers.
+        sidecars = [c for c in spec.get("initContainers") or [] if c.get("restartPolicy") == "Always"]
+        budget = sum(startup_budget(c) for c in sidecars) + max(
+            (startup_budget(c) for c in spec["containers"]), default=0.0
+        )
         deadline = float(deployment["spec"].get("progressDeadlineSeconds", DEFAULT_PROGRESS_DEADLINE))
         assert deadline > budget, f"{overlay} {deployment['metadata']['name']}: {deadline} s <= {budget} s to start"
     llm = renders[overlay].get("Deployment", "llm")
@@ -224,22 +236,15 @@ def test_the_headroom_placeholder_frees_room_for_a_whole_llm_pod(renders, overla
         assert held[resource] >= llm[resource], f"{overlay}: the placeholder holds {held[resource]} {resource}"
     assert (held["cpu"], held["memory"]) == (llm["cpu"], llm["memory"])  # no more than one pod needs
     assert resources(pause, "limits") == held
+    # It runs the model server's image, idle: the warm node already holds the image the LLM pod pulls.
+    server = k8s.container_named(render.pod_spec("Deployment", "llm"), "model-server")
+    assert pause["image"] == server["image"] and pause["command"] == ["sleep", "infinity"]
 
 
 # --- the model volume and the zones ------------------------------------------------------------------
 
 
-def _with_components(tmp_path: Path, overlay: str, *components: str) -> Render:
-    """An overlay rendered with optional components added, as an operator's own overlay would."""
-    here = tmp_path / "overlay"
-    here.mkdir()
-    base = os.path.relpath(k8s.K8S / "overlays" / overlay, here)
-    parts = "".join(f"  - {os.path.relpath(k8s.K8S / 'components' / c, here)}\n" for c in components)
-    (here / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        f"resources:\n  - {base}\ncomponents:\n{parts}"
-    )
-    return Render(f"{overlay}+{'+'.join(components)}", render(here))
+_with_components = k8s.with_components
 
 
 def _zones_open(render: Render) -> list[str]:
@@ -282,7 +287,7 @@ def test_the_llm_model_volume_leaves_the_zone_spread_possible(renders, overlay):
     render = renders[overlay]
     assert _zones_open(render) == []
     # The check sees the fault it guards against: a claim the default StorageClass would provision.
-    claim = render.get("PersistentVolumeClaim", "llm-models")
+    claim = render.get("PersistentVolumeClaim", "llm-weights")
     unbound = {**claim, "spec": {k: v for k, v in claim["spec"].items() if k not in ("storageClassName", "volumeName")}}
     broken = Render("broken", [unbound if o is claim else o for o in render.objects])
     assert _zones_open(broken) == ["the claim may be provisioned by a StorageClass (an empty zonal disk)"]
@@ -309,9 +314,10 @@ def test_the_llm_model_volume_leaves_the_zone_spread_possible(renders, overlay):
 def test_the_model_fetch_component_fills_a_pod_local_volume_before_vllm_starts(tmp_path):
     render = _with_components(tmp_path, "gpu-cluster", "model-fetch")
     assert _zones_open(render) == []
-    assert render.find("PersistentVolumeClaim", "llm-models") is None
+    assert render.find("PersistentVolumeClaim", "llm-weights") is None
     pod = render.pod_spec("Deployment", "llm")
-    (fetch,) = pod["initContainers"]
+    fetch, sidecar = pod["initContainers"]
+    assert sidecar["name"] == "model-server", "the download ends before vLLM starts"
     assert fetch.get("restartPolicy") is None, "a step before the containers, not a sidecar"
     assert {"name": "models", "mountPath": "/models"} in fetch["volumeMounts"]
     env = {e["name"]: e for e in fetch["env"]}
@@ -335,6 +341,33 @@ def test_the_model_fetch_component_fills_a_pod_local_volume_before_vllm_starts(t
     assert "10.0.0.0/8" in rule["to"][0]["ipBlock"]["except"]
     for container in all_containers(pod):
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # The scheduler places the pod on a node with disk for the weights as well as vLLM's /tmp.
+    assert pod_ephemeral_request(pod) >= disk_volumes(pod)
+
+
+def disk_volumes(pod_spec: dict[str, Any]) -> float:
+    """Bytes the pod's emptyDirs on the node's disk may fill (memory-backed ones excluded)."""
+    return sum(
+        quantity(v["emptyDir"].get("sizeLimit", "0"))
+        for v in pod_spec.get("volumes") or []
+        if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"
+    )
+
+
+def pod_ephemeral_request(pod_spec: dict[str, Any]) -> float:
+    """ephemeral-storage the scheduler reserves for the running pod: its containers and sidecars."""
+    running = list(pod_spec["containers"]) + [
+        c for c in pod_spec.get("initContainers") or [] if c.get("restartPolicy") == "Always"
+    ]
+    return sum(resources(c, "requests").get("ephemeral-storage", 0) for c in running)
+
+
+@GPU
+def test_the_llm_pod_asks_for_the_disk_its_volumes_fill(renders, overlay):
+    """A node without the disk would evict the pod mid-load, or the download would fill the node."""
+    pod = renders[overlay].pod_spec("Deployment", "llm")
+    assert disk_volumes(pod) > 0
+    assert pod_ephemeral_request(pod) >= disk_volumes(pod)
 
 
 # --- container runtimes ------------------------------------------------------------------------------
@@ -365,3 +398,13 @@ def test_gpu_writable_root_component_switches_off_read_only_roots_on_gpu_contain
             key = f"{workload['metadata']['name']}/{container['name']}"
             if key not in gpu:
                 assert container["securityContext"]["readOnlyRootFilesystem"] is True, key
+
+
+@GPU
+def test_the_llm_pod_probes_outwait_the_worker_and_keeps_its_volume_owners(renders, overlay):
+    pod = renders[overlay].pod_spec("Deployment", "llm")
+    worker = k8s.container_named(pod, "worker")
+    # /readyz asks vLLM for its model list: a probe that gives up first marks a loaded pod unready.
+    assert worker["readinessProbe"]["timeoutSeconds"] > READY_TIMEOUT_SECONDS
+    # fsGroup over a model volume: owners changed only when the volume's root does not match.
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"

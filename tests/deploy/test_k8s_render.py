@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy as copy_module
 import functools
 import importlib
 from collections import Counter
@@ -23,9 +24,40 @@ CRD_MODELS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): ServiceMonitor,
     ("monitoring.coreos.com/v1", "PodMonitor"): PodMonitor,
 }
+# Fields newer than the CRD models installed here (cloudcoil-models-keda stops at KEDA 2.16 for Python 3.11;
+# its 2.20 models need Python 3.14): (kind, path) -> the values the newer CRD allows. Each is checked here,
+# then removed before the model's own check.
+NEWER_CRD_FIELDS = {
+    # KEDA 2.17: what a failing scaler falls back to.
+    ("ScaledObject", ("spec", "fallback", "behavior")): {
+        "static",
+        "currentReplicas",
+        "currentReplicasIfHigher",
+        "currentReplicasIfLower",
+    },
+}
 CLUSTER_SCOPED = {"Namespace", "PriorityClass"}
+
+
+def without_newer_fields(obj: dict) -> tuple[dict, list[str]]:
+    """``obj`` without the fields of NEWER_CRD_FIELDS, and the problems found in their values."""
+    copy, problems = copy_module.deepcopy(obj), []
+    for (kind, path), allowed in NEWER_CRD_FIELDS.items():
+        if obj["kind"] != kind:
+            continue
+        *parents, leaf = path
+        holder = copy
+        for key in parents:
+            holder = holder.get(key) or {}
+        if leaf in holder:
+            value = holder.pop(leaf)
+            if value not in allowed:
+                problems.append(f"{kind}/{obj['metadata']['name']}: {'.'.join(path)}: {value!r} not in {allowed}")
+    return copy, problems
+
+
 # Secrets created by the operator of the cluster, not shipped (README: Secrets).
-EXTERNAL_SECRETS = {"redis-auth", "gateway-api-keys", "qdrant-auth"}
+EXTERNAL_SECRETS = {"redis-auth", "gateway-api-keys", "qdrant-auth", "llm-api-key"}
 
 
 @pytest.mark.parametrize("overlay", k8s.OVERLAYS)
@@ -53,6 +85,8 @@ def test_every_object_validates_against_the_kubernetes_or_crd_schema(renders, ov
         ref = f"{obj['kind']}/{obj['metadata']['name']}"
         model = CRD_MODELS.get((obj["apiVersion"], obj["kind"]))
         if model is not None:
+            obj, newer = without_newer_fields(obj)
+            problems += newer
             try:
                 parsed = model.model_validate(obj)
             except ValueError as exc:
@@ -72,6 +106,14 @@ def test_every_object_validates_against_the_kubernetes_or_crd_schema(renders, ov
             path = ".".join(str(p) for p in exc.path)
             problems.append(f"{ref}: {path}: {exc.message}")
     assert problems == []
+
+
+def test_the_crd_check_catches_a_wrong_value_of_a_newer_field(renders):
+    scaled = renders["gpu-cluster"].get("ScaledObject", "llm")
+    wrong = copy_module.deepcopy(scaled)
+    wrong["spec"]["fallback"]["behavior"] = "currentReplicasIfHiger"
+    assert without_newer_fields(wrong)[1] != []
+    assert without_newer_fields(scaled)[1] == []
 
 
 def test_the_crd_check_catches_an_unknown_field(renders):
@@ -139,6 +181,32 @@ def test_images_are_pinned(renders, overlay):
     assert unpinned == []
 
 
+@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+def test_ragpod_images_come_from_a_registry_a_cluster_can_pull_from(renders, overlay):
+    """``ragpod/x`` alone means Docker Hub, where the images are not: the GPU overlays name a registry
+    (one setting, components/registry); cpu-only keeps the bare names kind load docker-image gives."""
+    images = {
+        c["image"]
+        for workload in renders[overlay].workloads()
+        for c in k8s.all_containers(k8s.pod_template(workload)["spec"])
+        if k8s.ragpod_repository(c["image"])
+    }
+    assert {k8s.ragpod_repository(i) for i in images} >= {"ragpod/gateway", "ragpod/retriever", "ragpod/llm"}
+    hosts = {k8s.registry_host(i) for i in images}
+    if overlay == "cpu-only":
+        assert hosts == {""}
+    else:
+        assert len(hosts) == 1 and "" not in hosts, hosts  # every one from the one registry set
+
+
+def test_registry_host_reads_names_as_a_container_runtime_does():
+    assert k8s.registry_host("ragpod/llm:0.1.0") == ""
+    assert k8s.registry_host("registry.example.com/ragpod/llm:0.1.0") == "registry.example.com"
+    assert k8s.registry_host("localhost:5000/ragpod/llm:0.1.0") == "localhost:5000"
+    assert k8s.ragpod_repository("registry.example.com/ragpod/llm:0.1.0-cpu") == "ragpod/llm"
+    assert k8s.ragpod_repository("vllm/vllm-openai:v0.18.0") == ""
+
+
 # The values every environment shares with docker-compose (its tests compare them).
 CANONICAL = {
     "RAG_HOST": "0.0.0.0",
@@ -169,6 +237,14 @@ def test_service_configmaps_hold_the_shared_settings(renders, overlay):
         assert {k: v for k, v in data.items() if k in CANONICAL} == {k: v for k, v in CANONICAL.items() if k in data}
     gateway = render.get("ConfigMap", "gateway-config")["data"]
     assert gateway["RAG_RETRIEVER_URL"] == "http://retriever:8002"
+    # Closed by default on a cluster: the gateway does not start without API keys; a laptop's kind may.
+    assert gateway["RAG_REQUIRE_API_KEYS"] == ("true" if overlay in k8s.GPU_OVERLAYS else "false")
+    keys = [
+        source["secretRef"]
+        for source in render.container("Deployment", "gateway", "gateway").get("envFrom", [])
+        if "secretRef" in source
+    ]
+    assert [k["name"] for k in keys] == ["gateway-api-keys"]
     retriever = render.get("ConfigMap", "retriever-config")["data"]
     gpu = overlay in k8s.GPU_OVERLAYS
     assert retriever["RAG_EMBEDDING_URL"] == ("http://embedding-gpu:8001" if gpu else "http://embedding:8001")

@@ -8,6 +8,7 @@ production sizes; cpu-only shrinks requests and drops the GPUs (its own test).
 from __future__ import annotations
 
 import ipaddress
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 from deploy import capacity
+from deploy.manifests import node_selector_terms_match
 from services.embedding.config import Settings as EmbeddingSettings
 from services.retriever.config import Settings as RetrieverSettings
 from tests.fixtures import k8s_manifests as k8s
@@ -109,13 +111,18 @@ def test_embedding_cpu_2_to_4_or_one_gpu_on_the_embedding_pool_only_hpa_2_10_on_
     render = renders[overlay]
     gpu_pod = render.pod_spec("Deployment", "embedding-gpu")
     container = k8s.container_named(gpu_pod, "embedding")
-    assert container["image"].startswith("ragpod/embedding:") and container["image"].endswith("-gpu")
+    assert k8s.ragpod_repository(container["image"]) == "ragpod/embedding" and container["image"].endswith("-gpu")
     units = gpu_resources(container)
     assert len(units) == 1 and list(units.values()) == [1]
     (unit,) = units
     assert resources(container, "requests")[unit] == resources(container, "limits")[unit]
     assert cpu_mem(container)[:2] == (2, 4)
     assert tolerates_gpu_taint(gpu_pod)
+    # A GPU pod never serves from the CPU unseen; threads fit its CPU limit.
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["RAG_EMBEDDING_DEVICE"] == "cuda"
+    assert int(env["OMP_NUM_THREADS"]) == int(cpu_mem(container)[1])
+    assert env["TOKENIZERS_PARALLELISM"] == "false"
     # Required, not preferred: the pods never take a node of the LLM's pool (nor make the
     # Cluster Autoscaler add one for them). The MIG overlay's embedding pool is the A100s cut
     # into slices, which only it asks for.
@@ -248,13 +255,19 @@ def test_llm_worker_beside_vllm_owning_the_gpu_a100_nodes_requests_4_16gi_limits
     config = render.get("ConfigMap", "llm-config")["data"]
     worker = k8s.container_named(pod, "worker")
     server = k8s.container_named(pod, "model-server")
-    assert [c["name"] for c in pod["containers"]] == ["worker", "model-server"]
-    assert worker["image"].startswith("ragpod/llm:")
+    # vLLM is a native sidecar: started, and past its startupProbe, before the worker; stopped after it.
+    assert [c["name"] for c in pod["containers"]] == ["worker"]
+    assert [c["name"] for c in pod["initContainers"]][-1] == "model-server"
+    assert server["restartPolicy"] == "Always"
+    assert server["startupProbe"]["httpGet"]["path"] == "/health"
+    assert "lifecycle" not in server  # no preStop sleep: the kubelet stops a sidecar after the worker has left
+    assert k8s.ragpod_repository(worker["image"]) == "ragpod/llm"
     image, _, tag = server["image"].partition(":")
     assert image == "vllm/vllm-openai" and tag.startswith("v") and tag != "latest"
     # The GPU belongs to the model server; the worker has none.
     assert gpu_resources(worker) == {}
-    assert resources(server, "requests") == {"cpu": 4, "memory": 16 * 2**30, "nvidia.com/gpu": 1}
+    requests = {k: v for k, v in resources(server, "requests").items() if k != "ephemeral-storage"}
+    assert requests == {"cpu": 4, "memory": 16 * 2**30, "nvidia.com/gpu": 1}
     assert resources(server, "limits") == {"cpu": 8, "memory": 32 * 2**30, "nvidia.com/gpu": 1}
     # vLLM serves the configured model on 8004, where the worker looks for it.
     env = {e["name"]: e for e in server["env"]}
@@ -264,6 +277,12 @@ def test_llm_worker_beside_vllm_owning_the_gpu_a100_nodes_requests_4_16gi_limits
     }
     args = [a.replace("$(RAG_LLM_MODEL_NAME)", config["RAG_LLM_MODEL_NAME"]) for a in server["args"]]
     assert "--port=8004" in args
+    # Closed by default: vLLM takes the key from a Secret it cannot start without; the worker sends it.
+    assert "--api-key=$(VLLM_API_KEY)" in server["args"]
+    vllm_key = env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert not vllm_key.get("optional")
+    sent = {e["name"]: e for e in worker["env"]}["RAG_LLM_OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert (sent["name"], sent["key"]) == (vllm_key["name"], vllm_key["key"])
     assert f"--served-model-name={config['RAG_LLM_MODEL_NAME']}" in args
     assert config["RAG_LLM_OPENAI_URL"] == "http://127.0.0.1:8004/v1"
     assert "/" in config["RAG_LLM_MODEL_NAME"] and "smollm" not in config["RAG_LLM_MODEL_NAME"]
@@ -292,8 +311,29 @@ def test_llm_worker_beside_vllm_owning_the_gpu_a100_nodes_requests_4_16gi_limits
     # The worker drains in flight jobs before the pod is killed, with its model server still up.
     drain = float(config["RAG_LLM_DRAIN_SECONDS"])
     assert pod["terminationGracePeriodSeconds"] > drain
-    assert server["lifecycle"]["preStop"]["sleep"]["seconds"] > drain
-    assert pod["terminationGracePeriodSeconds"] > server["lifecycle"]["preStop"]["sleep"]["seconds"]
+
+
+@GPU
+def test_a_zone_outage_does_not_block_scaling(renders, overlay):
+    """Zone spreads count only nodes a pod could use, and only the pods of its own revision."""
+    render = renders[overlay]
+
+    def zone_spread(name: str) -> dict:
+        spreads = render.pod_spec("Deployment", name).get("topologySpreadConstraints", [])
+        (spread,) = [c for c in spreads if c["topologyKey"] == "topology.kubernetes.io/zone"]
+        assert label_selector_matches(spread["labelSelector"], labels_of(render, "Deployment", name)), name
+        return spread
+
+    gateway = zone_spread("gateway")
+    # DoNotSchedule with tainted (unreachable) nodes counted would keep the skew from ever being met.
+    assert gateway["whenUnsatisfiable"] == "DoNotSchedule" and gateway["nodeTaintsPolicy"] == "Honor"
+    for name in ("gateway", "llm", "embedding-gpu"):
+        assert zone_spread(name)["matchLabelKeys"] == ["pod-template-hash"], name
+    # Qdrant's peers hold two copies of each shard: strictly one zone apart, an outage's tainted nodes aside.
+    (qdrant,) = render.pod_spec("StatefulSet", "qdrant")["topologySpreadConstraints"]
+    assert qdrant["topologyKey"] == "topology.kubernetes.io/zone"
+    assert (qdrant["whenUnsatisfiable"], qdrant["nodeTaintsPolicy"]) == ("DoNotSchedule", "Honor")
+    assert zone_spread("embedding-gpu")["whenUnsatisfiable"] == "ScheduleAnyway"
 
 
 @ALL
@@ -307,7 +347,14 @@ def test_llm_keda_scaledobject_1_8_on_the_exported_queue_depth_over_5_per_replic
     scaled = render.get("ScaledObject", "llm")
     spec = scaled["spec"]
     assert spec["scaleTargetRef"]["name"] == "llm" and spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
-    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (1, 8)
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (2, 8)
+    # A rollout replaces pods one at a time (no surge pod: none would fit the pool at full scale); with
+    # two pods at least, one serves while the other is replaced.
+    rollout = render.get("Deployment", "llm")["spec"]["strategy"]["rollingUpdate"]
+    assert spec["minReplicaCount"] - int(rollout["maxUnavailable"]) + int(rollout["maxSurge"]) >= 1
+    assert int(rollout["maxUnavailable"]) < spec["minReplicaCount"]
+    # Prometheus down: keep what runs, never fewer (KEDA >= 2.17).
+    assert spec["fallback"]["behavior"] == "currentReplicasIfHigher"
     assert [h for h in render.all("HorizontalPodAutoscaler") if h["spec"]["scaleTargetRef"]["name"] == "llm"] == []
     assert spec["fallback"]["replicas"] >= spec["minReplicaCount"]
     config = render.get("ConfigMap", "llm-config")["data"]
@@ -428,6 +475,23 @@ def test_gpu_sharing_mig_mixed_strategy_embedding_on_a_small_slice_llm_on_a_full
     embedding = render.container("Deployment", "embedding-gpu", "embedding")
     assert gpu_resources(embedding) == {"nvidia.com/mig-1g.10gb": 1}
     assert gpu_resources(render.container("Deployment", "llm", "model-server")) == {"nvidia.com/gpu": 1}
+    # Only on nodes where 1g.10gb is a valid profile and applied: the pool label (seen by the Cluster
+    # Autoscaler), GPU feature discovery's memory (80 GB cards) and the MIG manager's state.
+    affinity = render.pod_spec("Deployment", "embedding-gpu")["affinity"]["nodeAffinity"]
+    (term,) = affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    wanted = {e["key"]: e for e in term["matchExpressions"]}
+    assert wanted["nvidia.com/mig.config"]["values"] == [pool["migConfig"]]
+    assert wanted["nvidia.com/mig.config.state"] == {
+        "key": "nvidia.com/mig.config.state",
+        "operator": "In",
+        "values": ["success"],
+    }
+    memory = wanted["nvidia.com/gpu.memory"]
+    assert memory["operator"] == "Gt" and 40960 <= int(memory["values"][0]) < 81559  # 40 GB out, 80 GB in
+    assert node_selector_terms_match([term], pool["labels"])  # the planned pool takes them
+    forty = {**pool["labels"], "nvidia.com/gpu.memory": "40960"}
+    pending = {**pool["labels"], "nvidia.com/mig.config.state": "pending"}
+    assert not node_selector_terms_match([term], forty) and not node_selector_terms_match([term], pending)
 
 
 def test_gpu_sharing_spot_pool_runs_reindexing_with_spot_toleration_and_the_lowest_priority(renders):
@@ -552,11 +616,13 @@ def test_every_service_has_liveness_healthz_and_readiness_readyz_probes(renders,
         workload = render.find(kind, name)
         if workload is None:
             continue
-        for container in workload["spec"]["template"]["spec"]["containers"]:
+        pod = workload["spec"]["template"]["spec"]
+        sidecars = [c for c in pod.get("initContainers") or [] if c.get("restartPolicy") == "Always"]
+        for container in pod["containers"] + sidecars:
             assert "livenessProbe" in container and "readinessProbe" in container, f"{name}/{container['name']}"
             live = container["livenessProbe"].get("httpGet", {}).get("path")
             ready = container["readinessProbe"].get("httpGet", {}).get("path")
-            if container["image"].startswith(("ragpod/", "qdrant/")):
+            if k8s.ragpod_repository(container["image"]) or container["image"].startswith("qdrant/"):
                 assert (live, ready) == ("/healthz", "/readyz"), f"{name}/{container['name']}"
                 checked += 1
             elif container["image"].startswith("vllm/"):
@@ -734,19 +800,41 @@ def test_network_policies_deny_by_default_and_allow_only_the_flows_of_the_design
         assert not _allowed(policies, "ingress", redis_labels, redis_namespace, port, {}, "keda")
     qdrant_labels, qdrant_namespace, _ = pods["qdrant"]
     assert not _allowed(policies, "ingress", qdrant_labels, qdrant_namespace, 6333, {}, "some-other-namespace")
-    # Every pod resolves names: CoreDNS, and NodeLocal DNSCache on its link-local address.
+    # Every pod resolves names: CoreDNS, NodeLocal DNSCache on its link-local address, GKE Cloud DNS on the
+    # metadata address, and the kube-dns ClusterIP (NodeLocal DNSCache in interception mode).
     dns = {"k8s-app": "kube-dns"}
     for name, (labels, namespace, _) in pods.items():
         if namespace == k8s.NAMESPACE:
             assert _allowed(policies, "egress", labels, namespace, 53, dns, "kube-system"), name
             for protocol in ("UDP", "TCP"):
-                assert _egress_to_address(policies, labels, namespace, NODE_LOCAL_DNS, 53, protocol), name
-    # The cache's address is no way out to anything else.
+                for address in DNS_ADDRESSES:
+                    assert _egress_to_address(policies, labels, namespace, address, 53, protocol), (name, address)
+    # Those addresses are no way out to anything else (the metadata server answers on 80).
     labels, namespace, _ = pods["gateway"]
-    assert not _egress_to_address(policies, labels, namespace, NODE_LOCAL_DNS, 443, "TCP")
+    for address in DNS_ADDRESSES:
+        for port in (80, 443):
+            assert not _egress_to_address(policies, labels, namespace, address, port, "TCP"), address
 
 
 NODE_LOCAL_DNS = "169.254.20.10"
+GKE_CLOUD_DNS = "169.254.169.254"
+KUBE_DNS_CLUSTER_IP = "10.96.0.10"  # base/cluster-dns.yaml's default
+DNS_ADDRESSES = (NODE_LOCAL_DNS, GKE_CLOUD_DNS, KUBE_DNS_CLUSTER_IP)
+
+
+def test_the_kube_dns_cluster_ip_is_one_setting(tmp_path):
+    """A cluster whose kube-dns Service has another ClusterIP sets it in base/cluster-dns.yaml only."""
+    copy = tmp_path / "k8s"
+    shutil.copytree(k8s.K8S, copy)
+    setting = copy / "base" / "cluster-dns.yaml"
+    setting.write_text(setting.read_text().replace("kube-dns-cluster-ip: 10.96.0.10", "kube-dns-cluster-ip: 10.0.0.10"))
+    render = k8s.Render("custom", k8s.render(copy / "overlays" / "gpu-cluster"))
+    policies = render.all("NetworkPolicy")
+    labels = pod_template(render.get("Deployment", "gateway"))["metadata"]["labels"]
+    for protocol in ("UDP", "TCP"):
+        assert _egress_to_address(policies, labels, k8s.NAMESPACE, "10.0.0.10", 53, protocol)
+    assert not _egress_to_address(policies, labels, k8s.NAMESPACE, KUBE_DNS_CLUSTER_IP, 53, "UDP")
+    assert render.find("ConfigMap", "cluster-dns") is None  # read by kustomize, never applied
 
 
 def _egress_to_address(policies, pod_labels, pod_namespace, address: str, port: int, protocol: str) -> bool:
@@ -838,17 +926,25 @@ def test_metrics_to_autoscalers_service_monitors_and_adapter_rules_for_the_hpa_m
 
 
 @ALL
-def test_qdrant_metrics_are_scraped_with_the_api_key_the_servers_require(renders, overlay):
-    render = renders[overlay]
-    qdrant = render.container("StatefulSet", "qdrant", "qdrant")
-    key = next(e for e in qdrant["env"] if e["name"] == "QDRANT__SERVICE__API_KEY")["valueFrom"]["secretKeyRef"]
+def test_qdrant_metrics_are_scraped_without_credentials_by_default(renders, overlay):
+    """prometheus-operator rejects a whole ServiceMonitor whose credentials Secret is absent, optional or
+    not: without a Qdrant key (the default) the monitor must name none."""
+    (endpoint,) = renders[overlay].get("ServiceMonitor", "qdrant")["spec"]["endpoints"]
+    assert not {"authorization", "bearerTokenSecret", "basicAuth"} & set(endpoint)
+
+
+def test_qdrant_with_keys_gives_prometheus_the_read_only_key(tmp_path):
+    render = k8s.with_components(tmp_path, "gpu-cluster", "qdrant-auth")
+    env = {e["name"]: e for e in render.container("StatefulSet", "qdrant", "qdrant")["env"]}
+    admin = env["QDRANT__SERVICE__API_KEY"]["valueFrom"]["secretKeyRef"]
+    read_only = env["QDRANT__SERVICE__READ_ONLY_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert read_only["name"] == admin["name"] == "qdrant-auth" and read_only["key"] != admin["key"]
+    assert not read_only.get("optional")  # the component is for clusters with the Secret
     (endpoint,) = render.get("ServiceMonitor", "qdrant")["spec"]["endpoints"]
-    authorization = endpoint["authorization"]
-    assert authorization["type"] == "Bearer"
-    credentials = authorization["credentials"]
-    assert (credentials["name"], credentials["key"]) == (key["name"], key["key"])
-    # Optional on both sides: without the Secret Qdrant asks for no key and none is sent.
-    assert credentials.get("optional") is True and key.get("optional") is True
+    credentials = endpoint["authorization"]["credentials"]
+    assert endpoint["authorization"]["type"] == "Bearer"
+    assert (credentials["name"], credentials["key"]) == (read_only["name"], read_only["key"])
+    assert not credentials.get("optional")
 
 
 def test_readme_documents_prerequisites_and_every_overlay():
@@ -865,3 +961,35 @@ def test_readme_documents_prerequisites_and_every_overlay():
     for overlay in k8s.OVERLAYS:
         assert f"kubectl apply -k deploy/k8s/overlays/{overlay}" in readme, overlay
     assert Path(k8s.K8S / "checkov.sh").is_file()
+
+
+def test_prerequisites_list_everything_a_cluster_needs_in_one_place(renders):
+    readme = README.read_text()
+    section = readme[readme.index("## Prerequisites") :]
+    section = section[: section.index("\n## ", 3)]
+    for needed in (
+        "KEDA ≥ 2.17",  # fallback.behavior
+        "Prometheus operator",
+        "GPU Operator (device plugin and GPU feature discovery)",
+        "NetworkPolicy enforcement",
+        "EKS",
+        "enableNetworkPolicy",
+        "registry",
+        "components/registry",
+        "169.254.20.10",
+        "169.254.169.254",
+        "base/cluster-dns.yaml",
+        "GKE",
+        "Bottlerocket",
+        "components/gpu-writable-root",
+        "`llm-models`",
+    ):
+        assert needed in section, needed
+    # The version stated is the one the manifests need.
+    scaled = renders["gpu-cluster"].get("ScaledObject", "llm")
+    assert "behavior" in scaled["spec"]["fallback"]
+    # The operator notes say what an upgrade from the last deployment must do.
+    notes = readme[readme.index("### This version") : readme.index("### The version before")]
+    notes_needed = ("llm-weights", "delete pvc llm-models", "gateway-api-keys", "llm-api-key", "read-only-api-key")
+    for needed in (*notes_needed, "KEDA 2.17"):
+        assert needed in notes, needed

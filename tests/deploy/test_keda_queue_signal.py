@@ -2,9 +2,12 @@
 
 The design scales the LLM workers on the queue depth: jobs admitted and not
 yet started by a worker, more than five per replica. KEDA's Redis Streams
-trigger reads the consumer group's lag from XINFO GROUPS. This runs the
-worker's own sequence of stream commands (read, ack, delete the entry) on a
-real server and compares the two numbers.
+trigger reads the consumer group's lag from XINFO GROUPS. The worker
+acknowledges and deletes each finished entry; while the group reads in order
+(nothing running out of order) the lag counts the waiting jobs, but once an
+entry is deleted while an older one still runs, the busy state, Redis no
+longer knows how far the group has read and reports the lag as NULL, which a
+scaler reads as 0. The last test shows it with a real worker.
 
 The manifests ship Redis 7.4 (redis:7.4.6-alpine), which cannot run here.
 The test runs the two servers at hand, on either side of it: the
@@ -14,6 +17,8 @@ carries (Valkey 9.1, from the Redis 7.2 line). Lag exists from Redis 7.0 on.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import shutil
 import socket
 import subprocess
@@ -23,8 +28,14 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.asyncio import Redis
 
-from tests.fixtures import k8s_manifests as k8s
+from services.common.queue import JobQueue
+from services.llm.engine import Generation, GenerationRequest, TokenCallback
+from services.llm.worker import Worker
+from tests.fixtures.engines import ScriptedEngine
+from tests.fixtures.llm import events_until_end, make_job, metric, wait_for, worker_settings
+from tests.fixtures.redis import RedisServer
 
 STREAM, GROUP = "rag:llm:jobs", "rag-llm-workers"
 
@@ -111,24 +122,75 @@ def test_lag_after_processed_entries_are_deleted_counts_the_waiting_jobs(stream,
     assert lag(stream) == waiting
 
 
-def test_lag_leaves_out_jobs_claimed_but_not_started_so_keda_reads_the_exported_queue_depth(stream, renders):
-    # Six jobs admitted; a worker reads one and dies before starting it (or holds it behind
-    # its concurrency limit). It is admitted and not started: part of the queue depth
-    # until another worker claims it after the visibility timeout.
-    for n in range(6):
-        stream.xadd(STREAM, {"job": str(n)})
-    stream.xreadgroup(GROUP, "worker-that-died", {STREAM: ">"}, count=1)
-    admitted_not_started = 6
-    assert lag(stream) == 5  # one short of the design's depth: "more than five waiting" would not scale
-    (group,) = stream.xinfo_groups(STREAM)
-    assert int(group["pending"]) == 1
+class HoldsSome(ScriptedEngine):
+    """Answers at once, except questions that say "hold": those run until ``release`` is set."""
 
-    # So the manifests scale on the depth the workers export, through KEDA's Prometheus trigger,
-    # and KEDA would ask for ceil(6 / 5) = 2 pods, as the design asks.
-    for overlay in k8s.OVERLAYS:
-        scaled = renders[overlay].get("ScaledObject", "llm")
-        assert {t["type"] for t in scaled["spec"]["triggers"]} == {"prometheus"}, overlay
-        (depth,) = [t for t in scaled["spec"]["triggers"] if "rag_llm_queue_depth" in t["metadata"]["query"]]
-        threshold = int(depth["metadata"]["threshold"])
-        assert threshold == 5
-        assert -(-admitted_not_started // threshold) == 2
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.holding = 0
+
+    async def generate(self, request: GenerationRequest, on_token: TokenCallback | None = None) -> Generation:
+        if "hold" in request.messages[-1]["content"]:
+            self.holding += 1
+            await self.release.wait()
+        return await super().generate(request, on_token)
+
+
+def desired_replicas(value: float | None, scaled: dict, trigger: str) -> int:
+    """KEDA's AverageValue arithmetic: ceil(value / threshold) within min..max; a missing value reads as 0."""
+    spec = scaled["spec"]
+    (found,) = [t for t in spec["triggers"] if t["name"] == trigger]
+    threshold = float(found["metadata"]["threshold"])
+    wanted = math.ceil((value or 0.0) / threshold)
+    return max(spec["minReplicaCount"], min(spec["maxReplicaCount"], wanted))
+
+
+async def test_busy_queue_lag_reads_null_while_the_exported_depth_counts_every_waiting_job(
+    redis_server: RedisServer, redis_client: Redis, renders
+) -> None:
+    """A real worker in the busy state: an older job still generating, the newer one it read last finished
+    (acknowledged and deleted from the stream), six waiting that no worker reads yet (here: the worker is
+    draining, as in a rollout; equally a worker waiting for its model server). KEDA's Redis Streams
+    scaler would read the group's lag; the manifests read the depth the worker exports. Both are read
+    here, side by side."""
+    stream = "t:keda-busy"
+    settings = worker_settings(redis_server, stream, llm_concurrency=2, llm_drain_seconds=60.0)
+    queue = JobQueue(redis_client, settings)
+    engine = HoldsSome()
+    worker = Worker(settings, engine, redis_client, name="busy")
+    running = asyncio.create_task(worker.run())
+    try:
+        older, newer = make_job("hold: older", ttl=120), make_job("quick")
+        async with redis_client.pipeline(transaction=True) as pipe:  # read together, in one XREADGROUP
+            for item in (older, newer):
+                pipe.xadd(stream, item.encode())  # type: ignore[arg-type]
+            await pipe.execute()
+        assert [e.type for e in await events_until_end(queue, newer.id)] == ["done"]
+        await wait_for(lambda: _true(engine.holding == 1))
+        worker.request_stop()  # drains the older job, reads nothing more
+        waiting = [make_job(f"waiting {n}") for n in range(6)]
+        for item in waiting:
+            await queue.enqueue(item)
+
+        (group,) = await redis_client.xinfo_groups(stream)
+        assert int(group["pending"]) == 1 and await redis_client.xlen(stream) == 7
+        assert group["lag"] is None  # Redis cannot count past the deleted entry: no number at all
+        assert await queue.depth() == 6
+        await wait_for(lambda: _true(metric("rag_llm_queue_depth") == 6), within=10)  # what Prometheus scrapes
+
+        scaled = renders["gpu-cluster"].get("ScaledObject", "llm")
+        (depth_trigger,) = [t for t in scaled["spec"]["triggers"] if "rag_llm_queue_depth" in t["metadata"]["query"]]
+        # Six waiting at five per replica: two pods from the exported depth; a lag read as 0 asks for none
+        # beyond the minimum, whatever is waiting.
+        assert desired_replicas(metric("rag_llm_queue_depth"), scaled, depth_trigger["name"]) == 2
+        assert desired_replicas(group["lag"], scaled, depth_trigger["name"]) == scaled["spec"]["minReplicaCount"]
+        assert scaled["spec"]["fallback"]["behavior"] == "currentReplicasIfHigher"
+    finally:
+        engine.release.set()
+        worker.request_stop()
+        await asyncio.wait_for(running, 30)
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -124,14 +124,25 @@ async def test_stream_failures_are_errors_not_short_answers(response: httpx.Resp
     assert words in str(caught.value)
 
 
-async def test_unreachable_server_is_retryable() -> None:
+async def test_unreachable_server_is_retryable_and_not_a_try() -> None:
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
 
     with pytest.raises(EngineError) as caught:
         await engine_with(refuse).generate(REQUEST)
     assert caught.value.retryable is True
+    assert caught.value.unreachable is True  # nothing reached the server: the worker counts no try
     assert "unreachable" in str(caught.value)
+
+
+async def test_connection_lost_after_sending_is_a_try() -> None:
+    def cut(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadError("connection reset", request=request)
+
+    with pytest.raises(EngineError) as caught:
+        await engine_with(cut).generate(REQUEST)
+    assert caught.value.retryable is True
+    assert caught.value.unreachable is False  # the server may have started on it: counted like any failure
 
 
 @pytest.mark.parametrize(

@@ -109,6 +109,7 @@ class JobQueue:
         self._bury = redis.register_script(scripts.BURY)
         self._requeue = redis.register_script(scripts.REQUEUE)
         self._drop = redis.register_script(scripts.DROP)
+        self._untried = redis.register_script(scripts.UNTRIED)
         self._heartbeat = redis.register_script(scripts.HEARTBEAT)
         self._live_workers = redis.register_script(scripts.LIVE_WORKERS)
         self._claim_cursor = "0-0"
@@ -277,6 +278,16 @@ class JobQueue:
         for delivery in deliveries:
             moved += await self._requeue_one(delivery, delivery.job_id, "", None)
         return moved
+
+    async def hand_back_untried(self, delivery: Delivery, job: Job, attempt_token: str) -> bool:
+        """A try that never reached the model server: back at the end of the stream, not counted as a try."""
+        fields = dict(delivery.fields)
+        fields.setdefault("deadline_ms", str(delivery.deadline_ms(job)))
+        keys = [self.stream, self.job_key(job.id), self.answered_key(job.id)]
+        args: list[Any] = [self.group, delivery.message_id, attempt_token]
+        for name, value in fields.items():
+            args += [name, value]
+        return bool(await self._untried(keys=keys, args=args))
 
     async def drop(self, delivery: Delivery, job_id: str) -> None:
         """The caller has given up: acknowledged, nothing published."""

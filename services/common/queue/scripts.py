@@ -131,6 +131,22 @@ redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4))
 return 1
 """
 
+# KEYS: stream, job state, answered. ARGV: group, entry id, attempt token, field/value pairs.
+# -> 1 back at the end of the stream, 0 not (done before, or the job has ended meanwhile). A try that never
+# reached the model server (its connection refused): the count ``begin`` made for this attempt token is
+# taken back, so waiting for a server that is starting costs a job none of its tries.
+UNTRIED = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('XDEL', KEYS[1], ARGV[2])
+if redis.call('HGET', KEYS[2], 'token') == ARGV[3] then
+  redis.call('HINCRBY', KEYS[2], 'tries', -1)
+  redis.call('HDEL', KEYS[2], 'token')
+end
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4))
+return 1
+"""
+
 # KEYS: stream, job state. ARGV: group, entry id. The caller gave up: acknowledged, nothing published.
 DROP = """
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
