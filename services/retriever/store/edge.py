@@ -82,6 +82,9 @@ class EdgeStore:
         self._shard: qe.EdgeShard | None = None
         self._dimension: int | None = None
         self._create_lock = asyncio.Lock()
+        self._flush_lock = asyncio.Lock()
+        self._applied = 0  # updates applied to the shard, counted as each returns
+        self._durable = 0  # of those, how many a finished flush is known to cover
         config = self._path / CONFIG_FILE
         if config.exists():
             stored = json.loads(config.read_text())
@@ -132,6 +135,8 @@ class EdgeStore:
                 shard.update(qe.UpdateOperation.delete_points_by_filter(_stale_filter(chunk_counts)))
 
         await self._run(write)
+        self._applied += 1
+        await self._flush_through(self._applied)
         self._unindexed += len(edge_points)
         if self._index_after is not None and self._unindexed >= self._index_after:
             await self.optimize()
@@ -222,7 +227,25 @@ class EdgeStore:
             shard.update(qe.UpdateOperation.delete_points_by_filter(flt))
             return True
 
-        return await self._run(delete)
+        deleted = await self._run(delete)
+        if deleted:
+            self._applied += 1
+            await self._flush_through(self._applied)
+        return deleted
+
+    async def _flush_through(self, update: int) -> None:
+        """Returns once update number ``update`` is on disk: the shard's write-ahead log and segments
+        flushed (msync and fsync), so a write is acknowledged only once a power cut cannot undo it.
+
+        Group commit: a flush covers every update applied before it began, so concurrent writes that
+        arrive while one flush runs share the next one instead of flushing one by one."""
+        shard = self._shard
+        async with self._flush_lock:
+            if shard is None or self._durable >= update:
+                return
+            covers = self._applied
+            await self._run(shard.flush)
+            self._durable = covers
 
     async def count(self) -> int:
         shard = self._shard
