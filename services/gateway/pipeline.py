@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 
 from services.common.embedding import EmbeddingClient
 from services.common.errors import (
+    Busy,
     DeadlineExceeded,
     GenerationFailed,
     InvalidInput,
@@ -85,9 +86,13 @@ def above_floor(sources: list[Source], min_relevance: float) -> list[Source]:
 
 
 @contextlib.contextmanager
-def redis_errors() -> Iterator[None]:
+def redis_errors(retry_after: int = 1) -> Iterator[None]:
     try:
         yield
+    except OutOfMemoryError as exc:  # up, but at maxmemory with noeviction: it refuses every write
+        REJECTED.labels("redis_out_of_memory").inc()
+        log.warning("redis_out_of_memory", error=str(exc)[:200])
+        raise Busy("the job queue is out of memory", headers={"Retry-After": str(retry_after)}) from exc
     except RedisError as exc:
         log.warning("redis_unavailable", error=str(exc)[:200])
         raise UpstreamUnavailable("the job queue (redis) is unavailable") from exc
@@ -138,7 +143,7 @@ async def retrieve(
 async def admit(queue: JobQueue, job: Job, settings: Settings) -> None:
     """Enqueues the job unless RAG_MAX_QUEUE_DEPTH jobs wait, checked and added in one step in Redis,
     so the bound holds across any number of gateway replicas (the early depth check only saves work)."""
-    with redis_errors():
+    with redis_errors(settings.retry_after_seconds):
         admission = await queue.enqueue(job, max_depth=settings.max_queue_depth)
     if not admission.admitted:
         raise queue_full(admission.depth, settings)
