@@ -4,8 +4,10 @@ Shaped like arq's and rq's worker loops: each turn checks the stop flag, looks
 for jobs of workers that stopped answering (every third of the visibility
 timeout or every second, following the pending list across calls), takes at
 most as many jobs as it has free slots, with a blocking read, and runs each as
-a task. Claimed jobs beyond its free slots go back to the end of the stream for
-any free worker; jobs read after a stop was asked for go back at once. In-flight
+a task. Claimed jobs (one claim batch at a time) wait in this worker for its
+next free slots, ahead of any new read, so a dead worker's jobs keep their
+place before the jobs admitted after them instead of going to the end of the
+stream; jobs read after a stop was asked for go back at once. In-flight
 jobs are re-claimed by this worker every third of the visibility timeout, so
 only a worker that has really stopped loses its jobs to the others. A heartbeat, at
 start and then every third of the visibility timeout (at most every 5 s), keeps
@@ -79,6 +81,7 @@ class Worker:
         self.heartbeat_interval = max(min(settings.llm_visibility_timeout_seconds / 3, HEARTBEAT_SECONDS), 0.1)
         self._stop = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._orphans: list[Delivery] = []  # reclaimed, waiting here for a slot, ahead of any new read
         self._group_ready = False
 
     @property
@@ -113,6 +116,10 @@ class Worker:
             await asyncio.gather(heartbeat, return_exceptions=True)
             with contextlib.suppress(RedisError):
                 await self.queue.retire(self.name)
+            if self._orphans:  # reclaimed and not started: for the other workers now
+                with contextlib.suppress(RedisError):
+                    await self.queue.hand_back(self._orphans)
+                self._orphans = []
             await self._drain()
             for task in side_tasks:
                 task.cancel()
@@ -129,16 +136,21 @@ class Worker:
         block_ms = self.settings.llm_read_block_ms
         free = self.settings.llm_concurrency - len(self._inflight)
         now = time.monotonic()
-        if now >= self._next_reclaim:
+        if now >= self._next_reclaim and not self._orphans:
             claimed, went_round = await self.queue.reclaim(self.name, self.visibility_ms)
-            claimed = [d for d in claimed if d.message_id not in self._inflight]  # ours, slow: still running
+            waiting = {d.message_id for d in self._orphans}
+            # Ours still running (slow, not lost) or already waiting here: nothing to do.
+            claimed = [d for d in claimed if d.message_id not in self._inflight and d.message_id not in waiting]
             JOBS_RECLAIMED.inc(len(claimed))
-            await self._start(claimed[: max(free, 0)])
-            if claimed[max(free, 0) :]:  # no slot here: back at the end of the stream for a free worker
-                await self.queue.hand_back(claimed[max(free, 0) :])
-                log.info("jobs_handed_back", count=len(claimed) - max(free, 0), reason="no_free_slot")
+            # Orphans keep their place: they wait here for a slot, ahead of new reads, rather than going to
+            # the end of the stream behind everything admitted after them. One claim batch at a time: the
+            # next scan waits until these have started.
+            self._orphans = claimed
             # A scan that has not gone round the pending list yet goes on at the next turn.
             self._next_reclaim = now + (0.0 if not went_round else self.reclaim_interval)
+        if self._orphans and free > 0:
+            starting, self._orphans = self._orphans[:free], self._orphans[free:]
+            await self._start(starting)
             free = self.settings.llm_concurrency - len(self._inflight)
         if free <= 0:
             await asyncio.wait(list(self._inflight.values()), timeout=block_ms / 1000, return_when=FIRST_COMPLETED)
@@ -179,7 +191,7 @@ class Worker:
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.queue.keep(self.name, list(self._inflight))
+                await self.queue.keep(self.name, [*self._inflight, *(d.message_id for d in self._orphans)])
             except RedisError as exc:
                 log.warning("keep_claims_failed", error=str(exc))
 

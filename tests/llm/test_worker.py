@@ -343,3 +343,26 @@ async def _true(value: bool) -> bool:
 async def _someone_reading(redis: Redis) -> bool:
     """A client is blocked in XREADGROUP: a worker waiting for the next job."""
     return any(client.get("cmd") == "xreadgroup" for client in await redis.client_list())
+
+
+async def test_a_dead_workers_jobs_keep_their_place_before_jobs_admitted_after_them(
+    redis_server: RedisServer, redis_client: Redis, running: list[Running]
+) -> None:
+    settings = make_settings(redis_server, llm_concurrency=1, llm_visibility_timeout_seconds=0.5)
+    queue = JobQueue(redis_client, settings)
+    await queue.ensure_group()
+    orphans = [make_job(f"orphan {n}") for n in range(3)]
+    later = [make_job(f"later {n}") for n in range(3)]
+    for job in orphans:
+        await queue.enqueue(job)
+    # A worker takes the first three and dies (kill -9): they stay pending under its name.
+    assert len(await queue.read("killed", count=3, block_ms=100)) == 3
+    for job in later:
+        await queue.enqueue(job)
+    await asyncio.sleep(0.6)  # past the visibility timeout
+    engine = ScriptedEngine()
+    start(running, settings, engine, redis_client, "survivor")
+    for job in [*orphans, *later]:
+        assert (await events_until_end(queue, job.id, within=20))[-1].type == "done"
+    order = [call.messages[-1]["content"] for call in engine.calls]
+    assert order == [*(f"orphan {n}" for n in range(3)), *(f"later {n}" for n in range(3))]
