@@ -33,7 +33,7 @@ import time
 import uuid
 from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import structlog
 from pydantic import ValidationError
@@ -148,6 +148,7 @@ class Worker:
             self._orphans = claimed
             # A scan that has not gone round the pending list yet goes on at the next turn.
             self._next_reclaim = now + (0.0 if not went_round else self.reclaim_interval)
+        free = self.settings.llm_concurrency - len(self._inflight)  # jobs may have ended meanwhile
         if self._orphans and free > 0:
             starting, self._orphans = self._orphans[:free], self._orphans[free:]
             await self._start(starting)
@@ -293,26 +294,31 @@ class Worker:
             max_tokens=job.max_tokens or self.settings.llm_max_new_tokens,
             temperature=self.settings.llm_temperature if job.temperature is None else job.temperature,
         )
-        sequence = 0
+
+        def publish(first: int, texts: list[str]) -> Awaitable[bool]:
+            return self._persist(lambda: self.queue.publish_tokens(job.id, tries, first, texts), until)
+
+        tokens = TokenBatches(publish, self.settings.llm_token_flush_ms / 1000) if job.stream else None
 
         async def on_token(text: str) -> None:
-            nonlocal sequence
-            sequence += 1
-            seq = sequence
-            if not await self._persist(lambda: self.queue.publish_token(job.id, tries, seq, text), until):
-                raise _JobEnded
+            assert tokens is not None
+            tokens.add(text)
 
         started = time.monotonic()
         deadline = asyncio.timeout(max(start.remaining_s, 0.001))
         try:
             async with deadline:
-                generation = await self.engine.generate(request, on_token if job.stream else None)
+                generation = await self.engine.generate(request, on_token if tokens is not None else None)
+                if tokens is not None:
+                    await tokens.close()  # every token out before the answer
         except _JobEnded:
-            log.info("job_ended_elsewhere", tokens=sequence)
+            log.info("job_ended_elsewhere", tokens=tokens.published if tokens is not None else 0)
             return
         except RedisError:
             raise
         except Exception as exc:
+            if tokens is not None:
+                tokens.cancel()
             if isinstance(exc, TimeoutError) and deadline.expired():
                 JOBS_DROPPED_DEADLINE.inc()
                 log.info("job_deadline_during_generation")
@@ -333,6 +339,9 @@ class Worker:
                 )
                 self._count_dead_letter(finish.won, finish.trimmed, job.id, error, tries)
             return
+        finally:
+            if tokens is not None:
+                tokens.cancel()  # done already unless generation ended early
         generate_s = time.monotonic() - started
         GENERATION_SECONDS.observe(generate_s)
         TOKENS_GENERATED.inc(generation.completion_tokens)
@@ -359,3 +368,62 @@ class Worker:
 
 class _JobEnded(Exception):
     """Raised from a token callback: another attempt has ended the job; stop generating it."""
+
+
+class TokenBatches:
+    """A streaming job's tokens, published in order in batches, while generation goes on.
+
+    A token waits at most ``flush_s`` for others to join it (at most ``MAX_BATCH``), then the batch goes
+    out in one round trip; tokens made meanwhile form the next batch. So a slow Redis costs a fraction of
+    a round trip per token, not a whole one. Each token keeps its sequence number, so a batch sent again
+    after a lost reply publishes nothing twice. ``add`` raises ``_JobEnded`` once the job has ended
+    elsewhere, and the publisher's own error (Redis gone past the deadline) once it has failed."""
+
+    MAX_BATCH = 64
+
+    def __init__(self, publish: Callable[[int, list[str]], Awaitable[bool]], flush_s: float) -> None:
+        self._publish = publish
+        self._flush_s = flush_s
+        self._pending: list[str] = []
+        self.published = 0
+        self._closing = False
+        self._ended = False
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="token-batches")
+
+    def add(self, text: str) -> None:
+        self._raise_if_done()
+        self._pending.append(text)
+        self._wake.set()
+
+    async def close(self) -> None:
+        """Returns once every token added is published."""
+        self._closing = True
+        self._wake.set()
+        await self._task
+        self._raise_if_done()
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+    def _raise_if_done(self) -> None:
+        if self._ended:
+            raise _JobEnded
+        if self._task.done() and not self._task.cancelled() and self._task.exception() is not None:
+            raise cast(BaseException, self._task.exception())
+
+    async def _run(self) -> None:
+        while self._pending or not self._closing:
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if len(self._pending) < self.MAX_BATCH and not self._closing and self._flush_s > 0:
+                await asyncio.sleep(self._flush_s)
+            batch = self._pending[: self.MAX_BATCH]
+            del self._pending[: len(batch)]
+            first = self.published + 1
+            self.published += len(batch)
+            if not await self._publish(first, batch):
+                self._ended = True
+                return

@@ -366,3 +366,28 @@ async def test_a_dead_workers_jobs_keep_their_place_before_jobs_admitted_after_t
         assert (await events_until_end(queue, job.id, within=20))[-1].type == "done"
     order = [call.messages[-1]["content"] for call in engine.calls]
     assert order == [*(f"orphan {n}" for n in range(3)), *(f"later {n}" for n in range(3))]
+
+
+async def test_streamed_tokens_go_out_in_batches_in_order_when_redis_is_slow(
+    redis_server: RedisServer, redis_client: Redis, running: list[Running]
+) -> None:
+    settings = make_settings(redis_server)
+    queue = JobQueue(redis_client, settings)
+    await queue.ensure_group()
+    worker = start(running, settings, ScriptedEngine(delay=0.01), redis_client, "batching").worker
+    publish = worker.queue.publish_tokens
+    batches: list[int] = []
+
+    async def slow_publish(job_id: str, attempt: int, first_seq: int, texts: list[str]) -> bool:
+        batches.append(len(texts))
+        await asyncio.sleep(0.25)  # a round trip to a distant Redis
+        return await publish(job_id, attempt, first_seq, texts)
+
+    worker.queue.publish_tokens = slow_publish  # type: ignore[method-assign]
+    job = make_job(" ".join(f"w{n}" for n in range(30)), stream=True)
+    await queue.enqueue(job)
+    events = await events_until_end(queue, job.id, within=30)
+    tokens = [e.data["text"] for e in events if e.type == "token"]
+    assert events[-1].type == "done" and "".join(tokens) == events[-1].data["answer"]
+    assert sum(batches) == len(tokens) == 32
+    assert len(batches) <= len(tokens) // 4, batches  # one round trip per token would be 32

@@ -108,6 +108,7 @@ class JobQueue:
         self._depth = redis.register_script(scripts.DEPTH)
         self._begin = redis.register_script(scripts.BEGIN)
         self._token = redis.register_script(scripts.TOKEN)
+        self._tokens = redis.register_script(scripts.TOKENS)
         self._finish = redis.register_script(scripts.FINISH)
         self._bury = redis.register_script(scripts.BURY)
         self._requeue = redis.register_script(scripts.REQUEUE)
@@ -265,6 +266,13 @@ class JobQueue:
         keys = [self.events_key(job_id), self.job_key(job_id), self.answered_key(job_id)]
         data = json.dumps({"text": text}, separators=(",", ":"))
         return bool(await self._token(keys=keys, args=[attempt, seq, data, self.ttl]))
+
+    async def publish_tokens(self, job_id: str, attempt: int, first_seq: int, texts: list[str]) -> bool:
+        """Tokens ``first_seq``, ``first_seq + 1``, ... of ``attempt`` in one round trip, each once; False when
+        the job has ended: stop generating."""
+        keys = [self.events_key(job_id), self.job_key(job_id), self.answered_key(job_id)]
+        data = [json.dumps({"text": text}, separators=(",", ":")) for text in texts]
+        return bool(await self._tokens(keys=keys, args=[attempt, first_seq, self.ttl, *data]))
 
     async def answer(self, delivery: Delivery, job_id: str, attempt: int, token: str, data: dict[str, Any]) -> bool:
         """Publishes ``done`` unless the job has ended already, and acknowledges it; False if it had."""
