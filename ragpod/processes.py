@@ -5,6 +5,7 @@ The supervisor and the process-level tests use the same helpers.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -97,32 +98,67 @@ def tail(path: Path | None, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with(parent: int) -> Callable[[], None]:
+    """Runs in the child before it executes: SIGTERM when the process that started it dies, however it
+    dies (kill -9 included); at once if it has died already. Linux only (elsewhere nothing happens)."""
+
+    def arm() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
 def spawn(
-    name: str, args: Sequence[str], env: Mapping[str, str], log_dir: Path | None, own_session: bool = False
+    name: str,
+    args: Sequence[str],
+    env: Mapping[str, str],
+    log_dir: Path | None,
+    own_session: bool = False,
+    die_with_parent: bool = False,
 ) -> Proc:
     """Start ``args`` with ``env`` added to this process' environment, its output appended to ``log_dir/name.log``.
 
     ``own_session`` puts the child in a session of its own, so that a Ctrl-C in the terminal reaches only
-    the caller, which then stops its children in order.
+    the caller, which then stops its children in order. ``die_with_parent``: the child gets SIGTERM when
+    this process dies, so a supervisor killed outright leaves nothing running (the signal follows the
+    thread that starts the child: start it from a thread that lives as long as the process).
     """
     full_env = {**os.environ, **env}
+    preexec = die_with(os.getpid()) if die_with_parent else None
     log_path = None
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"{name}.log"
         out = open(log_path, "ab")  # noqa: SIM115 - owned by the child process
         popen = subprocess.Popen(
-            args, env=full_env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=own_session
+            args,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=own_session,
+            preexec_fn=preexec,
         )
         out.close()
     else:
-        popen = subprocess.Popen(args, env=full_env, cwd=ROOT, start_new_session=own_session)
+        popen = subprocess.Popen(args, env=full_env, cwd=ROOT, start_new_session=own_session, preexec_fn=preexec)
     return Proc(name, popen, log_path)
 
 
-def start_service(name: str, env: Mapping[str, str], log_dir: Path | None, own_session: bool = False) -> Proc:
+def start_service(
+    name: str, env: Mapping[str, str], log_dir: Path | None, own_session: bool = False, die_with_parent: bool = False
+) -> Proc:
     """``python -m services.<name>``: the same command as the service's container."""
-    return spawn(name, [sys.executable, "-m", f"services.{name}"], env, log_dir, own_session)
+    return spawn(name, [sys.executable, "-m", f"services.{name}"], env, log_dir, own_session, die_with_parent)
 
 
 def wait_until(check: Callable[[], object], timeout: float, what: str, proc: Child | None = None) -> None:

@@ -177,6 +177,7 @@ def start_redis(
     log_dir: Path | None = None,
     persist: bool = False,
     servers: list[RedisServer] | None = None,
+    die_with_parent: bool = False,
 ) -> Child:
     """A Redis server on ``port``; with ``persist``, an append-only file in ``data_dir`` kept with its server."""
     data = data_dir if persist else None
@@ -192,7 +193,7 @@ def start_redis(
             args += ["--dir", str(data.resolve()), "--appendonly", "yes"]
         else:
             args += ["--appendonly", "no"]
-        child = spawn("redis", args, {}, log_dir, own_session=True)
+        child = spawn("redis", args, {}, log_dir, own_session=True, die_with_parent=die_with_parent)
     try:
         wait_until(lambda: port_open(port), 60, f"{server.kind} on port {port}", child)
     except BaseException:

@@ -11,7 +11,10 @@ every process it started, in order. The end-to-end tests start their stacks with
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
+import os
 import signal
 import sys
 import time
@@ -23,7 +26,7 @@ from typing import TextIO
 import httpx
 
 from ragpod.documents import read_documents
-from ragpod.processes import ROOT, Child, port_open, ready, start_service, wait_until
+from ragpod.processes import ROOT, Child, Proc, pid_alive, port_open, ready, start_service, wait_until
 from ragpod.redis_server import RedisDataError, available_servers, choose_server, start_redis
 from ragpod.tuning import MODEL_PROCESSES, model_tuning
 
@@ -43,6 +46,8 @@ class Stack:
     extra_env: dict[str, str] = field(default_factory=dict)
     procs: list[Child] = field(default_factory=list)
     own_session: bool = False
+    die_with_parent: bool = False  # each child gets SIGTERM when this process dies (ragpod.processes.spawn)
+    pid_file: Path | None = None  # kept up to date with the processes started; removed by ``stop``
 
     def env_for(self, name: str) -> dict[str, str]:
         """The environment ``name`` starts with, besides this process's own: the stack's addresses, the model
@@ -65,10 +70,14 @@ class Stack:
     def start_one(self, name: str) -> Child:
         """Start ``redis`` or one service (not waiting for it to be ready); it replaces a dead one of that name."""
         if name == "redis":
-            child = start_redis(self.redis_port, self.data_dir / "redis", self.log_dir, persist=True)
+            data = self.data_dir / "redis"
+            child = start_redis(self.redis_port, data, self.log_dir, persist=True, die_with_parent=self.die_with_parent)
         else:
-            child = start_service(name, self.env_for(name), self.log_dir, own_session=self.own_session)
+            env, session, dies = self.env_for(name), self.own_session, self.die_with_parent
+            child = start_service(name, env, self.log_dir, own_session=session, die_with_parent=dies)
         self.procs = [proc for proc in self.procs if proc.name != name] + [child]
+        if self.pid_file is not None:
+            write_pid_file(self.pid_file, self.procs)
         return child
 
     def start(self, redis: bool = True, ready_timeout: float = 300.0) -> None:
@@ -93,6 +102,68 @@ class Stack:
         for proc in sorted(self.procs, key=lambda p: order.get(p.name, -1), reverse=True):
             proc.stop()
         self.procs.clear()
+        if self.pid_file is not None:
+            self.pid_file.unlink(missing_ok=True)
+
+
+PID_FILE = "ragpod.pid"
+
+
+def write_pid_file(path: Path, procs: list[Child]) -> None:
+    """This supervisor's pid and each child's pid and command line, replaced atomically."""
+    children = [
+        {"name": proc.name, "pid": proc.pid, "args": [str(arg) for arg in proc.popen.args]}  # type: ignore[union-attr]
+        for proc in procs
+        if isinstance(proc, Proc)
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"supervisor": os.getpid(), "children": children}))
+    temporary.replace(path)
+
+
+def _command_line(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def stop_leftovers(path: Path, out: TextIO = sys.stdout, timeout: float = 15.0) -> int | None:
+    """Stops what a supervisor that died left running, as its pid file lists it, and says so.
+
+    Returns the pid of a supervisor that is still running (then nothing is touched), else None. A child
+    is stopped only while its pid still runs the command recorded for it (a pid may have been reused)."""
+    try:
+        recorded = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        path.unlink(missing_ok=True)
+        return None
+    supervisor = int(recorded.get("supervisor", 0))
+    if supervisor and supervisor != os.getpid() and pid_alive(supervisor):
+        return supervisor
+    left = [
+        child
+        for child in recorded.get("children", [])
+        if pid_alive(int(child["pid"])) and _command_line(int(child["pid"])) == child["args"]
+    ]
+    for child in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(child["pid"]), signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(pid_alive(int(child["pid"])) for child in left) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for child in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(child["pid"]), signal.SIGKILL)
+    if left:
+        names = ", ".join(f"{child['name']} pid {child['pid']}" for child in left)
+        print(f"stopped what an earlier ragpod run (pid {supervisor}) left running: {names}", file=out, flush=True)
+    path.unlink(missing_ok=True)
+    return None
 
 
 @dataclass
@@ -247,7 +318,19 @@ def main(data_dir: Path = ROOT / "data", ports: dict[str, int] | None = None) ->
     data_dir = data_dir.resolve()  # the services run in the repository's root, not in this process's directory
     ports = {**PORTS, "redis": REDIS_PORT, **(ports or {})}
     redis_port = ports.pop("redis")
-    stack = Stack(ports=ports, redis_port=redis_port, data_dir=data_dir, log_dir=data_dir / "logs", own_session=True)
+    stack = Stack(
+        ports=ports,
+        redis_port=redis_port,
+        data_dir=data_dir,
+        log_dir=data_dir / "logs",
+        own_session=True,
+        die_with_parent=True,
+        pid_file=data_dir / PID_FILE,
+    )
+    running = stop_leftovers(data_dir / PID_FILE)
+    if running is not None:
+        print(f"ragpod run is already running on {data_dir} (pid {running}); stop it first", file=sys.stderr)
+        return 1
     busy = [f"{n}:{p}" for n, p in stack.ports.items() if port_open(p)]
     if busy:
         print(f"ports already in use: {', '.join(busy)}; stop what runs there first", file=sys.stderr)
@@ -275,6 +358,7 @@ def main(data_dir: Path = ROOT / "data", ports: dict[str, int] | None = None) ->
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)  # the terminal closed: stop as on Ctrl-C, not run on unsupervised
     try:
         stack.start()
         gateway = f"http://127.0.0.1:{stack.ports['gateway']}"

@@ -98,6 +98,13 @@ class QueueFull(RagError):
     error = "queue_full"
 
 
+class Busy(RagError):
+    """A bounded resource is full (the job queue's memory, say): a retry later can succeed."""
+
+    status_code = 503
+    error = "busy"
+
+
 class NotReady(RagError):
     status_code = 503
     error = "not_ready"

@@ -190,6 +190,7 @@ def _extra(answer: Answer, replaced: str | None = None) -> RagpodExtra:
         citations=full.citations,
         grounded=full.grounded,
         citation_warnings=full.citation_warnings,
+        warnings=full.warnings,
         timings=full.timings,
         answer=replaced,
     )

@@ -17,3 +17,8 @@ UNGROUNDED = Counter(
     "rag_ask_ungrounded",
     "Generated answers with at least one sentence below RAG_MIN_SUPPORT (grounded: false).",
 )
+ATTRIBUTION_SKIPPED = Counter(
+    "rag_ask_attribution_skipped",
+    "Answers returned without citations because attribution failed (the embedding service down or slow).",
+    ["error"],
+)

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 
 from services.common.embedding import EmbeddingClient
 from services.common.errors import (
+    Busy,
     DeadlineExceeded,
     GenerationFailed,
     InvalidInput,
@@ -35,9 +36,9 @@ from services.common.errors import (
 from services.common.http import ServiceClient
 from services.common.queue import Event, Job, JobQueue
 from services.common.schemas import SearchResponse, Source
-from services.gateway.attribution import Embed, SourceSentences, attribute_to, embed_sources
+from services.gateway.attribution import Attribution, Embed, SourceSentences, attribute_to, embed_sources
 from services.gateway.config import Settings
-from services.gateway.metrics import ASK_STAGE_SECONDS, REJECTED, UNANSWERED, UNGROUNDED
+from services.gateway.metrics import ASK_STAGE_SECONDS, ATTRIBUTION_SKIPPED, REJECTED, UNANSWERED, UNGROUNDED
 from services.gateway.prompt import Conversation, build_messages, context_texts
 from services.gateway.schemas import AskResponse, Timings
 
@@ -85,9 +86,13 @@ def above_floor(sources: list[Source], min_relevance: float) -> list[Source]:
 
 
 @contextlib.contextmanager
-def redis_errors() -> Iterator[None]:
+def redis_errors(retry_after: int = 1) -> Iterator[None]:
     try:
         yield
+    except OutOfMemoryError as exc:  # up, but at maxmemory with noeviction: it refuses every write
+        REJECTED.labels("redis_out_of_memory").inc()
+        log.warning("redis_out_of_memory", error=str(exc)[:200])
+        raise Busy("the job queue is out of memory", headers={"Retry-After": str(retry_after)}) from exc
     except RedisError as exc:
         log.warning("redis_unavailable", error=str(exc)[:200])
         raise UpstreamUnavailable("the job queue (redis) is unavailable") from exc
@@ -138,7 +143,7 @@ async def retrieve(
 async def admit(queue: JobQueue, job: Job, settings: Settings) -> None:
     """Enqueues the job unless RAG_MAX_QUEUE_DEPTH jobs wait, checked and added in one step in Redis,
     so the bound holds across any number of gateway replicas (the early depth check only saves work)."""
-    with redis_errors():
+    with redis_errors(settings.retry_after_seconds):
         admission = await queue.enqueue(job, max_depth=settings.max_queue_depth)
     if not admission.admitted:
         raise queue_full(admission.depth, settings)
@@ -229,18 +234,30 @@ class Pending:
     async def _follow(self, job: Job) -> AsyncIterator[Event]:
         """The job's events until ``done`` or ``error``; raises DeadlineExceeded at the caller's deadline."""
         queue = self.clients.queue
+        outage: list[RedisError | None] = [None]  # the last read's failure while Redis is unreachable
+
+        def on_outage(error: RedisError | None) -> None:
+            if error is not None and outage[0] is None:
+                log.warning("follow_retrying", job_id=job.id, error=str(error)[:200])
+            elif error is None and outage[0] is not None:
+                log.info("follow_resumed", job_id=job.id)
+            outage[0] = error
+
         try:
             with redis_errors():
                 remaining = job.deadline - time.time()
                 if remaining <= 0:
                     raise DeadlineExceeded("no answer before the deadline")
                 try:
+                    # Reads that cannot reach Redis are retried until the deadline (``JobQueue.events``).
                     async with asyncio.timeout(remaining):
-                        async for event in queue.events(job.id):
+                        async for event in queue.events(job.id, on_outage=on_outage):
                             yield event
                             if event.type in ("done", "error"):
                                 return
                 except TimeoutError:
+                    if outage[0] is not None:  # Redis never came back: it, not the workers, is the cause
+                        raise outage[0] from None
                     REJECTED.labels("deadline").inc()
                     raise DeadlineExceeded(
                         f"no answer within the deadline of {round(job.deadline - job.enqueued_at, 1):g} s; "
@@ -258,18 +275,31 @@ class Pending:
         answer = str(done.data.get("answer", ""))
         started = time.perf_counter()
         embed = embedder(self.clients.embedding, self.request_id)
-        sources = await self._embedded_early()
-        if sources is None:
-            texts = context_texts(self.retrieved.sources, self.settings.max_context_chars)
-            sources = await embed_sources(texts, embed)
-        attribution = await attribute_to(answer, sources, embed, self.settings.min_support)
+        grounded: bool | None
+        warnings: list[str] = []
+        try:
+            sources = await self._embedded_early()
+            if sources is None:
+                texts = context_texts(self.retrieved.sources, self.settings.max_context_chars)
+                sources = await embed_sources(texts, embed)
+            attribution = await attribute_to(answer, sources, embed, self.settings.min_support)
+        except RagError as exc:
+            if exc.status_code < 502:  # a 4xx or 500 from attribution is a bug, not a dependency's failure
+                raise
+            # Citations are an enrichment: the generated answer is kept, unattributed, rather than paid for again.
+            ATTRIBUTION_SKIPPED.labels(exc.error).inc()
+            log.warning("attribution_skipped", error=exc.error, detail=exc.detail[:200])
+            attribution, grounded = Attribution(), None
+            warnings.append(f"attribution skipped: {exc.detail}")
+        else:
+            grounded = attribution.grounded
+            if not grounded:
+                UNGROUNDED.inc()
         ASK_STAGE_SECONDS.labels("attribute").observe(time.perf_counter() - started)
-        if not attribution.grounded:
-            UNGROUNDED.inc()
         log.info(
             "answer_attributed",
             sentences=len(attribution.citations),
-            grounded=attribution.grounded,
+            grounded=grounded,
             warnings=len(attribution.warnings),
             attribute_ms=round((time.perf_counter() - started) * 1000, 2),
         )
@@ -277,8 +307,9 @@ class Pending:
             answer=answer,
             sources=self.retrieved.sources,
             citations=attribution.citations,
-            grounded=attribution.grounded,
+            grounded=grounded,
             citation_warnings=attribution.warnings,
+            warnings=warnings,
             timings=self._timings(done),
             model=str(done.data.get("model", "")),
         )

@@ -52,11 +52,17 @@ class AskResponse(BaseModel):
     answer: str
     sources: list[Source]
     citations: list[Citation] = Field(default_factory=list, description="One per sentence of the answer.")
-    grounded: bool = Field(
-        False, description="Every sentence reaches RAG_MIN_SUPPORT (false when nothing was answered)."
+    grounded: bool | None = Field(
+        False,
+        description="Every sentence reaches RAG_MIN_SUPPORT (false when nothing was answered; null when the "
+        "answer could not be attributed, see warnings).",
     )
     citation_warnings: list[CitationWarning] = Field(
         default_factory=list, description="[n] markers that name no source or a source that does not support them."
+    )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What the answer lacks and why, e.g. no citations because attribution failed.",
     )
     timings: Timings
     model: str = ""
@@ -131,8 +137,11 @@ def error_responses(*statuses: int, model: type[BaseModel] = ErrorBody) -> dict[
 class RagpodExtra(BaseModel):
     sources: list[Source] = Field(..., description="The chunks the answer was written from, as [n] numbers them.")
     citations: list[Citation] = Field(default_factory=list, description="One per sentence of the answer.")
-    grounded: bool = Field(False, description="Every sentence reaches RAG_MIN_SUPPORT.")
+    grounded: bool | None = Field(
+        False, description="Every sentence reaches RAG_MIN_SUPPORT (null: the answer could not be attributed)."
+    )
     citation_warnings: list[CitationWarning] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list, description="What the answer lacks and why.")
     timings: Timings
     answer: str | None = Field(
         None, description="Streams only: the whole answer, when a retried generation replaced what was streamed."

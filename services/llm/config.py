@@ -34,6 +34,12 @@ class Settings(ServiceSettings, QueueSettings):
         60.0, gt=0, description="Idle time after which another worker claims a job."
     )
     llm_drain_seconds: float = Field(30.0, ge=0, description="How long SIGTERM waits for jobs in flight.")
+    llm_token_flush_ms: float = Field(
+        5.0,
+        ge=0,
+        le=1000,
+        description="Streaming: how long a token waits for others to be published with it in one round trip.",
+    )
     llm_read_block_ms: int = Field(
         1000, ge=10, le=60_000, description="How long one read of the queue waits for a job; a stop waits for it."
     )

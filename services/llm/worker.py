@@ -4,8 +4,10 @@ Shaped like arq's and rq's worker loops: each turn checks the stop flag, looks
 for jobs of workers that stopped answering (every third of the visibility
 timeout or every second, following the pending list across calls), takes at
 most as many jobs as it has free slots, with a blocking read, and runs each as
-a task. Claimed jobs beyond its free slots go back to the end of the stream for
-any free worker; jobs read after a stop was asked for go back at once. In-flight
+a task. Claimed jobs (one claim batch at a time) wait in this worker for its
+next free slots, ahead of any new read, so a dead worker's jobs keep their
+place before the jobs admitted after them instead of going to the end of the
+stream; jobs read after a stop was asked for go back at once. In-flight
 jobs are re-claimed by this worker every third of the visibility timeout, so
 only a worker that has really stopped loses its jobs to the others. A heartbeat, at
 start and then every third of the visibility timeout (at most every 5 s), keeps
@@ -37,7 +39,7 @@ import time
 import uuid
 from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import structlog
 from pydantic import ValidationError
@@ -90,6 +92,7 @@ class Worker:
         self.heartbeat_interval = max(min(settings.llm_visibility_timeout_seconds / 3, HEARTBEAT_SECONDS), 0.1)
         self._stop = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._orphans: list[Delivery] = []  # reclaimed, waiting here for a slot, ahead of any new read
         self._group_ready = False
         self._engine_ready = False
         self._engine_wait = ENGINE_WAIT_FIRST_SECONDS
@@ -126,6 +129,10 @@ class Worker:
             await asyncio.gather(heartbeat, return_exceptions=True)
             with contextlib.suppress(RedisError):
                 await self.queue.retire(self.name)
+            if self._orphans:  # reclaimed and not started: for the other workers now
+                with contextlib.suppress(RedisError):
+                    await self.queue.hand_back(self._orphans)
+                self._orphans = []
             await self._drain()
             for task in side_tasks:
                 task.cancel()
@@ -144,16 +151,22 @@ class Worker:
         block_ms = self.settings.llm_read_block_ms
         free = self.settings.llm_concurrency - len(self._inflight)
         now = time.monotonic()
-        if now >= self._next_reclaim:
+        if now >= self._next_reclaim and not self._orphans:
             claimed, went_round = await self.queue.reclaim(self.name, self.visibility_ms)
-            claimed = [d for d in claimed if d.message_id not in self._inflight]  # ours, slow: still running
+            waiting = {d.message_id for d in self._orphans}
+            # Ours still running (slow, not lost) or already waiting here: nothing to do.
+            claimed = [d for d in claimed if d.message_id not in self._inflight and d.message_id not in waiting]
             JOBS_RECLAIMED.inc(len(claimed))
-            await self._start(claimed[: max(free, 0)])
-            if claimed[max(free, 0) :]:  # no slot here: back at the end of the stream for a free worker
-                await self.queue.hand_back(claimed[max(free, 0) :])
-                log.info("jobs_handed_back", count=len(claimed) - max(free, 0), reason="no_free_slot")
+            # Orphans keep their place: they wait here for a slot, ahead of new reads, rather than going to
+            # the end of the stream behind everything admitted after them. One claim batch at a time: the
+            # next scan waits until these have started.
+            self._orphans = claimed
             # A scan that has not gone round the pending list yet goes on at the next turn.
             self._next_reclaim = now + (0.0 if not went_round else self.reclaim_interval)
+        free = self.settings.llm_concurrency - len(self._inflight)  # jobs may have ended meanwhile
+        if self._orphans and free > 0:
+            starting, self._orphans = self._orphans[:free], self._orphans[free:]
+            await self._start(starting)
             free = self.settings.llm_concurrency - len(self._inflight)
         if free <= 0:
             await asyncio.wait(list(self._inflight.values()), timeout=block_ms / 1000, return_when=FIRST_COMPLETED)
@@ -217,7 +230,7 @@ class Worker:
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.queue.keep(self.name, list(self._inflight))
+                await self.queue.keep(self.name, [*self._inflight, *(d.message_id for d in self._orphans)])
             except RedisError as exc:
                 log.warning("keep_claims_failed", error=str(exc))
 
@@ -319,26 +332,31 @@ class Worker:
             max_tokens=job.max_tokens or self.settings.llm_max_new_tokens,
             temperature=self.settings.llm_temperature if job.temperature is None else job.temperature,
         )
-        sequence = 0
+
+        def publish(first: int, texts: list[str]) -> Awaitable[bool]:
+            return self._persist(lambda: self.queue.publish_tokens(job.id, tries, first, texts), until)
+
+        tokens = TokenBatches(publish, self.settings.llm_token_flush_ms / 1000) if job.stream else None
 
         async def on_token(text: str) -> None:
-            nonlocal sequence
-            sequence += 1
-            seq = sequence
-            if not await self._persist(lambda: self.queue.publish_token(job.id, tries, seq, text), until):
-                raise _JobEnded
+            assert tokens is not None
+            tokens.add(text)
 
         started = time.monotonic()
         deadline = asyncio.timeout(max(start.remaining_s, 0.001))
         try:
             async with deadline:
-                generation = await self.engine.generate(request, on_token if job.stream else None)
+                generation = await self.engine.generate(request, on_token if tokens is not None else None)
+                if tokens is not None:
+                    await tokens.close()  # every token out before the answer
         except _JobEnded:
-            log.info("job_ended_elsewhere", tokens=sequence)
+            log.info("job_ended_elsewhere", tokens=tokens.published if tokens is not None else 0)
             return
         except RedisError:
             raise
         except Exception as exc:
+            if tokens is not None:
+                tokens.cancel()
             if isinstance(exc, TimeoutError) and deadline.expired():
                 JOBS_DROPPED_DEADLINE.inc()
                 log.info("job_deadline_during_generation")
@@ -367,6 +385,9 @@ class Worker:
                 )
                 self._count_dead_letter(finish.won, finish.trimmed, job.id, error, tries)
             return
+        finally:
+            if tokens is not None:
+                tokens.cancel()  # done already unless generation ended early
         generate_s = time.monotonic() - started
         GENERATION_SECONDS.observe(generate_s)
         TOKENS_GENERATED.inc(generation.completion_tokens)
@@ -393,3 +414,62 @@ class Worker:
 
 class _JobEnded(Exception):
     """Raised from a token callback: another attempt has ended the job; stop generating it."""
+
+
+class TokenBatches:
+    """A streaming job's tokens, published in order in batches, while generation goes on.
+
+    A token waits at most ``flush_s`` for others to join it (at most ``MAX_BATCH``), then the batch goes
+    out in one round trip; tokens made meanwhile form the next batch. So a slow Redis costs a fraction of
+    a round trip per token, not a whole one. Each token keeps its sequence number, so a batch sent again
+    after a lost reply publishes nothing twice. ``add`` raises ``_JobEnded`` once the job has ended
+    elsewhere, and the publisher's own error (Redis gone past the deadline) once it has failed."""
+
+    MAX_BATCH = 64
+
+    def __init__(self, publish: Callable[[int, list[str]], Awaitable[bool]], flush_s: float) -> None:
+        self._publish = publish
+        self._flush_s = flush_s
+        self._pending: list[str] = []
+        self.published = 0
+        self._closing = False
+        self._ended = False
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="token-batches")
+
+    def add(self, text: str) -> None:
+        self._raise_if_done()
+        self._pending.append(text)
+        self._wake.set()
+
+    async def close(self) -> None:
+        """Returns once every token added is published."""
+        self._closing = True
+        self._wake.set()
+        await self._task
+        self._raise_if_done()
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+    def _raise_if_done(self) -> None:
+        if self._ended:
+            raise _JobEnded
+        if self._task.done() and not self._task.cancelled() and self._task.exception() is not None:
+            raise cast(BaseException, self._task.exception())
+
+    async def _run(self) -> None:
+        while self._pending or not self._closing:
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if len(self._pending) < self.MAX_BATCH and not self._closing and self._flush_s > 0:
+                await asyncio.sleep(self._flush_s)
+            batch = self._pending[: self.MAX_BATCH]
+            del self._pending[: len(batch)]
+            first = self.published + 1
+            self.published += len(batch)
+            if not await self._publish(first, batch):
+                self._ended = True
+                return

@@ -4,12 +4,14 @@ back while the gateway keeps answering; Ctrl-C stops every process."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -127,3 +129,57 @@ def test_a_killed_llm_worker_comes_back_while_the_gateway_keeps_answering(
     assert console.popen.wait(120) == 0, "\n".join(console.lines)
     console.wait_for(r"^stopping \.\.\.$", 5, after=killed_at)
     assert not any(pid_alive(pid) for pid in [*pids.values(), new_pid])
+
+
+def start_run(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
+    """``ragpod run`` on free ports, its console discarded; returns it and its pid file."""
+    data = tmp_path / "data"
+    data.mkdir()
+    MODEL_CACHE.mkdir(parents=True, exist_ok=True)
+    (data / "models").symlink_to(MODEL_CACHE)
+    ports = {name: free_port() for name in ("gateway", "embedding", "retriever", "llm", "redis")}
+    command = [sys.executable, "-m", "ragpod", "run", "--data-dir", str(data)]
+    command += [f"--port={name}={port}" for name, port in ports.items()]
+    popen = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    return popen, data / "ragpod.pid"
+
+
+def every_child_started(pid_file: Path) -> dict[str, int]:
+    """The processes the pid file lists once Redis and all four services have started (not yet ready)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            children = {c["name"]: int(c["pid"]) for c in json.loads(pid_file.read_text())["children"]}
+            if {"redis", "embedding", "retriever", "llm", "gateway"} <= set(children):
+                return children
+        time.sleep(0.2)
+    raise AssertionError(f"{pid_file} never listed every process")
+
+
+def all_gone(pids: list[int], within: float) -> bool:
+    deadline = time.monotonic() + within
+    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not any(pid_alive(pid) for pid in pids)
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGHUP])
+def test_when_the_supervisor_is_killed_9_or_its_terminal_closes_no_service_runs_on(
+    tmp_path: Path, how: signal.Signals
+) -> None:
+    popen, pid_file = start_run(tmp_path)
+    children: dict[str, int] = {}
+    try:
+        children = every_child_started(pid_file)
+        popen.send_signal(how)
+        popen.wait(120)
+        assert all_gone(list(children.values()), 90), {n: p for n, p in children.items() if pid_alive(p)}
+        if how == signal.SIGHUP:
+            assert popen.returncode == 130  # it stopped its stack itself, as on Ctrl-C
+            assert not pid_file.exists()
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+        for pid in children.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -343,3 +343,51 @@ async def _true(value: bool) -> bool:
 async def _someone_reading(redis: Redis) -> bool:
     """A client is blocked in XREADGROUP: a worker waiting for the next job."""
     return any(client.get("cmd") == "xreadgroup" for client in await redis.client_list())
+
+
+async def test_a_dead_workers_jobs_keep_their_place_before_jobs_admitted_after_them(
+    redis_server: RedisServer, redis_client: Redis, running: list[Running]
+) -> None:
+    settings = make_settings(redis_server, llm_concurrency=1, llm_visibility_timeout_seconds=0.5)
+    queue = JobQueue(redis_client, settings)
+    await queue.ensure_group()
+    orphans = [make_job(f"orphan {n}") for n in range(3)]
+    later = [make_job(f"later {n}") for n in range(3)]
+    for job in orphans:
+        await queue.enqueue(job)
+    # A worker takes the first three and dies (kill -9): they stay pending under its name.
+    assert len(await queue.read("killed", count=3, block_ms=100)) == 3
+    for job in later:
+        await queue.enqueue(job)
+    await asyncio.sleep(0.6)  # past the visibility timeout
+    engine = ScriptedEngine()
+    start(running, settings, engine, redis_client, "survivor")
+    for job in [*orphans, *later]:
+        assert (await events_until_end(queue, job.id, within=20))[-1].type == "done"
+    order = [call.messages[-1]["content"] for call in engine.calls]
+    assert order == [*(f"orphan {n}" for n in range(3)), *(f"later {n}" for n in range(3))]
+
+
+async def test_streamed_tokens_go_out_in_batches_in_order_when_redis_is_slow(
+    redis_server: RedisServer, redis_client: Redis, running: list[Running]
+) -> None:
+    settings = make_settings(redis_server)
+    queue = JobQueue(redis_client, settings)
+    await queue.ensure_group()
+    worker = start(running, settings, ScriptedEngine(delay=0.01), redis_client, "batching").worker
+    publish = worker.queue.publish_tokens
+    batches: list[int] = []
+
+    async def slow_publish(job_id: str, attempt: int, first_seq: int, texts: list[str]) -> bool:
+        batches.append(len(texts))
+        await asyncio.sleep(0.25)  # a round trip to a distant Redis
+        return await publish(job_id, attempt, first_seq, texts)
+
+    worker.queue.publish_tokens = slow_publish  # type: ignore[method-assign]
+    job = make_job(" ".join(f"w{n}" for n in range(30)), stream=True)
+    await queue.enqueue(job)
+    events = await events_until_end(queue, job.id, within=30)
+    tokens = [e.data["text"] for e in events if e.type == "token"]
+    assert events[-1].type == "done" and "".join(tokens) == events[-1].data["answer"]
+    assert sum(batches) == len(tokens) == 32
+    assert len(batches) <= len(tokens) // 4, batches  # one round trip per token would be 32

@@ -11,12 +11,14 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 from redis.asyncio import Redis
 
 from ragpod.processes import free_port
+from ragpod.redis_server import start_redis
 from services.common.queue import Job, JobQueue
 from services.gateway.app import create_app
 from services.gateway.config import Settings
@@ -190,3 +192,60 @@ async def test_streaming_events_arrive_in_order_and_join_to_the_answer(
     assert done["answer"] == "answer to: Question: When was the Zorblax sold?"
     assert done["sources"] == [HIT]
     assert set(done["timings"]) == {"embed_ms", "search_ms", "queue_ms", "generate_ms", "total_ms"}
+
+
+async def test_questions_waiting_while_redis_restarts_are_all_answered_once(tmp_path: Path) -> None:
+    """Redis restarts (with its append-only file) while eight callers wait, some streaming: each gets its own
+    answer, once, and each job is generated once."""
+    port = free_port()
+    server = start_redis(port, tmp_path / "redis", persist=True)
+    url = f"redis://127.0.0.1:{port}/0"
+    engine = ScriptedEngine(delay=0.15)
+    questions = [f"Question number {n} about the Zorblax?" for n in range(8)]
+    try:
+        async with gateway(url, engine) as (client, retriever):
+            asking = [
+                asyncio.create_task(client.post("/v1/ask", json={"question": q, "top_k": 1, "stream": n % 2 == 1}))
+                for n, q in enumerate(questions)
+            ]
+            await wait_for(lambda: _true(retriever.searches == len(questions) and engine.started.is_set()))
+            await asyncio.sleep(0.3)  # every job admitted, the first ones being generated
+            server.stop()  # SIGTERM: Redis writes its append-only file and exits; the callers keep waiting
+            await asyncio.sleep(1.0)
+            server = start_redis(port, tmp_path / "redis", persist=True)
+            responses = await asyncio.wait_for(asyncio.gather(*asking), 60)
+    finally:
+        server.stop()
+    answers = []
+    for n, response in enumerate(responses):
+        assert response.status_code == 200, response.text
+        if n % 2:
+            events = parse_sse(response.text)
+            assert [name for name, _ in events].count("done") == 1 and events[-1][0] == "done", events
+            answers.append(events[-1][1]["answer"])
+        else:
+            answers.append(response.json()["answer"])
+    assert answers == [f"answer to: Question: {q}" for q in questions]
+    assert sorted(call.messages[-1]["content"].splitlines()[-1] for call in engine.calls) == sorted(
+        f"Question: {q}" for q in questions
+    )
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_redis_gone_for_the_whole_wait_is_a_503_naming_it_not_a_deadline(tmp_path: Path) -> None:
+    port = free_port()
+    server = start_redis(port, tmp_path / "redis", persist=True)
+    try:
+        async with gateway(f"redis://127.0.0.1:{port}/0", ask_timeout_seconds=2.0) as (client, retriever):
+            asking = asyncio.create_task(client.post("/v1/ask", json=ASK))  # no worker: the job waits
+            await wait_for(lambda: _true(retriever.searches == 1))
+            await asyncio.sleep(0.2)
+            server.stop()
+            response = await asyncio.wait_for(asking, 10)
+    finally:
+        server.stop()
+    assert response.status_code == 503
+    assert response.json() == {"error": "upstream_unavailable", "detail": "the job queue (redis) is unavailable"}

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ragpod.processes import Child, spawn, wait_until
-from ragpod.supervisor import RestartPolicy, Stack, Supervisor
+from ragpod.processes import ROOT, Child, pid_alive, spawn, wait_until
+from ragpod.supervisor import PID_FILE, RestartPolicy, Stack, Supervisor, stop_leftovers, write_pid_file
 from ragpod.tuning import MODEL_TUNING
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(600)"]
@@ -133,3 +135,68 @@ def test_the_model_processes_start_with_the_model_tuning_and_an_exported_value_w
     assert stack.env_for("embedding")["MALLOC_TRIM_THRESHOLD_"] == MODEL_TUNING["MALLOC_TRIM_THRESHOLD_"]
     overridden = Stack(ports, 5, tmp_path, None, extra_env={"MALLOC_TRIM_THRESHOLD_": "0"})
     assert overridden.env_for("llm")["MALLOC_TRIM_THRESHOLD_"] == "0"
+
+
+PARENT = """
+import sys, time
+from pathlib import Path
+from ragpod.processes import spawn
+child = spawn("sleeper", [sys.executable, "-c", "import time; time.sleep(600)"], {}, Path(sys.argv[1]),
+              own_session=True, die_with_parent=True)
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_child_started_to_die_with_its_parent_ends_when_the_parent_is_killed_9(tmp_path: Path) -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert pid_alive(child)
+        parent.kill()  # SIGKILL: no handler of the parent's runs
+        parent.wait(10)
+        wait_until(lambda: not pid_alive(child), 10, "the child to end with its parent")
+    finally:
+        parent.kill()
+
+
+def test_leftovers_of_a_supervisor_that_died_are_stopped_and_named(tmp_path: Path) -> None:
+    leftover = spawn("gateway", SLEEP, {}, tmp_path, own_session=True)
+    reused = spawn("worker", SLEEP, {}, tmp_path, own_session=True)  # stands for a pid now running another command
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    pid_file = tmp_path / PID_FILE
+    write_pid_file(pid_file, [leftover])
+    recorded = json.loads(pid_file.read_text())
+    recorded["supervisor"] = dead.pid
+    recorded["children"].append({"name": "llm", "pid": reused.pid, "args": ["python", "-m", "services.llm"]})
+    pid_file.write_text(json.dumps(recorded))
+    out = io.StringIO()
+    try:
+        assert stop_leftovers(pid_file, out) is None
+        assert not leftover.alive() and reused.alive()
+        assert out.getvalue() == (
+            f"stopped what an earlier ragpod run (pid {dead.pid}) left running: gateway pid {leftover.pid}\n"
+        )
+        assert not pid_file.exists()
+    finally:
+        leftover.stop()
+        reused.stop()
+
+
+def test_a_pid_file_of_a_supervisor_still_running_is_left_alone(tmp_path: Path) -> None:
+    child = spawn("gateway", SLEEP, {}, tmp_path, own_session=True)
+    supervisor = subprocess.Popen(SLEEP)
+    pid_file = tmp_path / PID_FILE
+    write_pid_file(pid_file, [child])
+    pid_file.write_text(json.dumps({**json.loads(pid_file.read_text()), "supervisor": supervisor.pid}))
+    try:
+        assert stop_leftovers(pid_file, io.StringIO()) == supervisor.pid
+        assert child.alive() and pid_file.exists()
+    finally:
+        child.stop()
+        supervisor.kill()
+        supervisor.wait()

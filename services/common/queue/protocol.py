@@ -23,15 +23,18 @@ the client sends a command again when a connection breaks and a reply may be los
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common.queue import scripts
 from services.common.queue.models import Event, Job
@@ -105,6 +108,7 @@ class JobQueue:
         self._depth = redis.register_script(scripts.DEPTH)
         self._begin = redis.register_script(scripts.BEGIN)
         self._token = redis.register_script(scripts.TOKEN)
+        self._tokens = redis.register_script(scripts.TOKENS)
         self._finish = redis.register_script(scripts.FINISH)
         self._bury = redis.register_script(scripts.BURY)
         self._requeue = redis.register_script(scripts.REQUEUE)
@@ -158,12 +162,30 @@ class JobQueue:
         admitted, message_id, depth = await self._enqueue(keys=keys, args=args)
         return Admission(bool(admitted), int(depth), str(message_id))
 
-    async def events(self, job_id: str, *, block_ms: int = 1000) -> AsyncIterator[Event]:
-        """Follow a job's events from the first one, forever; the caller stops at done/error/deadline."""
+    async def events(
+        self, job_id: str, *, block_ms: int = 1000, on_outage: Callable[[RedisError | None], None] | None = None
+    ) -> AsyncIterator[Event]:
+        """Follow a job's events from the first one, forever; the caller stops at done/error/deadline.
+
+        A read that cannot reach Redis (a restart, a failover, a blip) is tried again with backoff (50 ms,
+        doubling, at most 1 s) from the last event read, for as long as the caller follows: the job and its
+        events outlive the outage wherever Redis keeps its data, so a blip costs the caller time, not the
+        answer. ``on_outage`` hears of each failed read (the error) and of the first read after (None)."""
         key = self.events_key(job_id)
         last = "0-0"
+        delay = 0.0
         while True:
-            reply = cast(StreamReply, await self.redis.xread({key: last}, block=block_ms, count=256))
+            try:
+                reply = cast(StreamReply, await self.redis.xread({key: last}, block=block_ms, count=256))
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if on_outage is not None:
+                    on_outage(exc)
+                delay = min(max(delay * 2, 0.05), 1.0)
+                await asyncio.sleep(delay)
+                continue
+            if delay and on_outage is not None:
+                on_outage(None)
+            delay = 0.0
             for _, entries in reply or []:
                 for entry_id, fields in entries:
                     last = entry_id
@@ -245,6 +267,13 @@ class JobQueue:
         keys = [self.events_key(job_id), self.job_key(job_id), self.answered_key(job_id)]
         data = json.dumps({"text": text}, separators=(",", ":"))
         return bool(await self._token(keys=keys, args=[attempt, seq, data, self.ttl]))
+
+    async def publish_tokens(self, job_id: str, attempt: int, first_seq: int, texts: list[str]) -> bool:
+        """Tokens ``first_seq``, ``first_seq + 1``, ... of ``attempt`` in one round trip, each once; False when
+        the job has ended: stop generating."""
+        keys = [self.events_key(job_id), self.job_key(job_id), self.answered_key(job_id)]
+        data = [json.dumps({"text": text}, separators=(",", ":")) for text in texts]
+        return bool(await self._tokens(keys=keys, args=[attempt, first_seq, self.ttl, *data]))
 
     async def answer(self, delivery: Delivery, job_id: str, attempt: int, token: str, data: dict[str, Any]) -> bool:
         """Publishes ``done`` unless the job has ended already, and acknowledges it; False if it had."""

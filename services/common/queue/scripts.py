@@ -84,6 +84,31 @@ redis.call('EXPIRE', KEYS[2], ARGV[4], 'NX')
 return 1
 """
 
+# KEYS: events, job state, answered. ARGV: attempt, first sequence number, ttl s, then the data json of each
+# token in order. -> 1 published (or published before), 0 the job has ended: stop generating. A batch of
+# tokens in one round trip; each is keyed by its sequence number, so a batch sent again adds only the
+# tokens that did not make it the first time.
+TOKENS = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+local field = 'seq:' .. ARGV[1]
+local done = tonumber(redis.call('HGET', KEYS[2], field) or '0')
+local first = tonumber(ARGV[2])
+local last = done
+for i = 4, #ARGV do
+  local seq = first + i - 4
+  if seq > done then
+    redis.call('XADD', KEYS[1], '*', 'type', 'token', 'attempt', ARGV[1], 'data', ARGV[i])
+    last = seq
+  end
+end
+if last > done then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('HSET', KEYS[2], field, last)
+  redis.call('EXPIRE', KEYS[2], ARGV[3], 'NX')
+end
+return 1
+"""
+
 # KEYS: answered, events, job state, stream, dead letters.
 # ARGV: group, entry id ('' none), type, attempt, attempt token, data json, ttl s, dead-letter cap,
 #       then the dead-letter entry's field/value pairs (none for ``done``).

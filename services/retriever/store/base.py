@@ -51,7 +51,9 @@ class VectorStore(Protocol):
 
     ``write`` upserts first, then deletes the chunks a longer earlier version
     left beyond each document's new chunk count: a failure in between leaves
-    an old tail, never a hole, and a retry finishes the job.
+    an old tail, never a hole, and a retry finishes the job. The embedded
+    store goes further: no read runs between the two, and a crash between
+    them is finished when it opens next, so readers see one version whole.
     """
 
     collection: str

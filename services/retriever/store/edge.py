@@ -16,7 +16,10 @@ calls return at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -48,6 +51,7 @@ from services.retriever.text import Sparse
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 CONFIG_FILE = "edge_config.json"
+PENDING_SUFFIX = "pending-writes"  # notes of writes under way (see ``EdgeStore.write``)
 
 
 def check_not_legacy(root: Path) -> None:
@@ -79,14 +83,20 @@ class EdgeStore:
         self._root = Path(root)
         check_not_legacy(self._root)
         self._path = self._root / collection
+        self._pending = self._root / f"{collection}.{PENDING_SUFFIX}"  # beside the shard's own directory
         self._shard: qe.EdgeShard | None = None
         self._dimension: int | None = None
         self._create_lock = asyncio.Lock()
+        self._whole = threading.Lock()  # held by a write's two updates and by every read
+        self._flush_lock = asyncio.Lock()
+        self._applied = 0  # updates applied to the shard, counted as each returns
+        self._durable = 0  # of those, how many a finished flush is known to cover
         config = self._path / CONFIG_FILE
         if config.exists():
             stored = json.loads(config.read_text())
             self._dimension = int(stored["vectors"][DENSE]["size"])
             self._shard = qe.EdgeShard.load(str(self._path))
+            _finish_interrupted_writes(self._shard, self._pending)
             started = time.perf_counter()
             self._shard.optimize()
             log.info(
@@ -104,6 +114,15 @@ class EdgeStore:
 
     async def _run(self, fn: Callable[[], T]) -> T:
         return await asyncio.to_thread(fn)
+
+    async def _read(self, fn: Callable[[], T]) -> T:
+        """A read of the shard, never between the two updates of one write (see ``write``)."""
+
+        def read() -> T:
+            with self._whole:
+                return fn()
+
+        return await asyncio.to_thread(read)
 
     async def ping(self) -> None:
         return None
@@ -125,13 +144,24 @@ class EdgeStore:
             raise RuntimeError("ensure_collection must run before write")
         edge_points = [qe.Point(p.id, {DENSE: p.dense, SPARSE: _sparse(p.sparse)}, p.payload) for p in points]
 
-        def write() -> None:
-            if edge_points:
-                shard.update(qe.UpdateOperation.upsert_points(edge_points))
-            if chunk_counts:
-                shard.update(qe.UpdateOperation.delete_points_by_filter(_stale_filter(chunk_counts)))
+        def write() -> Path | None:
+            # Qdrant Edge has no update of two operations, so a re-sent shorter document takes two: the upsert
+            # (one write-ahead-log record: all of it or none after a crash) and the delete of the old tail.
+            # Readers wait while both run; a crash between them is finished when the store opens next,
+            # from the note written (and synced) before the first.
+            note = _note_write(self._pending, chunk_counts) if chunk_counts else None
+            with self._whole:
+                if edge_points:
+                    shard.update(qe.UpdateOperation.upsert_points(edge_points))
+                if chunk_counts:
+                    shard.update(qe.UpdateOperation.delete_points_by_filter(_stale_filter(chunk_counts)))
+            return note
 
-        await self._run(write)
+        note = await self._run(write)
+        self._applied += 1
+        await self._flush_through(self._applied)
+        if note is not None:
+            note.unlink(missing_ok=True)  # on disk now: nothing to finish after a crash
         self._unindexed += len(edge_points)
         if self._index_after is not None and self._unindexed >= self._index_after:
             await self.optimize()
@@ -163,13 +193,13 @@ class EdgeStore:
                 with_payload=True,
                 with_vector=[DENSE],
             )
-            points = await self._run(lambda: shard.query(request))
+            points = await self._read(lambda: shard.query(request))
             points, scores = fused_top(dense, points, top_k)
         else:
             request = qe.QueryRequest(
                 limit=top_k, query=qe.Query.Nearest(dense, using=DENSE), filter=flt, with_payload=True
             )
-            points = await self._run(lambda: shard.query(request))
+            points = await self._read(lambda: shard.query(request))
             scores = [p.score for p in points]
         return [to_source(dict(p.payload), s) for p, s in zip(points, scores, strict=True) if p.payload is not None]
 
@@ -178,7 +208,7 @@ class EdgeStore:
         if shard is None:
             return [], None
         request = qe.ScrollRequest(offset=_point_id(offset), limit=limit, with_payload=True, with_vector=False)
-        records, next_offset = await self._run(lambda: shard.scroll(request))
+        records, next_offset = await self._read(lambda: shard.scroll(request))
         page = [(str(r.id), dict(r.payload or {})) for r in records]
         return page, None if next_offset is None else str(next_offset)
 
@@ -193,7 +223,7 @@ class EdgeStore:
             with_payload=["document_id", "chunks", "metadata"],
             with_vector=False,
         )
-        records, next_offset = await self._run(lambda: shard.scroll(request))
+        records, next_offset = await self._read(lambda: shard.scroll(request))
         docs = [document_info(dict(r.payload or {})) for r in records]
         return docs, None if next_offset is None else str(next_offset)
 
@@ -207,7 +237,7 @@ class EdgeStore:
             with_payload=["document_id", "chunks", "metadata"],
             with_vector=False,
         )
-        records, _ = await self._run(lambda: shard.scroll(request))
+        records, _ = await self._read(lambda: shard.scroll(request))
         return document_info(dict(records[0].payload or {})) if records else None
 
     async def delete_document(self, document_id: str) -> bool:
@@ -222,13 +252,31 @@ class EdgeStore:
             shard.update(qe.UpdateOperation.delete_points_by_filter(flt))
             return True
 
-        return await self._run(delete)
+        deleted = await self._run(delete)
+        if deleted:
+            self._applied += 1
+            await self._flush_through(self._applied)
+        return deleted
+
+    async def _flush_through(self, update: int) -> None:
+        """Returns once update number ``update`` is on disk: the shard's write-ahead log and segments
+        flushed (msync and fsync), so a write is acknowledged only once a power cut cannot undo it.
+
+        Group commit: a flush covers every update applied before it began, so concurrent writes that
+        arrive while one flush runs share the next one instead of flushing one by one."""
+        shard = self._shard
+        async with self._flush_lock:
+            if shard is None or self._durable >= update:
+                return
+            covers = self._applied
+            await self._run(shard.flush)
+            self._durable = covers
 
     async def count(self) -> int:
         shard = self._shard
         if shard is None:
             return 0
-        return await self._run(lambda: shard.count(qe.CountRequest(exact=True)))
+        return await self._read(lambda: shard.count(qe.CountRequest(exact=True)))
 
     async def optimize(self) -> None:
         """Builds the HNSW index over what was written since the last time (the process waits meanwhile)."""
@@ -252,6 +300,54 @@ class EdgeStore:
         if shard is not None:
             await self._run(shard.flush)
             await self._run(shard.close)
+
+
+def _note_write(pending: Path, chunk_counts: dict[str, int]) -> Path:
+    """Writes down, durably, the documents a write is about to replace, before it touches the shard."""
+    pending.mkdir(parents=True, exist_ok=True)
+    note = pending / f"{uuid.uuid4().hex}.json"
+    with open(note, "w") as out:
+        json.dump(sorted(chunk_counts), out)
+        out.flush()
+        os.fsync(out.fileno())
+    directory = os.open(pending, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return note
+
+
+def _finish_interrupted_writes(shard: qe.EdgeShard, pending: Path) -> None:
+    """Finishes the writes a crash interrupted between their upsert and their delete.
+
+    A document's chunk 0 states its chunk count (``chunks``) as of the last upsert that reached the
+    write-ahead log: that upsert is there whole or not at all. Chunks at or beyond that count are an
+    older version's tail and are deleted; when the upsert never landed, the count is the old version's own
+    and nothing is deleted. Either way each document is left as one version, whole."""
+    notes = sorted(pending.glob("*.json")) if pending.is_dir() else []
+    if not notes:
+        return
+    documents: set[str] = set()
+    for note in notes:
+        with contextlib.suppress(ValueError):  # a note cut short by the crash: its write never began
+            documents.update(str(doc) for doc in json.loads(note.read_text() or "[]"))
+    counts = {}
+    for doc in sorted(documents):
+        request = qe.ScrollRequest(
+            limit=1,
+            filter=qe.Filter(must=[_match("document_id", doc), _match("chunk", 0)]),
+            with_payload=["chunks"],
+            with_vector=False,
+        )
+        records, _ = shard.scroll(request)
+        counts[doc] = int((records[0].payload or {}).get("chunks", 0)) if records else 0
+    if counts:
+        shard.update(qe.UpdateOperation.delete_points_by_filter(_stale_filter(counts)))
+        shard.flush()
+    for note in notes:
+        note.unlink()
+    log.warning("store_interrupted_writes_finished", writes=len(notes), documents=len(counts))
 
 
 def _create(path: Path, dimension: int, threshold_kb: int | None) -> qe.EdgeShard:
