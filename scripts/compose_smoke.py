@@ -172,7 +172,7 @@ def start(services: dict[str, Any], network: str, gateway_port: int) -> float:
     return first
 
 
-def ask(base: str, began: float) -> float:
+def ask(base: str, began: float, label: str = "compose-smoke") -> float:
     deadline = time.monotonic() + WAIT_SECONDS
     while True:
         try:
@@ -186,13 +186,13 @@ def ask(base: str, began: float) -> float:
     documents = read_documents(ROOT / "demo" / "corpus")
     indexed = httpx.post(f"{base}/v1/documents", json={"documents": documents}, timeout=300)
     indexed.raise_for_status()
-    print(f"compose-smoke: indexed the demo corpus: {indexed.json()}", flush=True)
+    print(f"{label}: indexed the demo corpus: {indexed.json()}", flush=True)
     response = httpx.post(f"{base}/v1/ask", json={"question": QUESTION, "top_k": 3}, timeout=300)
     to_answer = time.monotonic() - began
     body = response.json()
     if response.status_code != 200 or not str(body.get("answer", "")).strip() or not body.get("sources"):
         raise RuntimeError(f"/v1/ask answered {response.status_code}: {json.dumps(body)[:800]}")
-    print(f"compose-smoke: answer with {len(body['sources'])} sources: {body['answer'].strip()[:160]}", flush=True)
+    print(f"{label}: answer with {len(body['sources'])} sources: {body['answer'].strip()[:160]}", flush=True)
     return to_answer
 
 

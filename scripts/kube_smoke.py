@@ -284,7 +284,7 @@ def main() -> int:
             wait_ready(probes(deployments))
             gateway = f"http://{pod_ip('gateway')}:8000"
             print(f"kube-smoke: the gateway's /v1/status: {whole_chain(gateway)}", flush=True)
-            to_answer = ask(gateway, began)
+            to_answer = ask(gateway, began, label="kube-smoke")
             failures = check_containers(deployments)
             for failure in failures:
                 print(f"kube-smoke: {failure}", file=sys.stderr)
