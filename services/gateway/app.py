@@ -21,6 +21,7 @@ from services.gateway.deps import Guarded, State, StateDep
 from services.gateway.routes import router
 from services.gateway.schemas import error_responses
 from services.gateway.security import BodyLimitMiddleware, Guard
+from services.gateway.surrogates import UnicodeMiddleware
 
 CHAIN_BELOW_RETRIEVER = ("qdrant",)
 
@@ -65,7 +66,9 @@ def create_app(
         lifespan=lifespan,
     )
     # Innermost of the middleware (the common ones wrap it): a body over the limit is refused before
-    # anything reads it, and the refusal is still counted and carries the request id.
+    # anything reads it, and the refusal is still counted and carries the request id; within the limit,
+    # a JSON body that holds a lone surrogate is refused naming its field.
+    app.add_middleware(UnicodeMiddleware, shapes=ERROR_SHAPES)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, shapes=ERROR_SHAPES)
     add_common_routes(
         app,

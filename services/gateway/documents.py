@@ -32,6 +32,7 @@ from services.gateway.schemas import (
     SearchTimings,
     error_responses,
 )
+from services.gateway.surrogates import check_text
 
 log = structlog.get_logger(__name__)
 router = APIRouter(tags=["documents"])
@@ -178,6 +179,7 @@ def _metadata(raw: str | None) -> dict[str, Any]:
         raise InvalidInput("metadata: not valid JSON") from None
     if not isinstance(value, dict):
         raise InvalidInput("metadata: must be a JSON object")
+    check_text(value, "metadata")
     return value
 
 
