@@ -81,6 +81,13 @@ class InvalidInput(RagError):
     error = "validation_error"
 
 
+class FileTooComplex(RagError):
+    """An uploaded file over one of the parsing limits; the detail names the limit's setting."""
+
+    status_code = 422
+    error = "file_too_complex"
+
+
 class TooManyRequests(RagError):
     status_code = 429
     error = "rate_limited"

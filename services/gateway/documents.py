@@ -15,12 +15,12 @@ import structlog
 from fastapi import APIRouter, FastAPI, File, Form, Query, Response, UploadFile
 from pydantic import ValidationError
 
-from services.common.errors import InvalidInput, NotFound
+from services.common.errors import FileTooComplex, InvalidInput, NotFound
 from services.common.schemas import Document, DocumentsResponse
 from services.gateway import pipeline
 from services.gateway.config import Settings
-from services.gateway.deps import Guarded, RequestIdDep, RetrieverDep, SettingsDep
-from services.gateway.files import Unparseable, parse_file
+from services.gateway.deps import FileParserDep, Guarded, RequestIdDep, RetrieverDep, SettingsDep
+from services.gateway.files import TooComplex, Unparseable
 from services.gateway.pipeline import Question
 from services.gateway.schemas import (
     DocumentInfo,
@@ -128,6 +128,7 @@ async def delete_document(document_id: str, retriever: RetrieverDep, rid: Reques
 async def upload_files(
     settings: SettingsDep,
     retriever: RetrieverDep,
+    parser: FileParserDep,
     rid: RequestIdDep,
     files: Annotated[list[UploadFile], File(description="One or more files; a file's id is its name.")],
     id: Annotated[
@@ -149,7 +150,9 @@ async def upload_files(
         if not document_id.strip():
             raise InvalidInput(f"files.{index}: the file has no name; give its id in the form field id")
         try:
-            parsed = parse_file(name or document_id, await upload.read())
+            parsed = await parser.parse(name or document_id, await upload.read())
+        except TooComplex as exc:
+            raise FileTooComplex(f"files.{index} ({label}): too complex to parse: {exc}") from None
         except Unparseable as exc:
             raise InvalidInput(f"files.{index} ({label}): cannot be parsed: {exc}") from None
         if len(parsed.text) > settings.max_document_chars:
