@@ -20,6 +20,12 @@ class Settings(ServiceSettings, QueueSettings, EmbeddingSettings):
     max_question_chars: int = Field(2000, ge=1)
     max_documents_per_request: int = Field(256, ge=1)
     max_document_chars: int = Field(1_000_000, ge=1)
+    ingest_chars_per_second: float = Field(
+        2000.0,
+        gt=0,
+        description="The slowest indexing rate waited for: documents of N characters wait "
+        "RAG_UPSTREAM_TIMEOUT_SECONDS + N / this for the retriever.",
+    )
     file_parse_workers: int = Field(
         2, ge=1, description="Processes that parse uploaded files, one file each at a time."
     )
@@ -63,6 +69,10 @@ class Settings(ServiceSettings, QueueSettings, EmbeddingSettings):
     min_support: float = Field(
         0.6, description="Support (0..1) every answer sentence needs for the answer to count as grounded."
     )
+
+    def ingest_timeout(self, chars: int) -> float:
+        """How long indexing ``chars`` characters may take: the work grows with them, and so does the wait."""
+        return self.upstream_timeout_seconds + chars / self.ingest_chars_per_second
 
     @field_validator("min_relevance", "min_support")
     @classmethod

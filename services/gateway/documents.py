@@ -12,9 +12,10 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 import structlog
-from fastapi import APIRouter, FastAPI, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, Query, Request, Response, UploadFile
 from pydantic import ValidationError
 
+from services.common.disconnect import unless_disconnected
 from services.common.errors import FileTooComplex, InvalidInput, NotFound
 from services.common.schemas import Document, DocumentsResponse
 from services.gateway import pipeline
@@ -126,6 +127,7 @@ async def delete_document(document_id: str, retriever: RetrieverDep, rid: Reques
     summary="Index files (.pdf, .html, .docx, .md, .txt); all of them or none",
 )
 async def upload_files(
+    request: Request,
     settings: SettingsDep,
     retriever: RetrieverDep,
     parser: FileParserDep,
@@ -167,8 +169,15 @@ async def upload_files(
             raise InvalidInput(f"files.{index}: id {document_id!r} appears more than once")
         indexed.append(FileIndexed(id=document_id, title=parsed.title, format=parsed.format, chars=len(parsed.text)))
     payload = {"documents": [doc.model_dump() for doc in documents]}
-    # Chunk ids are deterministic: the same documents sent twice are written once.
-    result = await retriever.post("/v1/documents", payload, idempotent=True, request_id=rid, model=DocumentsResponse)
+    # Chunk ids are deterministic: the same documents sent twice are written once. The wait grows with the
+    # text sent; a caller that goes away stops the retriever's work with it.
+    timeout = settings.ingest_timeout(sum(len(doc.text) for doc in documents))
+    result = await unless_disconnected(
+        request,
+        retriever.post(
+            "/v1/documents", payload, idempotent=True, request_id=rid, time_limit=timeout, model=DocumentsResponse
+        ),
+    )
     log.info("files_indexed", files=len(indexed), chunks=result.chunks)
     return FilesResponse(indexed=result.indexed, chunks=result.chunks, files=indexed)
 
