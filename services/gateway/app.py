@@ -19,6 +19,7 @@ from services.gateway.chat import ERROR_SHAPES
 from services.gateway.config import Settings
 from services.gateway.deps import Guarded, State, StateDep
 from services.gateway.files import FileParser, ParseLimits
+from services.gateway.head import HeadMiddleware
 from services.gateway.routes import router
 from services.gateway.schemas import error_responses
 from services.gateway.security import BodyLimitMiddleware, Guard
@@ -73,6 +74,7 @@ def create_app(
     # a JSON body that holds a lone surrogate is refused naming its field.
     app.add_middleware(UnicodeMiddleware, shapes=ERROR_SHAPES)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, shapes=ERROR_SHAPES)
+    app.add_middleware(HeadMiddleware)
     add_common_routes(
         app,
         "gateway",

@@ -113,3 +113,31 @@ async def test_a_surrogate_pair_is_a_character_and_passes(gateway: Gateway) -> N
     assert response.status_code == 200, response.text
     sent = json.loads(gateway.retriever.requests[0].content)["documents"][0]
     assert sent["text"] == "smile \U0001f600" and sent["metadata"] == {"k": "\\ud800"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {"messages": [{"role": "user", "content": [
+                {"type": "text", "text": "What is in this picture?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+            ]}]},
+            "messages.0.content.1",
+        ),
+    ],
+)  # fmt: skip
+async def test_chat_with_tools_or_images_is_a_400_saying_they_are_not_supported(
+    gateway: Gateway, extra: dict[str, Any], field: str
+) -> None:
+    body = {"model": "ragpod", "messages": [{"role": "user", "content": "When was the Zorblax sold?"}], **extra}
+    response = await gateway.client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "bad_request" and error["message"].startswith(f"{field}: ")
+    assert "not supported" in error["message"]
+    assert gateway.retriever.requests == []
+    assert await gateway.redis.xlen("rag:llm:jobs") == 0
