@@ -31,6 +31,12 @@ DOCUMENT_CASES = [
     ({"documents": [{"id": "a"}]}, "documents.0.text"),
     ({"documents": [{"id": "", "text": "t"}]}, "documents.0.id"),
     ({"documents": [{"id": 3, "text": "t"}]}, "documents.0.id"),
+    # Ids a URL cannot address: refused when they are sent, not found unreachable later.
+    ({"documents": [{"id": ".", "text": "t"}]}, "documents.0.id"),
+    ({"documents": [{"id": "..", "text": "t"}]}, "documents.0.id"),
+    ({"documents": [{"id": "../../etc/passwd.md", "text": "t"}]}, "documents.0.id"),
+    ({"documents": [{"id": "ok", "text": "t"}, {"id": "a\nb", "text": "t"}]}, "documents.1.id"),
+    ({"documents": [{"id": "tab\there", "text": "t"}]}, "documents.0.id"),
     ({"documents": [{"id": "a", "text": "t", "metadata": "m"}]}, "documents.0.metadata"),
     ({"documents": [{"id": "a", "text": "t"}, {"id": "a", "text": "u"}]}, "documents"),
     ({"documents": [{"id": str(i), "text": "t"} for i in range(4)]}, "documents"),
@@ -141,3 +147,10 @@ async def test_chat_with_tools_or_images_is_a_400_saying_they_are_not_supported(
     assert "not supported" in error["message"]
     assert gateway.retriever.requests == []
     assert await gateway.redis.xlen("rag:llm:jobs") == 0
+
+
+async def test_a_file_id_a_url_cannot_address_is_a_422(gateway: Gateway) -> None:
+    response = await gateway.client.post("/v1/files", files={"files": ("a.txt", b"alpha")}, data={"id": "docs/../a"})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"].startswith("files.0 (a.txt): id: ")
+    assert gateway.retriever.requests == []
