@@ -1,5 +1,6 @@
 """``ragpod``: ask questions, index files, list and delete documents, run the local stack.
 
+ragpod [--gateway URL] COMMAND     (default: $RAG_GATEWAY_URL, else http://127.0.0.1:8000)
 ragpod ask "question" [--top-k 5]
 ragpod ingest PATH [PATH ...]      (.md, .txt, .pdf, .html, .docx; folders are walked)
 ragpod ls [--page-size N]          (every indexed document: id, chunks, title)
@@ -21,7 +22,7 @@ import httpx
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ragpod.documents import SUFFIXES, Found, as_document, find_files
+from ragpod.documents import SUFFIXES, Found, NotText, as_document, find_files
 
 # Files go to POST /v1/files in requests of at most this many bytes (one larger file goes alone).
 FILE_BATCH_BYTES = 4 * 1024 * 1024
@@ -125,7 +126,10 @@ def cmd_ingest(args: argparse.Namespace, client: httpx.Client) -> None:
     if missing:
         raise CliError(f"no such file or folder: {', '.join(missing)}")
     found = find_files(*paths)
-    documents = [doc for doc in map(as_document, (f for f in found if f.is_text)) if doc is not None]
+    try:
+        documents = [doc for doc in map(as_document, (f for f in found if f.is_text)) if doc is not None]
+    except NotText as exc:
+        raise CliError(f"{exc}; nothing was indexed") from None
     files = [f for f in found if not f.is_text]
     if not documents and not files:
         raise CliError(f"no files with text found (ragpod indexes {', '.join(sorted(SUFFIXES))})")
@@ -195,6 +199,12 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ragpod", description="Ask questions over your own documents.")
+    parser.add_argument(
+        "--gateway",
+        metavar="URL",
+        help="the gateway to talk to (default: $RAG_GATEWAY_URL, else http://127.0.0.1:8000); "
+        "$RAG_API_KEY is sent as its key when set",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     ask = sub.add_parser("ask", help="ask a question; prints the answer and its sources")
     ask.add_argument("question")
@@ -221,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             cmd_run(args)
         else:
-            with _client(CliSettings()) as client:
+            settings = CliSettings()
+            if args.gateway:
+                settings.gateway_url = args.gateway
+            with _client(settings) as client:
                 handlers[args.command](args, client)
     except CliError as exc:
         print(exc, file=sys.stderr)

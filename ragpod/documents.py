@@ -35,13 +35,23 @@ def find_files(*paths: Path, suffixes: set[str] = SUFFIXES) -> list[Found]:
     return found
 
 
+class NotText(ValueError):
+    """A .txt/.md file that is not UTF-8 text; the message names it (``POST /v1/files`` refuses it alike)."""
+
+
 def as_document(found: Found) -> dict[str, Any] | None:
-    """A .txt/.md file as a /v1/documents entry, titled by its first line; None when it has no text."""
-    text = found.path.read_text(encoding="utf-8", errors="replace")
+    """A .txt/.md file as a /v1/documents entry, titled by its first line; None when it has no text.
+
+    Its metadata names it by its path relative to the folder given (its id), never by where it lies on this
+    machine. Raises ``NotText`` for a file that is not UTF-8."""
+    try:
+        text = found.path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise NotText(f"{found.path}: not UTF-8 text (byte {exc.start})") from None
     if not text.strip():
         return None
     title = next((line.lstrip("# ").strip() for line in text.splitlines() if line.strip()), found.path.stem)
-    return {"id": found.id, "text": text, "metadata": {"path": str(found.path), "title": title[:200]}}
+    return {"id": found.id, "text": text, "metadata": {"path": found.id, "title": title[:200]}}
 
 
 def read_documents(*paths: Path) -> list[dict[str, Any]]:

@@ -306,6 +306,16 @@ def wait_for_chain(gateway: str, timeout: float = 120.0) -> None:
     raise RuntimeError(f"the chain is not ready after {timeout:.0f} s; GET /v1/status says {last}")
 
 
+def converts_model(models_dir: Path) -> bool:
+    """Whether the LLM worker's start will convert the packaged model: no converted copy is cached yet."""
+    return not any(models_dir.glob("*/config.json"))
+
+
+def cli_example(gateway: str) -> str:
+    """The banner's CLI line, pointed at the gateway this run started (any port)."""
+    return f".venv/bin/ragpod --gateway {gateway} ask 'What does KEDA scale the LLM workers on?'"
+
+
 def ingest_demo(gateway: str) -> dict[str, int]:
     documents = read_documents(ROOT / "demo" / "corpus")
     response = httpx.post(f"{gateway}/v1/documents", json={"documents": documents}, timeout=300)
@@ -345,7 +355,8 @@ def main(data_dir: Path = ROOT / "data", ports: dict[str, int] | None = None) ->
             return 1
         print(f"redis: {server.describe()} on {redis_port}, data in {data_dir / 'redis'}", flush=True)
     print(f"starting {', '.join(SERVICES)} (logs in {stack.log_dir}) ...", flush=True)
-    print("the first start converts the LLM to safetensors (about a minute); later starts are fast", flush=True)
+    if converts_model(data_dir / "models"):
+        print("this first start converts the LLM to safetensors (about a minute); later starts are fast", flush=True)
     stopping = False
     supervising = False
 
@@ -371,7 +382,7 @@ def main(data_dir: Path = ROOT / "data", ports: dict[str, int] | None = None) ->
             f"\n  curl -s -X POST {gateway}/v1/ask -H 'Content-Type: application/json' \\\n"
             '       -d \'{"question": "How many embedding pods share one GPU with time-slicing?", "top_k": 3}\'\n'
         )
-        print("  .venv/bin/ragpod ask 'What does KEDA scale the LLM workers on?'\n")
+        print(f"  {cli_example(gateway)}\n")
         print("processes: " + ", ".join(f"{p.name} pid {p.pid}" for p in stack.procs if p.pid is not None))
         print("a service that dies is restarted; Ctrl-C stops every process.", flush=True)
         supervising = True

@@ -23,6 +23,8 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.common.disconnect import CLIENT_CLOSED, ClientDisconnected
+
 log = structlog.get_logger(__name__)
 
 
@@ -79,6 +81,13 @@ class UnsupportedMediaType(RagError):
 class InvalidInput(RagError):
     status_code = 422
     error = "validation_error"
+
+
+class FileTooComplex(RagError):
+    """An uploaded file over one of the parsing limits; the detail names the limit's setting."""
+
+    status_code = 422
+    error = "file_too_complex"
 
 
 class TooManyRequests(RagError):
@@ -251,6 +260,10 @@ def install_error_handlers(app: FastAPI, shapes: Mapping[str, ErrorRenderer] | N
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> Response:
         return render(request, _from_http(exc))
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=CLIENT_CLOSED)  # nobody reads it; the metrics count it
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:

@@ -73,10 +73,25 @@ class ServiceClient:
         return await self.request("GET", path, request_id=request_id, params=params, model=model)
 
     @overload
-    async def post(self, path: str, payload: Any, *, idempotent: bool = ..., request_id: str | None = ...) -> Any: ...
+    async def post(
+        self,
+        path: str,
+        payload: Any,
+        *,
+        idempotent: bool = ...,
+        request_id: str | None = ...,
+        time_limit: float | None = ...,
+    ) -> Any: ...
     @overload
     async def post(
-        self, path: str, payload: Any, *, idempotent: bool = ..., request_id: str | None = ..., model: type[M]
+        self,
+        path: str,
+        payload: Any,
+        *,
+        idempotent: bool = ...,
+        request_id: str | None = ...,
+        time_limit: float | None = ...,
+        model: type[M],
     ) -> M: ...
     async def post(
         self,
@@ -85,11 +100,14 @@ class ServiceClient:
         *,
         idempotent: bool = False,
         request_id: str | None = None,
+        time_limit: float | None = None,
         model: type[BaseModel] | None = None,
     ) -> Any:
         """``idempotent``: sending this POST twice does what sending it once does, so a failed connection may
-        send it again (see the class)."""
-        return await self.request("POST", path, json=payload, request_id=request_id, model=model, idempotent=idempotent)
+        send it again (see the class). ``time_limit``: this call's timeout, instead of the client's."""
+        return await self.request(
+            "POST", path, json=payload, request_id=request_id, model=model, idempotent=idempotent, time_limit=time_limit
+        )
 
     async def request(
         self,
@@ -101,15 +119,20 @@ class ServiceClient:
         request_id: str | None = None,
         model: type[BaseModel] | None = None,
         idempotent: bool = False,
+        time_limit: float | None = None,
     ) -> Any:
         """One call; the decoded JSON body (validated into ``model`` when given), or ``None`` for a 204.
 
         ``idempotent`` marks a request of another method (a POST) as safe to send twice; the methods in
-        ``IDEMPOTENT_METHODS`` are so without it."""
+        ``IDEMPOTENT_METHODS`` are so without it. ``time_limit``, when given, replaces the client's for this
+        call (work that grows with what is sent)."""
         headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
         resend = idempotent or method.upper() in IDEMPOTENT_METHODS
+        options: dict[str, Any] = {"json": json, "params": params, "headers": headers}
+        if time_limit is not None:
+            options["timeout"] = httpx.Timeout(time_limit, connect=min(time_limit, 5.0))
         try:
-            response = await self._send(method, path, resend, json=json, params=params, headers=headers)
+            response = await self._send(method, path, resend, **options)
         except httpx.TimeoutException as exc:
             log.warning("upstream_timeout", upstream=self.name, path=path)
             raise UpstreamTimeout(f"{self.name} did not answer in time") from exc

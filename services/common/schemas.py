@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, Field, field_validator
@@ -23,9 +24,27 @@ def not_blank(value: str) -> str:
 NonBlankStr = Annotated[str, AfterValidator(not_blank), Field(json_schema_extra={"pattern": r"\S"})]
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def addressable(value: str) -> str:
+    """A document id must be addressable as ``/v1/documents/{id}``: no control character (a server's path
+    matching stops at a newline) and no ``/``-separated part that is ``.`` or ``..`` (clients and proxies
+    resolve those before sending)."""
+    if _CONTROL.search(value):
+        raise ValueError("must not hold control characters (a newline, a tab, ...)")
+    if any(part in (".", "..") for part in value.split("/")):
+        raise ValueError("must not have a part between slashes that is . or .. (a URL cannot address it)")
+    return value
+
+
 class Document(BaseModel):
-    id: NonBlankStr = Field(
-        ..., min_length=1, max_length=512, description="Stable id: sending it again replaces the document."
+    id: Annotated[NonBlankStr, AfterValidator(addressable)] = Field(
+        ...,
+        min_length=1,
+        max_length=512,
+        description="Stable id: sending it again replaces the document. Ids may hold /; no control characters "
+        "and no part between slashes that is . or ..",
     )
     text: NonBlankStr = Field(..., min_length=1, description="The document's text.")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Returned with every source from this document.")

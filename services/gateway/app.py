@@ -19,9 +19,12 @@ from services.gateway import chat, documents
 from services.gateway.chat import ERROR_SHAPES
 from services.gateway.config import Settings
 from services.gateway.deps import Guarded, State, StateDep
+from services.gateway.files import FileParser, ParseLimits
+from services.gateway.head import HeadMiddleware
 from services.gateway.routes import router
 from services.gateway.schemas import error_responses
 from services.gateway.security import BodyLimitMiddleware, Guard
+from services.gateway.surrogates import UnicodeMiddleware
 
 CHAIN_BELOW_RETRIEVER = ("qdrant",)
 STATUS_MARGIN_SECONDS = 2.0
@@ -56,10 +59,12 @@ def create_app(
                 settings, settings.upstream_timeout_seconds, embedding_transport, cpu_embedding_transport
             ),
             guard=Guard(settings),
+            files=file_parser(settings),
         )
         try:
             yield lifespan_state(state)
         finally:
+            state.files.close()
             await state.retriever.aclose()
             await state.embedding.aclose()
             await state.guard.aclose()
@@ -72,8 +77,11 @@ def create_app(
         lifespan=lifespan,
     )
     # Innermost of the middleware (the common ones wrap it): a body over the limit is refused before
-    # anything reads it, and the refusal is still counted and carries the request id.
+    # anything reads it, and the refusal is still counted and carries the request id; within the limit,
+    # a JSON body that holds a lone surrogate is refused naming its field.
+    app.add_middleware(UnicodeMiddleware, shapes=ERROR_SHAPES)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, shapes=ERROR_SHAPES)
+    app.add_middleware(HeadMiddleware)
     add_common_routes(
         app,
         "gateway",
@@ -88,6 +96,21 @@ def create_app(
     app.include_router(chat.router)
     documents.describe_limits(app, settings)
     return app
+
+
+def file_parser(settings: Settings) -> FileParser:
+    limits = ParseLimits(
+        max_unpacked_bytes=settings.file_max_unpacked_bytes,
+        max_paragraphs=settings.file_max_paragraphs,
+        max_pages=settings.file_max_pages,
+        max_content_bytes=settings.file_max_content_bytes,
+    )
+    return FileParser(
+        limits,
+        workers=settings.file_parse_workers,
+        timeout=settings.file_parse_timeout_seconds,
+        memory_mb=settings.file_parse_memory_mb,
+    )
 
 
 async def readiness(state: StateDep) -> Checks:

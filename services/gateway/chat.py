@@ -24,7 +24,7 @@ from pydantic import TypeAdapter, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.responses import Response
 
-from services.common.errors import InvalidInput, NotFound, RagError
+from services.common.errors import BadRequest, InvalidInput, NotFound, RagError
 from services.common.openai_schemas import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -118,8 +118,29 @@ def _search_options(body: ChatCompletionRequest, settings: Settings) -> tuple[in
     return top_k, dict(filters)
 
 
+# OpenAI request fields asking for what this API does not do: refused, so a client is not silently ignored.
+_UNSUPPORTED_FIELDS = ("tools", "functions", "tool_choice", "function_call")
+
+
+def _refuse_unsupported(body: ChatCompletionRequest) -> None:
+    """Tools and non-text content parts (images, audio, files) are a 400 naming the field."""
+    extra = body.model_extra or {}
+    for name in _UNSUPPORTED_FIELDS:
+        if extra.get(name) not in (None, [], "none"):
+            raise BadRequest(f"{name}: tools and function calling are not supported; answers come from the documents")
+    for index, message in enumerate(body.messages):
+        if isinstance(message.content, list):
+            for part_index, part in enumerate(message.content):
+                if part.get("type") != "text":
+                    raise BadRequest(
+                        f"messages.{index}.content.{part_index}: content parts of type {str(part.get('type'))!r} "
+                        "are not supported; send text"
+                    )
+
+
 def question_of(body: ChatCompletionRequest, settings: Settings) -> Question:
     """The last message is the question; the caller's system messages and the earlier turns come along."""
+    _refuse_unsupported(body)
     messages = body.messages
     last = len(messages) - 1
     if messages[last].role != "user":

@@ -20,6 +20,27 @@ class Settings(ServiceSettings, QueueSettings, EmbeddingSettings):
     max_question_chars: int = Field(2000, ge=1)
     max_documents_per_request: int = Field(256, ge=1)
     max_document_chars: int = Field(1_000_000, ge=1)
+    ingest_chars_per_second: float = Field(
+        2000.0,
+        gt=0,
+        description="The slowest indexing rate waited for: documents of N characters wait "
+        "RAG_UPSTREAM_TIMEOUT_SECONDS + N / this for the retriever.",
+    )
+    file_parse_workers: int = Field(
+        2, ge=1, description="Processes that parse uploaded files, one file each at a time."
+    )
+    file_parse_timeout_seconds: float = Field(
+        30.0, gt=0, description="Longest one file may take to parse; its process is stopped and the file refused."
+    )
+    file_parse_memory_mb: int = Field(1024, ge=256, description="Address space of a process that parses files.")
+    file_max_unpacked_bytes: int = Field(
+        100 * 1024 * 1024, ge=1024, description=".docx: most bytes its zip members may unpack to, added up."
+    )
+    file_max_paragraphs: int = Field(100_000, ge=1, description=".docx: most paragraphs and table rows.")
+    file_max_pages: int = Field(2000, ge=1, description="PDF: most pages.")
+    file_max_content_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="PDF: most bytes of page content (decoded), over all its pages."
+    )
     api_keys: str = Field(
         "",
         description="Comma-separated API keys or sha256:<hex> digests of them; empty disables authentication.",
@@ -53,6 +74,10 @@ class Settings(ServiceSettings, QueueSettings, EmbeddingSettings):
     min_support: float = Field(
         0.6, description="Support (0..1) every answer sentence needs for the answer to count as grounded."
     )
+
+    def ingest_timeout(self, chars: int) -> float:
+        """How long indexing ``chars`` characters may take: the work grows with them, and so does the wait."""
+        return self.upstream_timeout_seconds + chars / self.ingest_chars_per_second
 
     @field_validator("min_relevance", "min_support")
     @classmethod

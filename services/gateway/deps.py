@@ -13,12 +13,14 @@ from services.common.embedding import EmbeddingClient
 from services.common.http import ServiceClient
 from services.common.queue import JobQueue
 from services.gateway.config import Settings
+from services.gateway.files import FileParser
 from services.gateway.pipeline import Clients
 from services.gateway.security import Guard
 
 __all__ = [
     "ClientsDep",
     "EmbeddingDep",
+    "FileParserDep",
     "Guarded",
     "QueueDep",
     "RequestIdDep",
@@ -40,6 +42,7 @@ class State:
     retriever: ServiceClient
     embedding: EmbeddingClient  # attribution's sentence vectors, with the GPU-to-CPU spill
     guard: Guard
+    files: FileParser  # parses uploads in worker processes
 
     @property
     def clients(self) -> Clients:
@@ -66,6 +69,10 @@ async def get_clients(state: StateDep) -> Clients:
     return state.clients
 
 
+async def get_file_parser(state: StateDep) -> FileParser:
+    return state.files
+
+
 async def guard(request: Request, state: StateDep) -> None:
     """API key and rate limit; routes take it as ``dependencies=[Guarded]``."""
     await state.guard.check(request)
@@ -75,4 +82,5 @@ RetrieverDep = Annotated[ServiceClient, Depends(get_retriever)]
 EmbeddingDep = Annotated[EmbeddingClient, Depends(get_embedding)]
 ClientsDep = Annotated[Clients, Depends(get_clients)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
+FileParserDep = Annotated[FileParser, Depends(get_file_parser)]
 Guarded = Depends(guard)

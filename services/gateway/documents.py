@@ -12,15 +12,16 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 import structlog
-from fastapi import APIRouter, FastAPI, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, Query, Request, Response, UploadFile
 from pydantic import ValidationError
 
-from services.common.errors import InvalidInput, NotFound
+from services.common.disconnect import unless_disconnected
+from services.common.errors import FileTooComplex, InvalidInput, NotFound
 from services.common.schemas import Document, DocumentsResponse
 from services.gateway import pipeline
 from services.gateway.config import Settings
-from services.gateway.deps import Guarded, RequestIdDep, RetrieverDep, SettingsDep
-from services.gateway.files import Unparseable, parse_file
+from services.gateway.deps import FileParserDep, Guarded, RequestIdDep, RetrieverDep, SettingsDep
+from services.gateway.files import TooComplex, Unparseable
 from services.gateway.pipeline import Question
 from services.gateway.schemas import (
     DocumentInfo,
@@ -32,6 +33,7 @@ from services.gateway.schemas import (
     SearchTimings,
     error_responses,
 )
+from services.gateway.surrogates import check_text
 
 log = structlog.get_logger(__name__)
 router = APIRouter(tags=["documents"])
@@ -125,8 +127,10 @@ async def delete_document(document_id: str, retriever: RetrieverDep, rid: Reques
     summary="Index files (.pdf, .html, .docx, .md, .txt); all of them or none",
 )
 async def upload_files(
+    request: Request,
     settings: SettingsDep,
     retriever: RetrieverDep,
+    parser: FileParserDep,
     rid: RequestIdDep,
     files: Annotated[list[UploadFile], File(description="One or more files; a file's id is its name.")],
     id: Annotated[
@@ -148,7 +152,9 @@ async def upload_files(
         if not document_id.strip():
             raise InvalidInput(f"files.{index}: the file has no name; give its id in the form field id")
         try:
-            parsed = parse_file(name or document_id, await upload.read())
+            parsed = await parser.parse(name or document_id, await upload.read())
+        except TooComplex as exc:
+            raise FileTooComplex(f"files.{index} ({label}): too complex to parse: {exc}") from None
         except Unparseable as exc:
             raise InvalidInput(f"files.{index} ({label}): cannot be parsed: {exc}") from None
         if len(parsed.text) > settings.max_document_chars:
@@ -163,8 +169,15 @@ async def upload_files(
             raise InvalidInput(f"files.{index}: id {document_id!r} appears more than once")
         indexed.append(FileIndexed(id=document_id, title=parsed.title, format=parsed.format, chars=len(parsed.text)))
     payload = {"documents": [doc.model_dump() for doc in documents]}
-    # Chunk ids are deterministic: the same documents sent twice are written once.
-    result = await retriever.post("/v1/documents", payload, idempotent=True, request_id=rid, model=DocumentsResponse)
+    # Chunk ids are deterministic: the same documents sent twice are written once. The wait grows with the
+    # text sent; a caller that goes away stops the retriever's work with it.
+    timeout = settings.ingest_timeout(sum(len(doc.text) for doc in documents))
+    result = await unless_disconnected(
+        request,
+        retriever.post(
+            "/v1/documents", payload, idempotent=True, request_id=rid, time_limit=timeout, model=DocumentsResponse
+        ),
+    )
     log.info("files_indexed", files=len(indexed), chunks=result.chunks)
     return FilesResponse(indexed=result.indexed, chunks=result.chunks, files=indexed)
 
@@ -178,6 +191,7 @@ def _metadata(raw: str | None) -> dict[str, Any]:
         raise InvalidInput("metadata: not valid JSON") from None
     if not isinstance(value, dict):
         raise InvalidInput("metadata: must be a JSON object")
+    check_text(value, "metadata")
     return value
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 from sse_starlette import EventSourceResponse
 
+from services.common.disconnect import unless_disconnected
 from services.common.errors import InvalidInput, RagError
 from services.gateway import pipeline
 from services.gateway.deps import ClientsDep, Guarded, RequestIdDep, RetrieverDep, SettingsDep
@@ -42,16 +43,26 @@ async def index(settings: SettingsDep) -> HTMLResponse:
     responses=error_responses(400, 401, 413, 422, 429, 502, 503, 504),
 )
 async def add_documents(
-    body: DocumentsRequest, settings: SettingsDep, retriever: RetrieverDep, rid: RequestIdDep
+    body: DocumentsRequest, request: Request, settings: SettingsDep, retriever: RetrieverDep, rid: RequestIdDep
 ) -> DocumentsResponse:
     if len(body.documents) > settings.max_documents_per_request:
         raise InvalidInput(f"documents: at most {settings.max_documents_per_request} documents per request")
     for index, doc in enumerate(body.documents):
         if len(doc.text) > settings.max_document_chars:
             raise InvalidInput(f"documents.{index}.text: longer than {settings.max_document_chars} characters")
-    # Chunk ids are deterministic: the same documents sent twice are written once.
-    return await retriever.post(
-        "/v1/documents", body.model_dump(), idempotent=True, request_id=rid, model=DocumentsResponse
+    # Chunk ids are deterministic: the same documents sent twice are written once. The wait grows with the
+    # text sent (the retriever's work does); a caller that goes away stops the retriever's work with it.
+    timeout = settings.ingest_timeout(sum(len(doc.text) for doc in body.documents))
+    return await unless_disconnected(
+        request,
+        retriever.post(
+            "/v1/documents",
+            body.model_dump(),
+            idempotent=True,
+            request_id=rid,
+            time_limit=timeout,
+            model=DocumentsResponse,
+        ),
     )
 
 

@@ -5,8 +5,9 @@ import uuid
 from typing import Annotated
 
 import structlog
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
+from services.common.disconnect import unless_disconnected
 from services.common.errors import InvalidInput, NotFound
 from services.retriever.deps import (
     DimensionsDep,
@@ -41,18 +42,23 @@ async def add_documents(
     encoder: EncoderDep,
     settings: SettingsDep,
     rid: RequestIdDep,
+    request: Request,
 ) -> DocumentsResponse:
-    chunks = await index_documents(
-        body.documents,
-        store=store,
-        embedding=embedding,
-        encoder=encoder,
-        dimensions=dimensions,
-        chunk_size=settings.chunk_size,
-        overlap=settings.chunk_overlap,
-        batch_size=settings.embed_batch_size,
-        concurrency=settings.embed_concurrency,
-        request_id=rid,
+    # Indexing stops when the caller goes away (it gave up, or its own caller did): its embedding calls with it.
+    chunks = await unless_disconnected(
+        request,
+        index_documents(
+            body.documents,
+            store=store,
+            embedding=embedding,
+            encoder=encoder,
+            dimensions=dimensions,
+            chunk_size=settings.chunk_size,
+            overlap=settings.chunk_overlap,
+            batch_size=settings.embed_batch_size,
+            concurrency=settings.embed_concurrency,
+            request_id=rid,
+        ),
     )
     return DocumentsResponse(indexed=len(body.documents), chunks=chunks)
 

@@ -171,7 +171,17 @@ def test_the_web_page_lists_the_documents_and_deletes_one(served_stack: str) -> 
         assert deleted.value.status == 204
         page.wait_for_function("document.querySelectorAll('#doc-list li').length === 2", timeout=30_000)
         status = page.inner_text("#doc-status")
+        # Deleted meanwhile by another client: the page's delete fails, and it says so.
+        assert httpx.delete(f"{served_stack}/v1/documents/k8s", timeout=30).status_code == 204
+        with page.expect_response(lambda r: r.request.method == "DELETE") as failed:
+            page.click('#doc-list li[data-id="k8s"] button.delete')
+        assert failed.value.status == 404
+        page.wait_for_function("document.querySelector('#doc-status').textContent.startsWith('Could not')")
+        failed_status = page.inner_text("#doc-status")
+        still_listed = page.locator('#doc-list li[data-id="k8s"]').count()
         browser.close()
     assert status == "Deleted odd?id%20#with/parts."
+    assert failed_status.startswith("Could not delete k8s: ") and "not indexed" in failed_status
+    assert still_listed == 1
     remaining = httpx.get(f"{served_stack}/v1/documents", timeout=30).json()["documents"]
-    assert sorted(d["id"] for d in remaining) == ["handbook/vacation.md", "k8s"]
+    assert sorted(d["id"] for d in remaining) == ["handbook/vacation.md"]

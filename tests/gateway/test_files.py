@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import time
+import zipfile
+import zlib
 from collections.abc import AsyncIterator
 
 import docx
+import httpx
 import pytest
 from fpdf import FPDF
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.gateway.files import Unparseable, parse_file
+from services.gateway.app import create_app
+from services.gateway.config import Settings
+from services.gateway.files import ParseLimits, TooComplex, Unparseable, parse_file
+from tests.fixtures.apps import in_process
 from tests.fixtures.gateway_stack import Stack, stack
+from tests.fixtures.redis import RedisServer
+from tests.gateway.conftest import RetrieverDouble
 
 __all__ = ["stack"]
 
@@ -171,3 +182,147 @@ def test_the_parsers_take_titles_from_metadata_then_headings() -> None:
     assert html.text == "Hello bold world\n\none\n\ntwo"
     with pytest.raises(Unparseable, match="unsupported"):
         parse_file("noextension", b"text")
+
+
+def many_paragraphs_docx(count: int) -> bytes:
+    """A valid .docx of ``count`` one-letter paragraphs (about 38 kB for 20,000)."""
+    document = docx.Document()
+    for _ in range(count):
+        document.add_paragraph("x")
+    out = io.BytesIO()
+    document.save(out)
+    return out.getvalue()
+
+
+def zip_bomb_docx(unpacked_bytes: int) -> bytes:
+    """A .docx whose document part unpacks to ``unpacked_bytes`` of XML, a few kilobytes on the wire per MB."""
+    template = zipfile.ZipFile(io.BytesIO(make_docx("Bomb", "Body.")))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as bomb:
+        for member in template.infolist():
+            if member.filename != "word/document.xml":
+                bomb.writestr(member, template.read(member))
+        with bomb.open("word/document.xml", "w") as part:
+            part.write(
+                b'<?xml version="1.0"?><w:document xmlns:w="http://schemas.openxmlformats.org/'
+                b'wordprocessingml/2006/main"><w:body>'
+            )
+            paragraph = b"<w:p><w:r><w:t>x</w:t></w:r></w:p>" * 1024
+            for _ in range(unpacked_bytes // len(paragraph) + 1):
+                part.write(paragraph)
+            part.write(b"</w:body></w:document>")
+    return out.getvalue()
+
+
+def busy_pdf(operations: int) -> bytes:
+    """A one-page PDF whose content stream holds ``operations`` text-showing operations, deflated."""
+    content = zlib.compress(b"BT /F1 12 Tf 72 720 Td " + b"(a) Tj " * operations + b"ET")
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 5 0 R >> >> "
+        b"/Contents 4 0 R >>",
+        b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(content) + content + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+def test_what_a_file_may_expand_to_is_bounded_before_it_is_parsed() -> None:
+    limits = ParseLimits(max_unpacked_bytes=1024 * 1024, max_paragraphs=1000, max_pages=2, max_content_bytes=10_000)
+    with pytest.raises(
+        TooComplex, match=r"unpacks to \d+ bytes, over the limit of 1048576 \(RAG_FILE_MAX_UNPACKED_BYTES\)"
+    ):
+        parse_file("bomb.docx", zip_bomb_docx(4 * 1024 * 1024), limits)
+    with pytest.raises(TooComplex, match=r"has 2000 paragraphs and table rows, .*\(RAG_FILE_MAX_PARAGRAPHS\)"):
+        parse_file("many.docx", many_paragraphs_docx(2000), limits)
+    with pytest.raises(TooComplex, match=r"has 3 pages, over the limit of 2 \(RAG_FILE_MAX_PAGES\)"):
+        parse_file("long.pdf", make_pdf("one", "two", "three"), limits)
+    with pytest.raises(TooComplex, match=r"more than 10000 bytes \(RAG_FILE_MAX_CONTENT_BYTES\)"):
+        parse_file("busy.pdf", busy_pdf(5000), limits)
+    assert parse_file("busy.pdf", busy_pdf(50), ParseLimits()).text == "a" * 50
+    # Under the limits, the title still comes from the first heading; the default style's name is looked up once.
+    assert parse_file("x.docx", make_docx("Heading one", *["Body."] * 500), limits).title == "Heading one"
+
+
+class BodiesRead:
+    """Middleware for a test: sets ``done`` once ``count`` request bodies to /v1/files have been read whole."""
+
+    def __init__(self, app: ASGIApp, count: int, done: asyncio.Event) -> None:
+        self.app, self.count, self.done = app, count, done
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/files":
+            await self.app(scope, receive, send)
+            return
+
+        async def counted() -> Message:
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                self.count -= 1
+                if self.count == 0:
+                    self.done.set()
+            return message
+
+        await self.app(scope, counted, send)
+
+
+async def test_files_are_parsed_in_another_process_and_a_zip_bomb_is_refused_naming_its_limit(
+    redis_server: RedisServer,
+) -> None:
+    retriever = RetrieverDouble()
+    indexed_at: list[float] = []
+
+    def recording(request: httpx.Request) -> httpx.Response:
+        indexed_at.append(time.monotonic())  # the parse of the files of that request has ended
+        return retriever(request)
+
+    settings = Settings(redis_url=redis_server.url, file_max_unpacked_bytes=16 * 1024 * 1024)
+    app = create_app(settings, retriever_transport=httpx.MockTransport(recording))
+    bodies_read = asyncio.Event()
+    app.add_middleware(BodiesRead, count=2, done=bodies_read)
+    refused_at: list[float] = []
+    async with in_process(app) as client:
+
+        async def upload(name: str, data: bytes) -> httpx.Response:
+            response = await client.post("/v1/files", files={"files": (name, data)})
+            if response.status_code != 200:
+                refused_at.append(time.monotonic())
+            return response
+
+        many = asyncio.create_task(upload("many.docx", many_paragraphs_docx(20_000)))
+        bomb = asyncio.create_task(upload("bomb.docx", zip_bomb_docx(64 * 1024 * 1024)))
+        await bodies_read.wait()  # both bodies are in: each request goes on to parse its file
+        health = await client.get("/healthz")
+        healthy_at = time.monotonic()
+        many_response, bomb_response = await asyncio.gather(many, bomb)
+    assert health.status_code == 200
+    assert many_response.status_code == 200, many_response.text
+    assert many_response.json()["files"][0]["chars"] == 3 * 20_000 - 2  # "x" paragraphs, a blank line between two
+    assert bomb_response.status_code == 422
+    body = bomb_response.json()
+    assert body["error"] == "file_too_complex"
+    assert body["detail"].startswith("files.0 (bomb.docx): too complex to parse: unpacks to ")
+    assert "(RAG_FILE_MAX_UNPACKED_BYTES)" in body["detail"]
+    assert healthy_at < min(indexed_at + refused_at)  # answered while both files were still being parsed
+
+
+async def test_a_file_over_the_time_limit_is_refused_and_the_next_one_parses(redis_server: RedisServer) -> None:
+    settings = Settings(redis_url=redis_server.url, file_parse_timeout_seconds=1.0)
+    app = create_app(settings, retriever_transport=httpx.MockTransport(RetrieverDouble()))
+    async with in_process(app) as client:
+        slow = await client.post("/v1/files", files={"files": ("busy.pdf", busy_pdf(200_000))})
+        after = await client.post("/v1/files", files={"files": ("ok.txt", b"Still parsing.")})
+    assert slow.status_code == 422, slow.text
+    assert slow.json()["error"] == "file_too_complex"
+    assert "parsing took longer than 1 s (RAG_FILE_PARSE_TIMEOUT_SECONDS)" in slow.json()["detail"]
+    assert after.status_code == 200, after.text

@@ -1,0 +1,55 @@
+"""The ragpod command's own behaviour, without a gateway: where it points, what it refuses to send."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ragpod import cli
+from ragpod.documents import read_documents
+from ragpod.supervisor import ROOT, cli_example, converts_model
+from tests.fixtures.uvicorn_server import free_port
+
+
+def test_help_shows_how_to_point_the_cli_at_a_gateway(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "--gateway URL" in out and "RAG_GATEWAY_URL" in out
+
+
+def test_the_gateway_flag_wins_over_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("RAG_GATEWAY_URL", "http://127.0.0.1:1")
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    assert cli.main(["--gateway", nowhere, "ls"]) == 1
+    assert f"cannot reach the gateway at {nowhere}" in capsys.readouterr().err
+
+
+def test_ingest_refuses_a_text_file_that_is_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "good.md").write_text("# Fine\n\nText.\n")
+    (tmp_path / "latin1.txt").write_bytes("Caf\xe9 au lait".encode("latin-1"))
+    assert cli.main(["--gateway", f"http://127.0.0.1:{free_port()}", "ingest", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "latin1.txt: not UTF-8 text (byte 3); nothing was indexed" in err
+    assert "cannot reach" not in err  # refused before anything was sent
+
+
+def test_the_demo_documents_carry_no_path_of_this_machine() -> None:
+    documents = read_documents(ROOT / "demo" / "corpus")
+    assert documents
+    for document in documents:
+        assert document["metadata"]["path"] == document["id"]
+        assert str(ROOT) not in str(document["metadata"])
+
+
+def test_the_banner_names_the_gateway_it_started_and_the_conversion_only_when_it_happens(tmp_path: Path) -> None:
+    assert "--gateway http://127.0.0.1:9123 ask " in cli_example("http://127.0.0.1:9123")
+    models = tmp_path / "models"
+    assert converts_model(models)
+    (models / "SmolLM2-135M-Instruct.Q4_1-1-2").mkdir(parents=True)
+    assert converts_model(models)  # a copy cut short is no copy
+    (models / "SmolLM2-135M-Instruct.Q4_1-1-2" / "config.json").write_text("{}")
+    assert not converts_model(models)
