@@ -27,6 +27,12 @@ class Settings(ServiceSettings, QueueSettings, EmbeddingSettings):
     rate_limit_per_minute: int = Field(
         0, ge=0, description="Requests per minute per API key (per client address without keys), in Redis; 0 disables."
     )
+    auth_failures_per_minute: int = Field(
+        10,
+        ge=0,
+        description="Failed authentications per minute per client address; beyond them the address gets 429 "
+        "(Retry-After) on every request until the minute frees; 0 disables.",
+    )
     rate_limit_fail_open: bool = Field(
         True, description="When Redis does not answer the rate limiter: let requests through (true) or answer 503."
     )

@@ -3,6 +3,10 @@
 - A body over ``RAG_MAX_BODY_BYTES`` is answered 413 before any of it is parsed.
 - ``RAG_API_KEYS`` holds keys or ``sha256:<hex>`` digests; both are kept as digests only, compared in
   constant time, and never logged (a client is named in logs and Redis keys by a short digest prefix).
+  A refusal is a 401 with ``WWW-Authenticate: Bearer``. Failed authentications count against the client's
+  address (``RAG_AUTH_FAILURES_PER_MINUTE``, in Redis like the rate limit): beyond them every request from
+  that address is a 429 with Retry-After until the window frees, a right key included, so guessing keys
+  learns nothing more.
 - The rate limit is a moving window per client kept in Redis (the ``limits`` library), so every gateway
   replica counts against the same window. When that Redis does not answer, the limiter lets requests
   through (``RAG_RATE_LIMIT_FAIL_OPEN=true``, the default, with a warning) or answers 503 naming it.
@@ -35,6 +39,8 @@ log = structlog.get_logger(__name__)
 
 DIGEST_PREFIX = "sha256:"
 RATE_LIMIT_PREFIX = "rag:ratelimit"
+AUTH_FAILURE_PREFIX = "rag:authfail"
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="ragpod"'}
 
 
 def digest(key: str) -> bytes:
@@ -88,15 +94,17 @@ class ApiKeys:
             matched |= hmac.compare_digest(presented, known)
         if not matched:
             REJECTED.labels("unauthorized").inc()
-            raise Unauthorized("missing or invalid API key (Authorization: Bearer <key> or X-API-Key)")
+            raise Unauthorized(
+                "missing or invalid API key (Authorization: Bearer <key> or X-API-Key)", headers=CHALLENGE
+            )
         return "key:" + presented.hex()[:16]
 
 
 class RateLimiter:
-    """``per_minute`` requests per client in any 60 s (a moving window), counted in Redis."""
+    """``per_minute`` requests per client in any 60 s (a moving window), counted in Redis under ``prefix``."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.per_minute = settings.rate_limit_per_minute
+    def __init__(self, settings: Settings, per_minute: int | None = None, prefix: str = RATE_LIMIT_PREFIX) -> None:
+        self.per_minute = settings.rate_limit_per_minute if per_minute is None else per_minute
         self.fail_open = settings.rate_limit_fail_open
         self.item = RateLimitItemPerMinute(self.per_minute)
         self._pool: ConnectionPool | None = None
@@ -106,7 +114,7 @@ class RateLimiter:
             storage = RedisSentinelStorage(
                 f"async+redis+sentinel://{hosts}/{settings.redis_sentinel_master}",
                 implementation="redispy",
-                key_prefix=RATE_LIMIT_PREFIX,
+                key_prefix=prefix,
                 wrap_exceptions=True,
                 socket_connect_timeout=1.0,
                 socket_timeout=2.0,
@@ -116,7 +124,7 @@ class RateLimiter:
             storage = RedisStorage(
                 "async+" + settings.redis_url,
                 implementation="redispy",
-                key_prefix=RATE_LIMIT_PREFIX,
+                key_prefix=prefix,
                 wrap_exceptions=True,
                 connection_pool=self._pool,  # type: ignore[arg-type]
             )
@@ -140,6 +148,24 @@ class RateLimiter:
             headers={"Retry-After": str(wait)},
         )
 
+    async def wait_s(self, identity: str) -> int:
+        """Seconds until ``identity`` is under its limit again; 0 while it is (nothing is counted)."""
+        try:
+            if await self.strategy.test(self.item, identity):
+                return 0
+            stats = await self.strategy.get_window_stats(self.item, identity)
+        except (StorageError, RedisError, OSError) as exc:
+            self._unavailable(exc)
+            return 0
+        return max(1, math.ceil(stats.reset_time - self._clock()))
+
+    async def count(self, identity: str) -> None:
+        """One more for ``identity``, whether or not it is over."""
+        try:
+            await self.strategy.hit(self.item, identity)
+        except (StorageError, RedisError, OSError) as exc:
+            self._unavailable(exc)
+
     def _unavailable(self, exc: BaseException) -> None:
         error = type(getattr(exc, "storage_error", None) or exc).__name__
         if not self.fail_open:
@@ -156,20 +182,45 @@ class RateLimiter:
 
 
 class Guard:
-    """Authenticates the caller, then counts the request against the caller's rate limit."""
+    """Authenticates the caller, then counts the request against the caller's rate limit.
+
+    With keys on, an address over ``RAG_AUTH_FAILURES_PER_MINUTE`` failed authentications is refused (429)
+    before its key is looked at; each failure counts against it."""
 
     def __init__(self, settings: Settings) -> None:
         self.keys = ApiKeys(parse_api_keys(settings.api_keys))
         self.limiter = RateLimiter(settings) if settings.rate_limit_per_minute else None
+        self.failures = (
+            RateLimiter(settings, settings.auth_failures_per_minute, AUTH_FAILURE_PREFIX)
+            if self.keys.enabled and settings.auth_failures_per_minute
+            else None
+        )
 
     async def check(self, request: Request) -> None:
-        identity = self.keys.identify(request)
+        address = "ip:" + (request.client.host if request.client else "unknown")
+        if self.failures is not None:
+            wait = await self.failures.wait_s(address)
+            if wait:
+                REJECTED.labels("auth_failures").inc()
+                log.info("auth_failures_limited", client=address, retry_after=wait)
+                raise TooManyRequests(
+                    f"more than {self.failures.per_minute} failed authentications per minute from this address; "
+                    f"retry in {wait} s",
+                    headers={"Retry-After": str(wait)},
+                )
+        try:
+            identity = self.keys.identify(request)
+        except Unauthorized:
+            if self.failures is not None:
+                await self.failures.count(address)
+            raise
         if self.limiter is not None:
             await self.limiter.hit(identity)
 
     async def aclose(self) -> None:
-        if self.limiter is not None:
-            await self.limiter.aclose()
+        for limiter in (self.limiter, self.failures):
+            if limiter is not None:
+                await limiter.aclose()
 
 
 class BodyLimitMiddleware:

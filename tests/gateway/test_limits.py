@@ -120,6 +120,28 @@ async def test_keys_and_digests_authenticate_and_others_are_refused(
         assert (await client.get("/healthz")).status_code == 200
 
 
+async def test_a_refusal_challenges_for_a_bearer_key_and_failed_keys_are_rate_limited_per_address(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    settings = Settings(redis_url=redis_server.url, api_keys=KEY_A, auth_failures_per_minute=3)
+    app = create_app(settings, retriever_transport=httpx.MockTransport(RetrieverDouble()))
+    async with in_process(app) as client:
+        refused = [await client.post("/v1/search", json=QUERY, headers=bearer(f"{WRONG}{n}")) for n in range(3)]
+        assert [r.status_code for r in refused] == [401, 401, 401]
+        assert all(r.headers["www-authenticate"].startswith("Bearer") for r in refused)
+        chat = await client.post("/v1/chat/completions", json={"model": "m", "messages": []})
+        assert chat.status_code == 429  # the fourth failure's address is over its limit: refused before its key
+        assert chat.json()["error"]["code"] == "rate_limited" and 1 <= int(chat.headers["retry-after"]) <= 60
+        # Over the limit, a right key from that address is refused too: a guess that hits learns nothing.
+        limited = await client.post("/v1/search", json=QUERY, headers=bearer(KEY_A))
+        assert limited.status_code == 429 and limited.json()["error"] == "rate_limited"
+        assert "failed authentications" in limited.json()["detail"]
+    assert any(key.startswith("rag:authfail") for key in await redis_client.keys("*"))
+    # Another address is not affected; the count is kept per address.
+    async with in_process(app, client=("10.0.0.9", 4000)) as elsewhere:
+        assert (await elsewhere.post("/v1/search", json=QUERY, headers=bearer(KEY_A))).status_code == 200
+
+
 def test_a_malformed_digest_is_refused_at_start_naming_the_variable() -> None:
     with pytest.raises(ValueError, match="RAG_API_KEYS"):
         parse_api_keys("sha256:abc")
