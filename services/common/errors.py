@@ -98,6 +98,13 @@ class QueueFull(RagError):
     error = "queue_full"
 
 
+class Busy(RagError):
+    """A bounded resource of this process (its Redis connections, its requests in flight) is full."""
+
+    status_code = 503
+    error = "busy"
+
+
 class NotReady(RagError):
     status_code = 503
     error = "not_ready"

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from services.common.embedding import EmbeddingClient
 from services.common.errors import (
+    Busy,
     DeadlineExceeded,
     GenerationFailed,
     InvalidInput,
@@ -33,7 +34,7 @@ from services.common.errors import (
     UpstreamUnavailable,
 )
 from services.common.http import ServiceClient
-from services.common.queue import Event, Job, JobQueue
+from services.common.queue import Event, Job, JobQueue, PoolExhausted
 from services.common.schemas import SearchResponse, Source
 from services.gateway.attribution import Embed, SourceSentences, attribute_to, embed_sources
 from services.gateway.config import Settings
@@ -84,10 +85,18 @@ def above_floor(sources: list[Source], min_relevance: float) -> list[Source]:
     return [source for source in sources if source.score >= min_relevance]
 
 
+# A connection of the pool comes free within one blocking read of a job's events (1 s) at most.
+BUSY_RETRY_AFTER = {"Retry-After": "1"}
+
+
 @contextlib.contextmanager
 def redis_errors() -> Iterator[None]:
     try:
         yield
+    except PoolExhausted as exc:  # this process's connections are all in use: load, not an outage
+        REJECTED.labels("busy").inc()
+        log.info("redis_pool_busy", error=str(exc))
+        raise Busy(f"the gateway is busy ({exc}); retry later", headers=BUSY_RETRY_AFTER) from exc
     except RedisError as exc:
         log.warning("redis_unavailable", error=str(exc)[:200])
         raise UpstreamUnavailable("the job queue (redis) is unavailable") from exc

@@ -26,12 +26,19 @@ from limits import RateLimitItemPerMinute
 from limits.aio.storage import RedisSentinelStorage, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
-from redis.asyncio import ConnectionPool
 from redis.exceptions import RedisError
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.common.errors import ErrorRenderer, PayloadTooLarge, TooManyRequests, Unauthorized, UpstreamUnavailable
+from services.common.errors import (
+    Busy,
+    ErrorRenderer,
+    PayloadTooLarge,
+    TooManyRequests,
+    Unauthorized,
+    UpstreamUnavailable,
+)
+from services.common.queue.connection import BoundedPool, PoolExhausted
 from services.gateway.config import Settings
 from services.gateway.metrics import REJECTED
 
@@ -107,7 +114,7 @@ class RateLimiter:
         self.per_minute = settings.rate_limit_per_minute if per_minute is None else per_minute
         self.fail_open = settings.rate_limit_fail_open
         self.item = RateLimitItemPerMinute(self.per_minute)
-        self._pool: ConnectionPool | None = None
+        self._pool: BoundedPool | None = None
         storage: RedisStorage
         if settings.redis_sentinels:
             hosts = ",".join(item.strip() for item in settings.redis_sentinels.split(",") if item.strip())
@@ -120,7 +127,13 @@ class RateLimiter:
                 socket_timeout=2.0,
             )
         else:
-            self._pool = ConnectionPool.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
+            self._pool = BoundedPool.from_url(
+                settings.redis_url,
+                max_connections=settings.redis_max_connections,
+                timeout=settings.redis_pool_timeout_seconds,
+                socket_connect_timeout=1.0,
+                socket_timeout=2.0,
+            )
             storage = RedisStorage(
                 "async+" + settings.redis_url,
                 implementation="redispy",
@@ -167,7 +180,11 @@ class RateLimiter:
             self._unavailable(exc)
 
     def _unavailable(self, exc: BaseException) -> None:
-        error = type(getattr(exc, "storage_error", None) or exc).__name__
+        cause = getattr(exc, "storage_error", None) or exc
+        if isinstance(cause, PoolExhausted):  # every connection in use: load, not an outage
+            REJECTED.labels("busy").inc()
+            raise Busy(f"the gateway is busy ({cause}); retry later", headers={"Retry-After": "1"}) from exc
+        error = type(cause).__name__
         if not self.fail_open:
             REJECTED.labels("rate_limiter_unavailable").inc()
             raise UpstreamUnavailable("the rate limiter's store (redis) is unavailable") from exc

@@ -80,7 +80,8 @@ def test_the_page_asks_for_a_key_keeps_it_for_the_tab_and_sends_it_as_a_bearer_h
     page.fill("#api-key", "not-the-key")
     page.click("#key-use")
     page.wait_for_function(
-        "document.getElementById('key-note').textContent.includes('refused') && !document.getElementById('key-form').hidden",
+        "!document.getElementById('key-form').hidden"
+        " && document.getElementById('key-note').textContent.includes('refused')",
         timeout=30_000,
     )
     page.fill("#api-key", KEY)
