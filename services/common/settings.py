@@ -27,6 +27,12 @@ class ServiceSettings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         20.0, ge=0, description="On SIGTERM, how long requests in flight may finish (below the pod's grace period)."
     )
+    request_read_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="How long a client may take to send a request's headers (from the moment its connection opens "
+        "or its last answer ends), and then its body; a slower connection is closed.",
+    )
 
 
 class QueueSettings(BaseSettings):

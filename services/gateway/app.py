@@ -20,7 +20,7 @@ from services.gateway.config import Settings
 from services.gateway.deps import Guarded, State, StateDep
 from services.gateway.routes import router
 from services.gateway.schemas import error_responses
-from services.gateway.security import BodyLimitMiddleware, Guard
+from services.gateway.security import BodyLimitMiddleware, ConcurrencyLimitMiddleware, Guard
 
 CHAIN_BELOW_RETRIEVER = ("qdrant",)
 
@@ -67,6 +67,8 @@ def create_app(
     # Innermost of the middleware (the common ones wrap it): a body over the limit is refused before
     # anything reads it, and the refusal is still counted and carries the request id.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, shapes=ERROR_SHAPES)
+    if settings.max_concurrent_requests:  # outside the body limit, inside the request id and the metrics
+        app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_concurrent_requests, shapes=ERROR_SHAPES)
     add_common_routes(
         app,
         "gateway",

@@ -39,6 +39,12 @@ class Settings(ServiceSettings, QueueSettings, EmbeddingSettings):
     max_body_bytes: int = Field(
         25 * 1024 * 1024, ge=1024, description="Largest request body; a larger one is answered 413 unread."
     )
+    max_concurrent_requests: int = Field(
+        1000,
+        ge=0,
+        description="Requests one gateway process serves at once (/healthz, /readyz and /metrics not counted); "
+        "beyond them 503 busy with Retry-After; 0: no limit.",
+    )
     chat_history_chars: int = Field(
         4000, ge=0, description="Characters of earlier chat turns kept in the prompt (newest first)."
     )

@@ -34,6 +34,7 @@ from services.common.errors import (
     Busy,
     ErrorRenderer,
     PayloadTooLarge,
+    RagError,
     TooManyRequests,
     Unauthorized,
     UpstreamUnavailable,
@@ -306,3 +307,47 @@ class BodyLimitMiddleware:
             else JSONResponse({"error": error.error, "detail": error.detail}, status_code=error.status_code)
         )
         await response(scope, receive, send)
+
+
+class ConcurrencyLimitMiddleware:
+    """At most ``limit`` requests in this process at once (a streamed answer counts until its end); beyond it a
+    503 ``busy`` with Retry-After at once. ``/healthz``, ``/readyz`` and ``/metrics`` are neither counted nor
+    refused: a loaded process is not a dead or unready one. (uvicorn's own ``limit_concurrency`` answers in
+    plain text and counts the probes.)"""
+
+    EXEMPT = frozenset({"/healthz", "/readyz", "/metrics"})
+
+    def __init__(self, app: ASGIApp, limit: int, shapes: Mapping[str, ErrorRenderer] | None = None) -> None:
+        self.app = app
+        self.limit = limit
+        self.shapes = dict(shapes or {})
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.EXEMPT:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            REJECTED.labels("busy").inc()
+            error = Busy(
+                f"the gateway is serving its limit of {self.limit} requests (RAG_MAX_CONCURRENT_REQUESTS); retry later",
+                headers={"Retry-After": "1"},
+            )
+            await _render(error, scope, self.shapes)(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+def _render(error: RagError, scope: Scope, shapes: Mapping[str, ErrorRenderer]) -> Response:
+    """``error`` in the shape of the route asked for (OpenAI's under its prefixes), else the usual one."""
+    path = str(scope.get("path", ""))
+    renderer = next((r for prefix, r in shapes.items() if path.startswith(prefix)), None)
+    if renderer is not None:
+        return renderer(error, {})
+    return JSONResponse(
+        {"error": error.error, "detail": error.detail}, status_code=error.status_code, headers=error.headers
+    )

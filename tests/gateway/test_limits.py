@@ -3,6 +3,7 @@ open or closed when that Redis is down, and bodies over the limit refused before
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
@@ -199,3 +200,32 @@ async def test_a_body_over_the_limit_is_refused_before_it_is_read(
         small = await client.post("/v1/documents", json={"documents": [{"id": "a", "text": "x" * 100}]})
         assert small.status_code == 200
     assert [r.url.path for r in retriever.requests] == ["/v1/documents"]
+
+
+async def test_beyond_the_concurrency_limit_a_request_is_busy_and_the_probes_are_not_counted() -> None:
+    release = asyncio.Event()
+    double = RetrieverDouble()
+
+    async def slow_search(request: httpx.Request) -> httpx.Response:
+        response = double(request)
+        if request.url.path == "/v1/search":
+            await release.wait()
+        return response
+
+    settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", max_concurrent_requests=2)
+    app = create_app(settings, retriever_transport=httpx.MockTransport(slow_search))
+    async with in_process(app) as client:
+        held = [asyncio.create_task(client.post("/v1/search", json=QUERY)) for _ in range(2)]
+        while len(double.requests) < 2:  # both in their handlers, waiting for the retriever
+            await asyncio.sleep(0.01)
+        refused = await client.post("/v1/search", json=QUERY)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"] == "busy" and "RAG_MAX_CONCURRENT_REQUESTS" in refused.json()["detail"]
+        assert "x-request-id" in refused.headers  # refused inside the request id middleware
+        models = await client.get("/v1/models")
+        assert models.status_code == 503 and models.json()["error"]["code"] == "busy"  # OpenAI's shape there
+        for probe in ("/healthz", "/readyz", "/metrics"):
+            assert (await client.get(probe)).status_code == 200, probe
+        release.set()
+        assert [(await task).status_code for task in held] == [200, 200]
+        assert (await client.post("/v1/search", json=QUERY)).status_code == 200  # the slots are free again
