@@ -14,6 +14,7 @@ from starlette.requests import ClientDisconnect
 
 from services.common.serve import server_config
 from services.common.settings import ServiceSettings
+from tests.fixtures.llm import wait_for
 from tests.fixtures.uvicorn_server import free_port
 
 DEADLINE = 0.5
@@ -41,8 +42,11 @@ async def server() -> AsyncIterator[tuple[int, list[str]]]:
     settings = ServiceSettings(port=port, request_read_timeout_seconds=DEADLINE)
     server = uvicorn.Server(server_config(app, settings))
     task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
+
+    async def started() -> bool:
+        return server.started
+
+    await wait_for(started)
     try:
         yield port, seen
     finally:

@@ -20,6 +20,7 @@ from services.gateway.app import create_app
 from services.gateway.config import Settings
 from services.gateway.security import parse_api_keys
 from tests.fixtures.apps import in_process
+from tests.fixtures.llm import wait_for
 from tests.fixtures.redis import RedisServer
 from tests.fixtures.uvicorn_server import free_port
 from tests.gateway.conftest import RetrieverDouble
@@ -216,8 +217,11 @@ async def test_beyond_the_concurrency_limit_a_request_is_busy_and_the_probes_are
     app = create_app(settings, retriever_transport=httpx.MockTransport(slow_search))
     async with in_process(app) as client:
         held = [asyncio.create_task(client.post("/v1/search", json=QUERY)) for _ in range(2)]
-        while len(double.requests) < 2:  # both in their handlers, waiting for the retriever
-            await asyncio.sleep(0.01)
+
+        async def both_waiting() -> bool:  # both in their handlers, waiting for the retriever
+            return len(double.requests) >= 2
+
+        await wait_for(both_waiting)
         refused = await client.post("/v1/search", json=QUERY)
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         assert refused.json()["error"] == "busy" and "RAG_MAX_CONCURRENT_REQUESTS" in refused.json()["detail"]
