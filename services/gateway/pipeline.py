@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,8 +236,12 @@ class Pending:
                 raise GenerationFailed(str(event.data.get("detail") or "generation failed"))
 
     async def _follow(self, job: Job) -> AsyncIterator[Event]:
-        """The job's events until ``done`` or ``error``; raises DeadlineExceeded at the caller's deadline."""
+        """The job's events until ``done`` or ``error``; raises DeadlineExceeded at the caller's deadline.
+
+        Left before its end (the caller went away, its deadline passed, a failure), the job is marked abandoned:
+        a worker does not start it, or stops generating it."""
         queue = self.clients.queue
+        ended = False
         try:
             with redis_errors():
                 remaining = job.deadline - time.time()
@@ -246,8 +250,9 @@ class Pending:
                 try:
                     async with asyncio.timeout(remaining):
                         async for event in queue.events(job.id):
+                            ended = event.type in ("done", "error")
                             yield event
-                            if event.type in ("done", "error"):
+                            if ended:
                                 return
                 except TimeoutError:
                     REJECTED.labels("deadline").inc()
@@ -258,6 +263,8 @@ class Pending:
         finally:
             if self.sources_embedded is not None:  # attributed already, or no answer is coming
                 self.sources_embedded.cancel()
+            if not ended:
+                await abandon(queue, job.id)
             with contextlib.suppress(RedisError):
                 await queue.discard(job.id)
 
@@ -321,6 +328,32 @@ class Pending:
             generate_ms=round(float(data.get("generate_ms", 0.0)), 2),
             total_ms=round(total, 2),
         )
+
+
+_abandoning: set[asyncio.Task[bool]] = set()  # marks still being written, kept from the garbage collector
+
+
+async def abandon(queue: JobQueue, job_id: str) -> None:
+    """Marks a job abandoned; the mark is written even when the caller's task is being cancelled (a client
+    that went away), in a task of its own that this one waits for unless it is cancelled itself."""
+    task = asyncio.ensure_future(queue.abandon(job_id))
+    _abandoning.add(task)
+    task.add_done_callback(_abandoning.discard)
+    task.add_done_callback(_abandon_logged(job_id))
+    with contextlib.suppress(RedisError):
+        await asyncio.shield(task)
+
+
+def _abandon_logged(job_id: str) -> Callable[[asyncio.Task[bool]], None]:
+    def logged(task: asyncio.Task[bool]) -> None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.warning("job_abandon_failed", job_id=job_id, error=str(task.exception())[:200])
+        elif task.result():
+            log.info("job_abandoned", job_id=job_id)
+
+    return logged
 
 
 async def ask(question: Question, settings: Settings, clients: Clients, request_id: str) -> Pending:
