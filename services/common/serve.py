@@ -31,20 +31,19 @@ def run(
     if freeze_when_started:
         app.router.lifespan_context = frozen_once_started(app.router.lifespan_context)
     stopping.enable()  # a stop signal while the model loads ends the process at once
-    uvicorn.Server(server_config(app, settings)).run()
+    uvicorn.run(app, **server_options(settings))
 
 
-def server_config(app: Any, settings: ServiceSettings) -> uvicorn.Config:
+def server_options(settings: ServiceSettings) -> dict[str, Any]:
     """uvicorn's settings for a service: its address, quiet logs, the graceful stop, and the read deadline."""
-    return uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
-        http=with_read_deadline(settings.request_read_timeout_seconds),
-    )
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": "warning",
+        "access_log": False,
+        "timeout_graceful_shutdown": int(settings.shutdown_grace_seconds),
+        "http": with_read_deadline(settings.request_read_timeout_seconds),
+    }
 
 
 def with_read_deadline(seconds: float) -> type[asyncio.Protocol]:

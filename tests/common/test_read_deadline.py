@@ -12,7 +12,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from starlette.requests import ClientDisconnect
 
-from services.common.serve import server_config
+from services.common.serve import server_options
 from services.common.settings import ServiceSettings
 from tests.fixtures.llm import wait_for
 from tests.fixtures.uvicorn_server import free_port
@@ -40,7 +40,7 @@ async def server() -> AsyncIterator[tuple[int, list[str]]]:
 
     port = free_port()
     settings = ServiceSettings(port=port, request_read_timeout_seconds=DEADLINE)
-    server = uvicorn.Server(server_config(app, settings))
+    server = uvicorn.Server(uvicorn.Config(app, **server_options(settings)))
     task = asyncio.create_task(server.serve())
 
     async def started() -> bool:
