@@ -192,7 +192,9 @@ def cmd_run(args: argparse.Namespace) -> None:
         if name not in (*supervisor.PORTS, "redis") or not port.isdigit():
             raise CliError(f"--port {item}: expected NAME=PORT with NAME one of {', '.join(supervisor.PORTS)}, redis")
         ports[name] = int(port)
-    status = supervisor.main(Path(args.data_dir), ports)
+    if args.unresponsive_after < 0:
+        raise CliError(f"--unresponsive-after {args.unresponsive_after:g}: expected seconds, 0 or more")
+    status = supervisor.main(Path(args.data_dir), ports, args.unresponsive_after)
     if status:
         raise SystemExit(status)
 
@@ -220,6 +222,13 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", default="data", help="where local state and logs live")
     run.add_argument(
         "--port", action="append", default=[], metavar="NAME=PORT", help="another port for a service or redis"
+    )
+    run.add_argument(
+        "--unresponsive-after",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="restart a service whose /healthz has not answered for this long (0: never); default 30",
     )
     return parser
 

@@ -5,16 +5,21 @@ Starts a Redis server (see :mod:`ragpod.redis_server`) and the four services wit
 whole chain "ok", indexes the demo corpus and prints how to ask.
 Then it watches them the way a cluster would: a service that dies is started again after a backoff
 (1 s, doubling, at most 30 s) and the console says so, while the others keep serving; a service that
-fails ``max_restarts`` times in a row (each within a minute of its start) stops the stack. Ctrl-C stops
-every process it started, in order. The end-to-end tests start their stacks with the same :class:`Stack`.
+fails ``max_restarts`` times in a row (each within a minute of its start) stops the stack. A service that
+is alive but stops answering ``/healthz`` with 200 for ``RestartPolicy.unresponsive_after`` seconds (30 by
+default, counted from its first answer, as a liveness probe after its start-up) is stopped and restarted the
+same way. Ctrl-C stops every process it started, in order. The end-to-end tests start their stacks with
+the same :class:`Stack`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -48,14 +53,15 @@ class Stack:
     own_session: bool = False
     die_with_parent: bool = False  # each child gets SIGTERM when this process dies (ragpod.processes.spawn)
     pid_file: Path | None = None  # kept up to date with the processes started; removed by ``stop``
+    api_key: str = ""  # the supervisor's own key: its digest joins the gateway's RAG_API_KEYS
 
     def env_for(self, name: str) -> dict[str, str]:
         """The environment ``name`` starts with, besides this process's own: the stack's addresses, the model
         tuning of ``ragpod.tuning`` for a process that runs a model (a value exported here wins), and
-        ``extra_env`` over all of it."""
+        ``extra_env`` over all of it; with ``api_key``, the gateway's keys are its own plus that key's digest."""
         p = self.ports
         tuning = model_tuning() if name in MODEL_PROCESSES else {}
-        return {
+        env = {
             **tuning,
             "RAG_PORT": str(p[name]),
             "RAG_HOST": "127.0.0.1",
@@ -66,6 +72,11 @@ class Stack:
             "RAG_LLM_MODEL_CACHE_DIR": str(self.data_dir / "models"),
             **self.extra_env,
         }
+        if name == "gateway" and self.api_key:
+            keys = env.get("RAG_API_KEYS", os.environ.get("RAG_API_KEYS", "")).strip().strip(",")
+            own = "sha256:" + hashlib.sha256(self.api_key.encode("utf-8")).hexdigest()
+            env["RAG_API_KEYS"] = f"{keys},{own}" if keys else own
+        return env
 
     def start_one(self, name: str) -> Child:
         """Start ``redis`` or one service (not waiting for it to be ready); it replaces a dead one of that name."""
@@ -172,6 +183,11 @@ class RestartPolicy:
     first_backoff: float = 1.0
     max_backoff: float = 30.0
     stable_after: float = 60.0
+    # A liveness probe: ``/healthz`` asked every ``probe_interval`` s, each answer awaited ``probe_timeout`` s;
+    # no 200 for ``unresponsive_after`` s (0: never) and the process is stopped and restarted.
+    unresponsive_after: float = 30.0
+    probe_interval: float = 5.0
+    probe_timeout: float = 2.0
 
     def delay(self, restarts: int) -> float:
         return float(min(self.first_backoff * 2**restarts, self.max_backoff))
@@ -183,6 +199,8 @@ class _Watch:
     restarts: int = 0
     due: float | None = None
     awaiting_ready: bool = False
+    healthy_at: float | None = None  # its last 200 from /healthz; None: none yet since its start
+    probed_at: float | None = None
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -233,10 +251,32 @@ class Supervisor:
                 self._schedule(name, watch, describe_exit(proc.returncode), proc.log_tail(5), now)
                 if self.failed:
                     return False
+            elif self._unresponsive(name, watch, now):
+                seconds = f"{self.policy.unresponsive_after:g}"
+                proc.stop(timeout=5.0)
+                self._schedule(name, watch, f"stopped answering /healthz for {seconds} s", proc.log_tail(5), now)
+                if self.failed:
+                    return False
             elif watch.awaiting_ready and name in self.stack.ports and _ready_now(self.stack.ports[name]):
                 watch.awaiting_ready = False
                 self.say(f"{name} is ready again")
         return self.failed is None
+
+    def _unresponsive(self, name: str, watch: _Watch, now: float) -> bool:
+        """Asks ``/healthz`` when a probe is due; True once it has not answered 200 for ``unresponsive_after`` s.
+
+        The count starts at the first 200 since the process started: a model that is still loading is what a
+        start-up probe waits for, not a liveness failure."""
+        port = self.stack.ports.get(name)
+        if port is None or not self.policy.unresponsive_after:
+            return False
+        if watch.probed_at is not None and now - watch.probed_at < self.policy.probe_interval:
+            return False
+        watch.probed_at = now
+        if _alive_now(port, self.policy.probe_timeout):
+            watch.healthy_at = now
+            return False
+        return watch.healthy_at is not None and now - watch.healthy_at >= self.policy.unresponsive_after
 
     def _schedule(self, name: str, watch: _Watch, how: str, log_tail: str, now: float) -> None:
         if now - watch.started_at >= self.policy.stable_after:
@@ -260,6 +300,7 @@ class Supervisor:
     def _restart(self, name: str, watch: _Watch, now: float) -> None:
         watch.due = None
         watch.started_at = now
+        watch.healthy_at = watch.probed_at = None
         try:
             proc = self.stack.start_one(name)
         except (RuntimeError, OSError) as exc:
@@ -277,6 +318,13 @@ class Supervisor:
         return 0
 
 
+def _alive_now(port: int, timeout: float) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def _ready_now(port: int) -> bool:
     try:
         return ready(port)
@@ -284,7 +332,7 @@ def _ready_now(port: int) -> bool:
         return False
 
 
-def wait_for_chain(gateway: str, timeout: float = 120.0) -> None:
+def wait_for_chain(gateway: str, timeout: float = 120.0, headers: dict[str, str] | None = None) -> None:
     """Wait until the gateway's ``GET /v1/status`` reports every link of the chain "ok".
 
     A gateway without that route (404) is taken as ready: each service's ``/readyz`` already answered.
@@ -293,7 +341,7 @@ def wait_for_chain(gateway: str, timeout: float = 120.0) -> None:
     last = ""
     while time.monotonic() < deadline:
         try:
-            response = httpx.get(f"{gateway}/v1/status", timeout=10)
+            response = httpx.get(f"{gateway}/v1/status", timeout=10, headers=headers)
         except httpx.HTTPError as exc:
             last = str(exc)
         else:
@@ -316,15 +364,15 @@ def cli_example(gateway: str) -> str:
     return f".venv/bin/ragpod --gateway {gateway} ask 'What does KEDA scale the LLM workers on?'"
 
 
-def ingest_demo(gateway: str) -> dict[str, int]:
+def ingest_demo(gateway: str, headers: dict[str, str] | None = None) -> dict[str, int]:
     documents = read_documents(ROOT / "demo" / "corpus")
-    response = httpx.post(f"{gateway}/v1/documents", json={"documents": documents}, timeout=300)
+    response = httpx.post(f"{gateway}/v1/documents", json={"documents": documents}, timeout=300, headers=headers)
     response.raise_for_status()
     result: dict[str, int] = response.json()
     return result
 
 
-def main(data_dir: Path = ROOT / "data", ports: dict[str, int] | None = None) -> int:
+def main(data_dir: Path = ROOT / "data", ports: dict[str, int] | None = None, unresponsive_after: float = 30.0) -> int:
     data_dir = data_dir.resolve()  # the services run in the repository's root, not in this process's directory
     ports = {**PORTS, "redis": REDIS_PORT, **(ports or {})}
     redis_port = ports.pop("redis")
@@ -341,6 +389,12 @@ def main(data_dir: Path = ROOT / "data", ports: dict[str, int] | None = None) ->
     if running is not None:
         print(f"ragpod run is already running on {data_dir} (pid {running}); stop it first", file=sys.stderr)
         return 1
+    # With API keys on (which may be digests only, that cannot be sent), the supervisor's own checks and the
+    # demo ingest use a key made for this run: only its digest leaves this process, and it dies with the run.
+    keys_on = bool(os.environ.get("RAG_API_KEYS", "").strip(" ,"))
+    if keys_on:
+        stack.api_key = secrets.token_urlsafe(32)
+    own = {"Authorization": f"Bearer {stack.api_key}"} if keys_on else None
     busy = [f"{n}:{p}" for n, p in stack.ports.items() if port_open(p)]
     if busy:
         print(f"ports already in use: {', '.join(busy)}; stop what runs there first", file=sys.stderr)
@@ -373,8 +427,8 @@ def main(data_dir: Path = ROOT / "data", ports: dict[str, int] | None = None) ->
     try:
         stack.start()
         gateway = f"http://127.0.0.1:{stack.ports['gateway']}"
-        wait_for_chain(gateway)
-        result = ingest_demo(gateway)
+        wait_for_chain(gateway, headers=own)
+        result = ingest_demo(gateway, headers=own)
         print(
             f"\nragpod is ready at {gateway}/  (indexed {result['indexed']} demo documents, {result['chunks']} chunks)"
         )
@@ -383,10 +437,15 @@ def main(data_dir: Path = ROOT / "data", ports: dict[str, int] | None = None) ->
             '       -d \'{"question": "How many embedding pods share one GPU with time-slicing?", "top_k": 3}\'\n'
         )
         print(f"  {cli_example(gateway)}\n")
+        if keys_on:
+            print(
+                "API keys are on (RAG_API_KEYS): add -H 'Authorization: Bearer <key>' to curl, export RAG_API_KEY "
+                "for the CLI; the web page asks for one.\n"
+            )
         print("processes: " + ", ".join(f"{p.name} pid {p.pid}" for p in stack.procs if p.pid is not None))
         print("a service that dies is restarted; Ctrl-C stops every process.", flush=True)
         supervising = True
-        return Supervisor(stack).run(lambda: stopping)
+        return Supervisor(stack, RestartPolicy(unresponsive_after=unresponsive_after)).run(lambda: stopping)
     except (RuntimeError, httpx.HTTPError) as exc:
         print(f"failed to start: {exc}", file=sys.stderr)
         return 1

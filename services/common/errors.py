@@ -108,7 +108,8 @@ class QueueFull(RagError):
 
 
 class Busy(RagError):
-    """A bounded resource is full (the job queue's memory, say): a retry later can succeed."""
+    """A bounded resource is full (this process's Redis connections or requests in flight, the job queue's
+    memory): a retry later can succeed."""
 
     status_code = 503
     error = "busy"

@@ -27,6 +27,12 @@ class ServiceSettings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         20.0, ge=0, description="On SIGTERM, how long requests in flight may finish (below the pod's grace period)."
     )
+    request_read_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="How long a client may take to send a request's headers (from the moment its connection opens "
+        "or its last answer ends), and then its body; a slower connection is closed.",
+    )
 
 
 class QueueSettings(BaseSettings):
@@ -39,6 +45,14 @@ class QueueSettings(BaseSettings):
         "", description="Comma-separated host:port of Redis Sentinels; when set, RAG_REDIS_URL's host is ignored."
     )
     redis_sentinel_master: str = Field("ragpod", description="Name of the primary the Sentinels watch.")
+    redis_max_connections: int = Field(
+        100, ge=1, description="Connections each process keeps to Redis at most (its pool's size)."
+    )
+    redis_pool_timeout_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="How long a command waits for a free connection when all are in use; then 503 busy.",
+    )
     llm_stream: str = Field("rag:llm:jobs", min_length=1, description="Stream of LLM jobs.")
     llm_group: str = Field("rag-llm-workers", min_length=1, description="Consumer group of the LLM workers.")
     llm_dead_letter_stream: str = Field("rag:llm:dead", min_length=1, description="Where jobs go after too many tries.")

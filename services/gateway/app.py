@@ -23,7 +23,7 @@ from services.gateway.files import FileParser, ParseLimits
 from services.gateway.head import HeadMiddleware
 from services.gateway.routes import router
 from services.gateway.schemas import error_responses
-from services.gateway.security import BodyLimitMiddleware, Guard
+from services.gateway.security import BodyLimitMiddleware, ConcurrencyLimitMiddleware, Guard
 from services.gateway.surrogates import UnicodeMiddleware
 
 CHAIN_BELOW_RETRIEVER = ("qdrant",)
@@ -82,6 +82,8 @@ def create_app(
     app.add_middleware(UnicodeMiddleware, shapes=ERROR_SHAPES)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, shapes=ERROR_SHAPES)
     app.add_middleware(HeadMiddleware)
+    if settings.max_concurrent_requests:  # outside the body limit, inside the request id and the metrics
+        app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_concurrent_requests, shapes=ERROR_SHAPES)
     add_common_routes(
         app,
         "gateway",

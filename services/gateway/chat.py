@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 
 import structlog
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
 from sse_starlette import EventSourceResponse
@@ -41,6 +41,7 @@ from services.common.schemas import Filters
 from services.gateway import pipeline
 from services.gateway.config import Settings
 from services.gateway.deps import ClientsDep, Guarded, RequestIdDep, SettingsDep
+from services.gateway.disconnect import unless_disconnected
 from services.gateway.pipeline import Answer, Pending, Question, Reset
 from services.gateway.prompt import Conversation
 from services.gateway.schemas import RagpodCompletion, RagpodExtra, error_responses
@@ -183,13 +184,15 @@ def question_of(body: ChatCompletionRequest, settings: Settings) -> Question:
     summary="OpenAI-compatible chat over the indexed documents",
 )
 async def chat_completions(
-    body: ChatCompletionRequest, settings: SettingsDep, clients: ClientsDep, rid: RequestIdDep
+    body: ChatCompletionRequest, settings: SettingsDep, clients: ClientsDep, rid: RequestIdDep, request: Request
 ) -> Any:
     pending = await pipeline.ask(question_of(body, settings), settings, clients, rid)
     completion = Completion("chatcmpl-" + uuid.uuid4().hex, int(time.time()), body.model, body.include_usage)
     if body.stream:
         return EventSourceResponse(_chunks(pending, completion), headers=SSE_HEADERS, sep="\n")
-    answer = await pending.answer()
+    answer = await unless_disconnected(request, pending.answer())
+    if not isinstance(answer, Answer):
+        return answer  # the client has gone
     return RagpodCompletion(
         id=completion.id,
         created=completion.created,

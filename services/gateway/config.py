@@ -53,11 +53,23 @@ class Settings(ServiceSettings, QueueSettings, EmbeddingSettings):
     rate_limit_per_minute: int = Field(
         0, ge=0, description="Requests per minute per API key (per client address without keys), in Redis; 0 disables."
     )
+    auth_failures_per_minute: int = Field(
+        10,
+        ge=0,
+        description="Failed authentications per minute per client address; beyond them the address gets 429 "
+        "(Retry-After) on every request until the minute frees; 0 disables.",
+    )
     rate_limit_fail_open: bool = Field(
         True, description="When Redis does not answer the rate limiter: let requests through (true) or answer 503."
     )
     max_body_bytes: int = Field(
         25 * 1024 * 1024, ge=1024, description="Largest request body; a larger one is answered 413 unread."
+    )
+    max_concurrent_requests: int = Field(
+        1000,
+        ge=0,
+        description="Requests one gateway process serves at once (/healthz, /readyz and /metrics not counted); "
+        "beyond them 503 busy with Retry-After; 0: no limit.",
     )
     chat_history_chars: int = Field(
         4000, ge=0, description="Characters of earlier chat turns kept in the prompt (newest first)."

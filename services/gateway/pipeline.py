@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ from services.common.errors import (
     UpstreamUnavailable,
 )
 from services.common.http import ServiceClient
-from services.common.queue import Event, Job, JobQueue
+from services.common.queue import Event, Job, JobQueue, PoolExhausted
 from services.common.schemas import SearchResponse, Source
 from services.gateway.attribution import Attribution, Embed, SourceSentences, attribute_to, embed_sources
 from services.gateway.config import Settings
@@ -85,6 +85,10 @@ def above_floor(sources: list[Source], min_relevance: float) -> list[Source]:
     return [source for source in sources if source.score >= min_relevance]
 
 
+# A connection of the pool comes free within one blocking read of a job's events (1 s) at most.
+BUSY_RETRY_AFTER = {"Retry-After": "1"}
+
+
 @contextlib.contextmanager
 def redis_errors(retry_after: int = 1) -> Iterator[None]:
     try:
@@ -93,6 +97,10 @@ def redis_errors(retry_after: int = 1) -> Iterator[None]:
         REJECTED.labels("redis_out_of_memory").inc()
         log.warning("redis_out_of_memory", error=str(exc)[:200])
         raise Busy("the job queue is out of memory", headers={"Retry-After": str(retry_after)}) from exc
+    except PoolExhausted as exc:  # this process's connections are all in use: load, not an outage
+        REJECTED.labels("busy").inc()
+        log.info("redis_pool_busy", error=str(exc))
+        raise Busy(f"the gateway is busy ({exc}); retry later", headers=BUSY_RETRY_AFTER) from exc
     except RedisError as exc:
         log.warning("redis_unavailable", error=str(exc)[:200])
         raise UpstreamUnavailable("the job queue (redis) is unavailable") from exc
@@ -232,7 +240,10 @@ class Pending:
                 raise GenerationFailed(str(event.data.get("detail") or "generation failed"))
 
     async def _follow(self, job: Job) -> AsyncIterator[Event]:
-        """The job's events until ``done`` or ``error``; raises DeadlineExceeded at the caller's deadline."""
+        """The job's events until ``done`` or ``error``; raises DeadlineExceeded at the caller's deadline.
+
+        Left before its end (the caller went away, its deadline passed, a failure), the job is marked abandoned:
+        a worker does not start it, or stops generating it."""
         queue = self.clients.queue
         outage: list[RedisError | None] = [None]  # the last read's failure while Redis is unreachable
 
@@ -243,6 +254,7 @@ class Pending:
                 log.info("follow_resumed", job_id=job.id)
             outage[0] = error
 
+        ended = False
         try:
             with redis_errors():
                 remaining = job.deadline - time.time()
@@ -252,8 +264,9 @@ class Pending:
                     # Reads that cannot reach Redis are retried until the deadline (``JobQueue.events``).
                     async with asyncio.timeout(remaining):
                         async for event in queue.events(job.id, on_outage=on_outage):
+                            ended = event.type in ("done", "error")
                             yield event
-                            if event.type in ("done", "error"):
+                            if ended:
                                 return
                 except TimeoutError:
                     if outage[0] is not None:  # Redis never came back: it, not the workers, is the cause
@@ -266,6 +279,8 @@ class Pending:
         finally:
             if self.sources_embedded is not None:  # attributed already, or no answer is coming
                 self.sources_embedded.cancel()
+            if not ended:
+                await abandon(queue, job.id)
             with contextlib.suppress(RedisError):
                 await queue.discard(job.id)
 
@@ -343,6 +358,32 @@ class Pending:
             generate_ms=round(float(data.get("generate_ms", 0.0)), 2),
             total_ms=round(total, 2),
         )
+
+
+_abandoning: set[asyncio.Task[bool]] = set()  # marks still being written, kept from the garbage collector
+
+
+async def abandon(queue: JobQueue, job_id: str) -> None:
+    """Marks a job abandoned; the mark is written even when the caller's task is being cancelled (a client
+    that went away), in a task of its own that this one waits for unless it is cancelled itself."""
+    task = asyncio.ensure_future(queue.abandon(job_id))
+    _abandoning.add(task)
+    task.add_done_callback(_abandoning.discard)
+    task.add_done_callback(_abandon_logged(job_id))
+    with contextlib.suppress(RedisError):
+        await asyncio.shield(task)
+
+
+def _abandon_logged(job_id: str) -> Callable[[asyncio.Task[bool]], None]:
+    def logged(task: asyncio.Task[bool]) -> None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.warning("job_abandon_failed", job_id=job_id, error=str(task.exception())[:200])
+        elif task.result():
+            log.info("job_abandoned", job_id=job_id)
+
+    return logged
 
 
 async def ask(question: Question, settings: Settings, clients: Clients, request_id: str) -> Pending:

@@ -16,6 +16,7 @@ from services.common.disconnect import unless_disconnected
 from services.common.errors import InvalidInput, RagError
 from services.gateway import pipeline
 from services.gateway.deps import ClientsDep, Guarded, RequestIdDep, RetrieverDep, SettingsDep
+from services.gateway.disconnect import unless_disconnected
 from services.gateway.pipeline import Answer, Pending, Question, Reset
 from services.gateway.schemas import (
     AskRequest,
@@ -75,12 +76,13 @@ async def add_documents(
         **error_responses(400, 401, 413, 422, 429, 502, 503, 504),
     },
 )
-async def ask(body: AskRequest, settings: SettingsDep, clients: ClientsDep, rid: RequestIdDep) -> Any:
+async def ask(body: AskRequest, settings: SettingsDep, clients: ClientsDep, rid: RequestIdDep, request: Request) -> Any:
     question = Question(body.question, body.top_k, body.filters, stream=body.stream)
     pending = await pipeline.ask(question, settings, clients, rid)
     if body.stream:
         return EventSourceResponse(_events(pending), headers=SSE_HEADERS, sep="\n")
-    return (await pending.answer()).response
+    answer = await unless_disconnected(request, pending.answer())
+    return answer.response if isinstance(answer, Answer) else answer
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

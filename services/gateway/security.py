@@ -3,6 +3,10 @@
 - A body over ``RAG_MAX_BODY_BYTES`` is answered 413 before any of it is parsed.
 - ``RAG_API_KEYS`` holds keys or ``sha256:<hex>`` digests; both are kept as digests only, compared in
   constant time, and never logged (a client is named in logs and Redis keys by a short digest prefix).
+  A refusal is a 401 with ``WWW-Authenticate: Bearer``. Failed authentications count against the client's
+  address (``RAG_AUTH_FAILURES_PER_MINUTE``, in Redis like the rate limit): beyond them every request from
+  that address is a 429 with Retry-After until the window frees, a right key included, so guessing keys
+  learns nothing more.
 - The rate limit is a moving window per client kept in Redis (the ``limits`` library), so every gateway
   replica counts against the same window. When that Redis does not answer, the limiter lets requests
   through (``RAG_RATE_LIMIT_FAIL_OPEN=true``, the default, with a warning) or answers 503 naming it.
@@ -22,12 +26,20 @@ from limits import RateLimitItemPerMinute
 from limits.aio.storage import RedisSentinelStorage, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
-from redis.asyncio import ConnectionPool
 from redis.exceptions import RedisError
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.common.errors import ErrorRenderer, PayloadTooLarge, TooManyRequests, Unauthorized, UpstreamUnavailable
+from services.common.errors import (
+    Busy,
+    ErrorRenderer,
+    PayloadTooLarge,
+    RagError,
+    TooManyRequests,
+    Unauthorized,
+    UpstreamUnavailable,
+)
+from services.common.queue.connection import BoundedPool, PoolExhausted
 from services.gateway.config import Settings
 from services.gateway.metrics import REJECTED
 
@@ -35,6 +47,8 @@ log = structlog.get_logger(__name__)
 
 DIGEST_PREFIX = "sha256:"
 RATE_LIMIT_PREFIX = "rag:ratelimit"
+AUTH_FAILURE_PREFIX = "rag:authfail"
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="ragpod"'}
 
 
 def digest(key: str) -> bytes:
@@ -88,35 +102,43 @@ class ApiKeys:
             matched |= hmac.compare_digest(presented, known)
         if not matched:
             REJECTED.labels("unauthorized").inc()
-            raise Unauthorized("missing or invalid API key (Authorization: Bearer <key> or X-API-Key)")
+            raise Unauthorized(
+                "missing or invalid API key (Authorization: Bearer <key> or X-API-Key)", headers=CHALLENGE
+            )
         return "key:" + presented.hex()[:16]
 
 
 class RateLimiter:
-    """``per_minute`` requests per client in any 60 s (a moving window), counted in Redis."""
+    """``per_minute`` requests per client in any 60 s (a moving window), counted in Redis under ``prefix``."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.per_minute = settings.rate_limit_per_minute
+    def __init__(self, settings: Settings, per_minute: int | None = None, prefix: str = RATE_LIMIT_PREFIX) -> None:
+        self.per_minute = settings.rate_limit_per_minute if per_minute is None else per_minute
         self.fail_open = settings.rate_limit_fail_open
         self.item = RateLimitItemPerMinute(self.per_minute)
-        self._pool: ConnectionPool | None = None
+        self._pool: BoundedPool | None = None
         storage: RedisStorage
         if settings.redis_sentinels:
             hosts = ",".join(item.strip() for item in settings.redis_sentinels.split(",") if item.strip())
             storage = RedisSentinelStorage(
                 f"async+redis+sentinel://{hosts}/{settings.redis_sentinel_master}",
                 implementation="redispy",
-                key_prefix=RATE_LIMIT_PREFIX,
+                key_prefix=prefix,
                 wrap_exceptions=True,
                 socket_connect_timeout=1.0,
                 socket_timeout=2.0,
             )
         else:
-            self._pool = ConnectionPool.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
+            self._pool = BoundedPool.from_url(
+                settings.redis_url,
+                max_connections=settings.redis_max_connections,
+                timeout=settings.redis_pool_timeout_seconds,
+                socket_connect_timeout=1.0,
+                socket_timeout=2.0,
+            )
             storage = RedisStorage(
                 "async+" + settings.redis_url,
                 implementation="redispy",
-                key_prefix=RATE_LIMIT_PREFIX,
+                key_prefix=prefix,
                 wrap_exceptions=True,
                 connection_pool=self._pool,  # type: ignore[arg-type]
             )
@@ -140,8 +162,30 @@ class RateLimiter:
             headers={"Retry-After": str(wait)},
         )
 
+    async def wait_s(self, identity: str) -> int:
+        """Seconds until ``identity`` is under its limit again; 0 while it is (nothing is counted)."""
+        try:
+            if await self.strategy.test(self.item, identity):
+                return 0
+            stats = await self.strategy.get_window_stats(self.item, identity)
+        except (StorageError, RedisError, OSError) as exc:
+            self._unavailable(exc)
+            return 0
+        return max(1, math.ceil(stats.reset_time - self._clock()))
+
+    async def count(self, identity: str) -> None:
+        """One more for ``identity``, whether or not it is over."""
+        try:
+            await self.strategy.hit(self.item, identity)
+        except (StorageError, RedisError, OSError) as exc:
+            self._unavailable(exc)
+
     def _unavailable(self, exc: BaseException) -> None:
-        error = type(getattr(exc, "storage_error", None) or exc).__name__
+        cause = getattr(exc, "storage_error", None) or exc
+        if isinstance(cause, PoolExhausted):  # every connection in use: load, not an outage
+            REJECTED.labels("busy").inc()
+            raise Busy(f"the gateway is busy ({cause}); retry later", headers={"Retry-After": "1"}) from exc
+        error = type(cause).__name__
         if not self.fail_open:
             REJECTED.labels("rate_limiter_unavailable").inc()
             raise UpstreamUnavailable("the rate limiter's store (redis) is unavailable") from exc
@@ -156,20 +200,45 @@ class RateLimiter:
 
 
 class Guard:
-    """Authenticates the caller, then counts the request against the caller's rate limit."""
+    """Authenticates the caller, then counts the request against the caller's rate limit.
+
+    With keys on, an address over ``RAG_AUTH_FAILURES_PER_MINUTE`` failed authentications is refused (429)
+    before its key is looked at; each failure counts against it."""
 
     def __init__(self, settings: Settings) -> None:
         self.keys = ApiKeys(parse_api_keys(settings.api_keys))
         self.limiter = RateLimiter(settings) if settings.rate_limit_per_minute else None
+        self.failures = (
+            RateLimiter(settings, settings.auth_failures_per_minute, AUTH_FAILURE_PREFIX)
+            if self.keys.enabled and settings.auth_failures_per_minute
+            else None
+        )
 
     async def check(self, request: Request) -> None:
-        identity = self.keys.identify(request)
+        address = "ip:" + (request.client.host if request.client else "unknown")
+        if self.failures is not None:
+            wait = await self.failures.wait_s(address)
+            if wait:
+                REJECTED.labels("auth_failures").inc()
+                log.info("auth_failures_limited", client=address, retry_after=wait)
+                raise TooManyRequests(
+                    f"more than {self.failures.per_minute} failed authentications per minute from this address; "
+                    f"retry in {wait} s",
+                    headers={"Retry-After": str(wait)},
+                )
+        try:
+            identity = self.keys.identify(request)
+        except Unauthorized:
+            if self.failures is not None:
+                await self.failures.count(address)
+            raise
         if self.limiter is not None:
             await self.limiter.hit(identity)
 
     async def aclose(self) -> None:
-        if self.limiter is not None:
-            await self.limiter.aclose()
+        for limiter in (self.limiter, self.failures):
+            if limiter is not None:
+                await limiter.aclose()
 
 
 class BodyLimitMiddleware:
@@ -238,3 +307,47 @@ class BodyLimitMiddleware:
             else JSONResponse({"error": error.error, "detail": error.detail}, status_code=error.status_code)
         )
         await response(scope, receive, send)
+
+
+class ConcurrencyLimitMiddleware:
+    """At most ``limit`` requests in this process at once (a streamed answer counts until its end); beyond it a
+    503 ``busy`` with Retry-After at once. ``/healthz``, ``/readyz`` and ``/metrics`` are neither counted nor
+    refused: a loaded process is not a dead or unready one. (uvicorn's own ``limit_concurrency`` answers in
+    plain text and counts the probes.)"""
+
+    EXEMPT = frozenset({"/healthz", "/readyz", "/metrics"})
+
+    def __init__(self, app: ASGIApp, limit: int, shapes: Mapping[str, ErrorRenderer] | None = None) -> None:
+        self.app = app
+        self.limit = limit
+        self.shapes = dict(shapes or {})
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.EXEMPT:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            REJECTED.labels("busy").inc()
+            error = Busy(
+                f"the gateway is serving its limit of {self.limit} requests (RAG_MAX_CONCURRENT_REQUESTS); retry later",
+                headers={"Retry-After": "1"},
+            )
+            await _render(error, scope, self.shapes)(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+def _render(error: RagError, scope: Scope, shapes: Mapping[str, ErrorRenderer]) -> Response:
+    """``error`` in the shape of the route asked for (OpenAI's under its prefixes), else the usual one."""
+    path = str(scope.get("path", ""))
+    renderer = next((r for prefix, r in shapes.items() if path.startswith(prefix)), None)
+    if renderer is not None:
+        return renderer(error, {})
+    return JSONResponse(
+        {"error": error.error, "detail": error.detail}, status_code=error.status_code, headers=error.headers
+    )

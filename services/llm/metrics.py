@@ -27,6 +27,10 @@ JOBS_ANSWERED = Counter("rag_llm_jobs_answered_total", "Jobs answered.")
 JOBS_DROPPED_DEADLINE = Counter(
     "rag_llm_jobs_dropped_deadline_total", "Jobs dropped without generating because their deadline had passed."
 )
+JOBS_ABANDONED = Counter(
+    "rag_llm_jobs_abandoned_total",
+    "Jobs whose caller went away (disconnected, or its deadline passed): not started, or stopped mid-generation.",
+)
 JOBS_RETRIED = Counter("rag_llm_jobs_retried_total", "Jobs put back on the queue after a failed try.")
 JOBS_DEAD_LETTERED = Counter("rag_llm_jobs_dead_lettered_total", "Jobs moved to the dead-letter stream.")
 DEAD_LETTERS_TRIMMED = Counter(

@@ -25,7 +25,9 @@ loop only reads, runs and reports. A report that meets a Redis error (a
 failover, a blip) is tried again with backoff until the job's deadline, so
 finished work is not thrown away. A job whose deadline has passed (on Redis'
 clock) is dropped without being generated; a job that has already ended is
-not generated again, and one that ends while generating stops at its next token.
+not generated again, and one that ends while generating stops at its next token. A job whose caller has gone
+(the gateway marks it abandoned) is not started, and one being generated is stopped as soon as the notice
+arrives (a blocking read of the notices, so within a token step), counted in ``rag_llm_jobs_abandoned_total``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import socket
 import time
 import uuid
 from asyncio import FIRST_COMPLETED
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 import structlog
@@ -48,11 +50,12 @@ from redis.exceptions import RedisError
 
 from services.common.queue import HEARTBEAT_SECONDS, Delivery, Job, JobQueue
 from services.llm.config import Settings
-from services.llm.engine import Engine, EngineError, GenerationRequest
+from services.llm.engine import Engine, EngineError, Generation, GenerationRequest
 from services.llm.metrics import (
     DEAD_LETTERS_TRIMMED,
     ENGINE_READY,
     GENERATION_SECONDS,
+    JOBS_ABANDONED,
     JOBS_ANSWERED,
     JOBS_DEAD_LETTERED,
     JOBS_DROPPED_DEADLINE,
@@ -93,6 +96,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._orphans: list[Delivery] = []  # reclaimed, waiting here for a slot, ahead of any new read
+        self._abandoned: dict[str, asyncio.Event] = {}  # job id -> set when its caller has gone
         self._group_ready = False
         self._engine_ready = False
         self._engine_wait = ENGINE_WAIT_FIRST_SECONDS
@@ -112,6 +116,7 @@ class Worker:
         side_tasks = [
             asyncio.create_task(self._keep_claims(), name="keep-claims"),
             asyncio.create_task(self._watch_depth(), name="watch-depth"),
+            asyncio.create_task(self._watch_abandoned(), name="watch-abandoned"),
         ]
         log.info("worker_started", consumer=self.name, stream=self.queue.stream, group=self.queue.group)
         try:
@@ -249,6 +254,22 @@ class Worker:
                 QUEUE_DEPTH.set(await self.queue.depth())
             await asyncio.sleep(2.0)
 
+    async def _watch_abandoned(self) -> None:
+        """Reads the notices of abandoned jobs as they come and flags those this worker is running."""
+        after: str | None = None
+        while True:
+            try:
+                if after is None:
+                    after = await self.queue.last_abandon_notice()
+                after, job_ids = await self.queue.abandon_notices(after, self.settings.llm_read_block_ms)
+            except RedisError as exc:
+                log.warning("abandon_notices_failed", error=str(exc)[:200])
+                await asyncio.sleep(1.0)
+                continue
+            for job_id in job_ids:
+                if job_id in self._abandoned:
+                    self._abandoned[job_id].set()
+
     async def _persist(self, write: Callable[[], Awaitable[T]], until: float) -> T:
         """Runs a queue write, again with backoff while Redis is unreachable, until ``until`` (monotonic).
 
@@ -273,11 +294,14 @@ class Worker:
             await self._reject(delivery, f"malformed job: {exc}"[:2000])
             return
         with structlog.contextvars.bound_contextvars(request_id=job.request_id, job_id=job.id):
+            self._abandoned[job.id] = asyncio.Event()  # before it starts: a notice from then on is seen
             try:
                 await self._process(delivery, job)
             except RedisError as exc:
                 # Not acknowledged: the job stays pending and is claimed again after the visibility timeout.
                 log.warning("job_redis_error", error=str(exc)[:200])
+            finally:
+                self._abandoned.pop(job.id, None)
 
     async def _reject(self, delivery: Delivery, error: str) -> None:
         """A job that cannot be decoded: dead-lettered, and its caller told when its id can be read."""
@@ -313,6 +337,10 @@ class Worker:
         if start.status == "answered":
             log.info("job_already_ended")
             return
+        if start.status == "abandoned":
+            JOBS_ABANDONED.inc()
+            log.info("job_abandoned", tokens=0, started=False)
+            return
         if start.status == "expired":
             JOBS_DROPPED_DEADLINE.inc()
             log.info("job_expired", waited_s=round(start.waited_s, 3))
@@ -344,13 +372,23 @@ class Worker:
 
         started = time.monotonic()
         deadline = asyncio.timeout(max(start.remaining_s, 0.001))
+        abandoned = self._abandoned.get(job.id) or asyncio.Event()
         try:
             async with deadline:
-                generation = await self.engine.generate(request, on_token if tokens is not None else None)
+                generation = await _unless(
+                    abandoned, self.engine.generate(request, on_token if tokens is not None else None)
+                )
                 if tokens is not None:
                     await tokens.close()  # every token out before the answer
+        except _JobAbandoned:
+            await self._stopped_abandoned(delivery, job.id, tokens.made if tokens is not None else 0, until)
+            return
         except _JobEnded:
-            log.info("job_ended_elsewhere", tokens=tokens.published if tokens is not None else 0)
+            made = tokens.made if tokens is not None else 0
+            if abandoned.is_set() or await self.queue.was_abandoned(job.id):
+                await self._stopped_abandoned(delivery, job.id, made, until)
+                return
+            log.info("job_ended_elsewhere", tokens=made)
             return
         except RedisError:
             raise
@@ -411,6 +449,36 @@ class Worker:
         else:
             log.info("job_already_ended")
 
+    async def _stopped_abandoned(self, delivery: Delivery, job_id: str, tokens: int, until: float) -> None:
+        """A job stopped mid-generation because its caller had gone: acknowledged, counted, nothing published."""
+        JOBS_ABANDONED.inc()
+        TOKENS_GENERATED.inc(tokens)  # those streamed before it stopped
+        log.info("job_abandoned", tokens=tokens, started=True)
+        await self._persist(lambda: self.queue.drop(delivery, job_id), max(until, time.monotonic() + 5.0))
+
+
+async def _unless(abandoned: asyncio.Event, generation: Coroutine[Any, Any, Generation]) -> Generation:
+    """The generation's result, or ``_JobAbandoned`` as soon as ``abandoned`` is set: the generation is then
+    cancelled, which stops the engine's work on it at its next step."""
+    work = asyncio.ensure_future(generation)
+    notice = asyncio.ensure_future(abandoned.wait())
+    try:
+        done, _ = await asyncio.wait({work, notice}, return_when=FIRST_COMPLETED)
+    except BaseException:  # cancelled from outside (the deadline, a stop): the generation goes with it
+        work.cancel()
+        notice.cancel()
+        raise
+    notice.cancel()
+    if work in done:
+        return work.result()
+    work.cancel()
+    await asyncio.gather(work, return_exceptions=True)
+    raise _JobAbandoned
+
+
+class _JobAbandoned(Exception):
+    """The job's caller has gone: stop generating it."""
+
 
 class _JobEnded(Exception):
     """Raised from a token callback: another attempt has ended the job; stop generating it."""
@@ -451,6 +519,11 @@ class TokenBatches:
 
     def cancel(self) -> None:
         self._task.cancel()
+
+    @property
+    def made(self) -> int:
+        """Tokens generated so far: published, or waiting for their batch."""
+        return self.published + len(self._pending)
 
     def _raise_if_done(self) -> None:
         if self._ended:

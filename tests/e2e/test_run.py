@@ -1,9 +1,11 @@
-"""``ragpod run`` as a person runs it, on free ports: kill -9 the LLM worker and watch the supervisor bring it
-back while the gateway keeps answering; Ctrl-C stops every process."""
+"""``ragpod run`` as a person runs it, on free ports and with API keys on (given as a digest only, which the
+supervisor cannot send): kill -9 the LLM worker and watch the supervisor bring it back while the gateway keeps
+answering; Ctrl-C stops every process."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -23,6 +25,8 @@ from ragpod.processes import free_port, pid_alive
 from tests.fixtures.models import MODEL_CACHE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+KEY = "run-key-0123456789"
 
 
 class Console:
@@ -71,7 +75,12 @@ def ragpod_run(tmp_path: Path) -> Iterator[tuple[Console, dict[str, int]]]:
     ports = {name: free_port() for name in ("gateway", "embedding", "retriever", "llm", "redis")}
     command = [sys.executable, "-m", "ragpod", "run", "--data-dir", str(data)]
     command += [f"--port={name}={port}" for name, port in ports.items()]
-    env = {**os.environ, "RAG_LLM_MAX_NEW_TOKENS": "32", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "RAG_LLM_MAX_NEW_TOKENS": "32",
+        "PYTHONUNBUFFERED": "1",
+        "RAG_API_KEYS": "sha256:" + hashlib.sha256(KEY.encode()).hexdigest(),
+    }
     popen = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     console = Console(popen)
     try:
@@ -103,9 +112,13 @@ def test_a_killed_llm_worker_comes_back_while_the_gateway_keeps_answering(
     assert {"gateway", "embedding", "retriever", "llm"} <= set(pids), pids
 
     question = {"question": "What does KEDA scale the LLM workers on?", "top_k": 3}
-    with httpx.Client(base_url=f"http://127.0.0.1:{ports['gateway']}", timeout=300) as gateway:
-        # "ready" waited for the whole chain.
+    base = f"http://127.0.0.1:{ports['gateway']}"
+    assert httpx.get(f"{base}/v1/status").status_code == 401  # keys are on: the supervisor used a key of its own
+    assert not any(KEY in line for line in console.lines)
+    with httpx.Client(base_url=base, timeout=300, headers={"Authorization": f"Bearer {KEY}"}) as gateway:
+        # "ready" waited for the whole chain, and the demo corpus was indexed.
         assert gateway.get("/v1/status").json()["status"] == "ok"
+        assert gateway.get("/v1/documents", params={"limit": 1}).json()["documents"]
         os.kill(pids["llm"], signal.SIGKILL)
         killed_at, _ = console.wait_for(r"^llm was killed by SIGKILL; restarting it in 1 s \(restart 1 of 5\)", 30)
         with ThreadPoolExecutor(1) as pool:

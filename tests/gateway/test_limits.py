@@ -3,6 +3,7 @@ open or closed when that Redis is down, and bodies over the limit refused before
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
@@ -19,6 +20,7 @@ from services.gateway.app import create_app
 from services.gateway.config import Settings
 from services.gateway.security import parse_api_keys
 from tests.fixtures.apps import in_process
+from tests.fixtures.llm import wait_for
 from tests.fixtures.redis import RedisServer
 from tests.fixtures.uvicorn_server import free_port
 from tests.gateway.conftest import RetrieverDouble
@@ -120,6 +122,28 @@ async def test_keys_and_digests_authenticate_and_others_are_refused(
         assert (await client.get("/healthz")).status_code == 200
 
 
+async def test_a_refusal_challenges_for_a_bearer_key_and_failed_keys_are_rate_limited_per_address(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    settings = Settings(redis_url=redis_server.url, api_keys=KEY_A, auth_failures_per_minute=3)
+    app = create_app(settings, retriever_transport=httpx.MockTransport(RetrieverDouble()))
+    async with in_process(app) as client:
+        refused = [await client.post("/v1/search", json=QUERY, headers=bearer(f"{WRONG}{n}")) for n in range(3)]
+        assert [r.status_code for r in refused] == [401, 401, 401]
+        assert all(r.headers["www-authenticate"].startswith("Bearer") for r in refused)
+        chat = await client.post("/v1/chat/completions", json={"model": "m", "messages": []})
+        assert chat.status_code == 429  # the fourth failure's address is over its limit: refused before its key
+        assert chat.json()["error"]["code"] == "rate_limited" and 1 <= int(chat.headers["retry-after"]) <= 60
+        # Over the limit, a right key from that address is refused too: a guess that hits learns nothing.
+        limited = await client.post("/v1/search", json=QUERY, headers=bearer(KEY_A))
+        assert limited.status_code == 429 and limited.json()["error"] == "rate_limited"
+        assert "failed authentications" in limited.json()["detail"]
+    assert any(key.startswith("rag:authfail") for key in await redis_client.keys("*"))
+    # Another address is not affected; the count is kept per address.
+    async with in_process(app, client=("10.0.0.9", 4000)) as elsewhere:
+        assert (await elsewhere.post("/v1/search", json=QUERY, headers=bearer(KEY_A))).status_code == 200
+
+
 def test_a_malformed_digest_is_refused_at_start_naming_the_variable() -> None:
     with pytest.raises(ValueError, match="RAG_API_KEYS"):
         parse_api_keys("sha256:abc")
@@ -177,3 +201,35 @@ async def test_a_body_over_the_limit_is_refused_before_it_is_read(
         small = await client.post("/v1/documents", json={"documents": [{"id": "a", "text": "x" * 100}]})
         assert small.status_code == 200
     assert [r.url.path for r in retriever.requests] == ["/v1/documents"]
+
+
+async def test_beyond_the_concurrency_limit_a_request_is_busy_and_the_probes_are_not_counted() -> None:
+    release = asyncio.Event()
+    double = RetrieverDouble()
+
+    async def slow_search(request: httpx.Request) -> httpx.Response:
+        response = double(request)
+        if request.url.path == "/v1/search":
+            await release.wait()
+        return response
+
+    settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", max_concurrent_requests=2)
+    app = create_app(settings, retriever_transport=httpx.MockTransport(slow_search))
+    async with in_process(app) as client:
+        held = [asyncio.create_task(client.post("/v1/search", json=QUERY)) for _ in range(2)]
+
+        async def both_waiting() -> bool:  # both in their handlers, waiting for the retriever
+            return len(double.requests) >= 2
+
+        await wait_for(both_waiting)
+        refused = await client.post("/v1/search", json=QUERY)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"] == "busy" and "RAG_MAX_CONCURRENT_REQUESTS" in refused.json()["detail"]
+        assert "x-request-id" in refused.headers  # refused inside the request id middleware
+        models = await client.get("/v1/models")
+        assert models.status_code == 503 and models.json()["error"]["code"] == "busy"  # OpenAI's shape there
+        for probe in ("/healthz", "/readyz", "/metrics"):
+            assert (await client.get(probe)).status_code == 200, probe
+        release.set()
+        assert [(await task).status_code for task in held] == [200, 200]
+        assert (await client.post("/v1/search", json=QUERY)).status_code == 200  # the slots are free again

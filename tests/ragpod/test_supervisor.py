@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -11,14 +12,27 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
-from ragpod.processes import ROOT, Child, pid_alive, spawn, wait_until
+from ragpod.processes import ROOT, Child, free_port, pid_alive, spawn, wait_until
 from ragpod.supervisor import PID_FILE, RestartPolicy, Stack, Supervisor, stop_leftovers, write_pid_file
 from ragpod.tuning import MODEL_TUNING
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(600)"]
 FAIL = [sys.executable, "-c", "raise SystemExit(3)"]
+# Answers GET /healthz with 200 on the port given, like a service.
+HEALTHY = """
+import http.server, sys
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/healthz" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
+"""
 
 
 class Sleepers(Stack):
@@ -41,6 +55,10 @@ def stack(tmp_path: Path) -> Iterator[Sleepers]:
     stack = Sleepers({"worker": SLEEP, "gateway": SLEEP}, tmp_path)
     yield stack
     stack.stop()
+
+
+def port_answers(port: int) -> bool:
+    return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
 
 
 class Clock:
@@ -117,6 +135,41 @@ def test_a_process_that_ran_a_while_starts_with_a_fresh_count(stack: Sleepers) -
     wait_until(lambda: not stack.proc("worker").alive(), 120, "worker to die")
     assert not supervisor.poll()
     assert "giving up" in out.getvalue()
+
+
+def test_a_service_that_stops_answering_healthz_is_restarted_and_the_console_says_so(tmp_path: Path) -> None:
+    port = free_port()
+    stack = Sleepers({"gateway": [sys.executable, "-c", HEALTHY, str(port)], "worker": SLEEP}, tmp_path)
+    stack.ports = {"gateway": port}  # the worker has no port: nothing to probe
+    clock = Clock()
+    out = io.StringIO()
+    policy = RestartPolicy(first_backoff=1, unresponsive_after=30, probe_interval=5, probe_timeout=0.5)
+    supervisor = Supervisor(stack, policy, out=out, clock=clock)
+    try:
+        wait_until(lambda: supervisor.poll() and stack.proc("gateway").alive() and port_answers(port), 60, "server")
+        hung = stack.proc("gateway").pid
+        assert hung is not None
+        os.kill(hung, signal.SIGSTOP)  # alive, holding its port, answering nothing: a hung event loop
+        for _ in range(5):  # 25 s without an answer: not yet
+            clock.now += 5
+            assert supervisor.poll()
+        assert out.getvalue() == "" and stack.proc("gateway").pid == hung
+        clock.now += 5
+        assert supervisor.poll()  # 30 s: stopped, and its restart scheduled
+        wait_until(lambda: not pid_alive(hung), 30, "the hung process to be stopped")
+        clock.now += 1
+        assert supervisor.poll()
+        restarted = stack.proc("gateway").pid
+        lines = out.getvalue().splitlines()
+        assert lines[0].startswith("gateway stopped answering /healthz for 30 s; restarting it in 1 s (restart 1 of 5)")
+        assert lines[1] == f"gateway restarted, pid {restarted}"
+        assert restarted != hung and stack.proc("gateway").alive()
+        # The new process has not answered yet: however long it takes to start, it is not restarted for that.
+        clock.now += 60
+        assert supervisor.poll() and stack.proc("gateway").pid == restarted
+        assert stack.proc("worker").alive()
+    finally:
+        stack.stop()
 
 
 def test_the_model_processes_start_with_the_model_tuning_and_an_exported_value_wins(
@@ -200,3 +253,18 @@ def test_a_pid_file_of_a_supervisor_still_running_is_left_alone(tmp_path: Path) 
         child.stop()
         supervisor.kill()
         supervisor.wait()
+
+
+def test_with_keys_on_the_gateway_also_takes_the_digest_of_the_supervisors_own_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    digest_only = "sha256:" + hashlib.sha256(b"a key the supervisor never sees").hexdigest()
+    monkeypatch.setenv("RAG_API_KEYS", digest_only)
+    ports = {"gateway": 1, "embedding": 2, "retriever": 3, "llm": 4}
+    stack = Stack(ports=ports, redis_port=5, data_dir=tmp_path, log_dir=None, api_key="own-key")
+    own = "sha256:" + hashlib.sha256(b"own-key").hexdigest()
+    assert stack.env_for("gateway")["RAG_API_KEYS"] == f"{digest_only},{own}"
+    assert "RAG_API_KEYS" not in stack.env_for("llm")  # inherited as it is; only the gateway reads it
+    assert "own-key" not in str(stack.env_for("gateway"))
+    monkeypatch.delenv("RAG_API_KEYS")
+    assert "RAG_API_KEYS" not in Stack(ports, 5, tmp_path, None).env_for("gateway")  # keys stay off

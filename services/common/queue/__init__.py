@@ -7,8 +7,8 @@ back and answers through it, and says it is alive (``heartbeat``) so the gateway
 workers (``live_workers``). ``protocol.py`` says how.
 """
 
-from services.common.queue.connection import make_redis
+from services.common.queue.connection import PoolExhausted, make_redis
 from services.common.queue.models import Event, EventType, Job
 from services.common.queue.protocol import HEARTBEAT_SECONDS, Delivery, JobQueue
 
-__all__ = ["HEARTBEAT_SECONDS", "Delivery", "Event", "EventType", "Job", "JobQueue", "make_redis"]
+__all__ = ["HEARTBEAT_SECONDS", "Delivery", "Event", "EventType", "Job", "JobQueue", "PoolExhausted", "make_redis"]

@@ -16,6 +16,9 @@ Keys, all under the stream's name ``S`` (``RAG_LLM_STREAM``):
   most, counts as live for three of its beats, and takes itself out when it stops cleanly. (``XINFO
   CONSUMERS`` cannot tell: Redis 7.0 does not refresh an idle consumer's idle time on an empty read.)
 - ``RAG_LLM_DEAD_LETTER_STREAM``: failed jobs with their error, capped at ``RAG_LLM_DEAD_LETTER_MAX_LEN``.
+- ``S:abandoned``: notices of jobs whose caller has gone (``abandon``), one entry per job, the newest
+  ``ABANDON_NOTICES_KEPT`` or so kept. Every worker reads it (not as a group) and stops generating such a job;
+  the job's answered mark, set to ``abandoned`` in the same step, stops whatever the notice does not reach.
 
 Every write is one Lua script (``scripts.py``) that can run twice without doing anything twice, because
 the client sends a command again when a connection breaks and a reply may be lost after the command ran.
@@ -43,10 +46,11 @@ from services.common.settings import QueueSettings
 # redis-py's replies as this module reads them (decode_responses=True).
 StreamEntries = list[tuple[str, dict[str, str]]]
 StreamReply = list[tuple[str, StreamEntries]] | None
-StartStatus = Literal["run", "answered", "expired", "exhausted"]
+StartStatus = Literal["run", "answered", "abandoned", "expired", "exhausted"]
 CLAIM_BATCH = 16  # entries claimed per XAUTOCLAIM; Redis looks at up to ten times as many per call
 HEARTBEAT_SECONDS = 5.0  # a worker's longest time between heartbeats (less with a short visibility timeout)
 HEARTBEATS_LIVE = 3  # a worker counts as live for this many of its heartbeat intervals after each beat
+ABANDON_NOTICES_KEPT = 10000
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,7 @@ class JobQueue:
         self._untried = redis.register_script(scripts.UNTRIED)
         self._heartbeat = redis.register_script(scripts.HEARTBEAT)
         self._live_workers = redis.register_script(scripts.LIVE_WORKERS)
+        self._abandon = redis.register_script(scripts.ABANDON)
         self._claim_cursor = "0-0"
 
     # --- keys ---------------------------------------------------------------------------------------------
@@ -131,6 +136,9 @@ class JobQueue:
 
     def workers_key(self) -> str:
         return f"{self.stream}:workers"
+
+    def abandoned_key(self) -> str:
+        return f"{self.stream}:abandoned"
 
     def _state_ttl(self, remaining_s: float) -> int:
         return max(int(remaining_s), 0) + self.ttl
@@ -193,6 +201,32 @@ class JobQueue:
 
     async def discard(self, job_id: str) -> None:
         await self.redis.delete(self.events_key(job_id))
+
+    async def abandon(self, job_id: str) -> bool:
+        """The caller has gone: the job ends with no answer, and workers generating it stop. False when it had
+        ended already."""
+        keys = [self.answered_key(job_id), self.abandoned_key()]
+        return bool(await self._abandon(keys=keys, args=[self.ttl, job_id, ABANDON_NOTICES_KEPT]))
+
+    # --- the worker's side: abandoned jobs ----------------------------------------------------------------
+
+    async def was_abandoned(self, job_id: str) -> bool:
+        return bool(await self.redis.get(self.answered_key(job_id)) == "abandoned")
+
+    async def last_abandon_notice(self) -> str:
+        """Where a new reader of the abandon notices starts: after the newest one."""
+        newest = await self.redis.xrevrange(self.abandoned_key(), count=1)
+        return str(newest[0][0]) if newest else "0-0"
+
+    async def abandon_notices(self, after: str, block_ms: int) -> tuple[str, list[str]]:
+        """Jobs abandoned since notice ``after``, waiting up to ``block_ms`` for one; and the newest notice read."""
+        reply = cast(StreamReply, await self.redis.xread({self.abandoned_key(): after}, block=block_ms, count=256))
+        job_ids: list[str] = []
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                after = entry_id
+                job_ids.append(fields.get("job", ""))
+        return after, job_ids
 
     # --- the worker's side: reading -----------------------------------------------------------------------
 

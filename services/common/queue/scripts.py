@@ -45,8 +45,8 @@ return depth
 """
 
 # KEYS: stream, job state, answered. ARGV: group, entry id, attempt token, max tries, deadline ms, state ttl s.
-# -> {status, tries, now ms, last error}. A worker starts a job: answered already or past its deadline
-# (Redis' clock) -> acknowledged and done with; else the try is counted once per attempt token.
+# -> {status, tries, now ms, last error}. A worker starts a job: answered already, abandoned by its caller or
+# past its deadline (Redis' clock) -> acknowledged and done with; else the try is counted once per attempt token.
 BEGIN = """
 local stream, state, answered = KEYS[1], KEYS[2], KEYS[3]
 local now = redis.call('TIME')
@@ -54,7 +54,12 @@ local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 if redis.call('EXISTS', answered) == 1 or now_ms >= tonumber(ARGV[5]) then
   redis.call('XACK', stream, ARGV[1], ARGV[2])
   redis.call('XDEL', stream, ARGV[2])
-  if redis.call('EXISTS', answered) == 1 then return {'answered', 0, now_ms, ''} end
+  local mark = redis.call('GET', answered)
+  if mark == 'abandoned' then
+    redis.call('DEL', state)
+    return {'abandoned', 0, now_ms, ''}
+  end
+  if mark then return {'answered', 0, now_ms, ''} end
   redis.call('DEL', state)
   return {'expired', 0, now_ms, ''}
 end
@@ -200,4 +205,14 @@ local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
 return redis.call('ZCARD', KEYS[1])
+"""
+
+# KEYS: answered, abandon notices. ARGV: ttl s, job id, notices kept (about). -> 1 marked, 0 the job had ended.
+# The caller has gone (disconnected, or its deadline passed): the job ends with no answer. The answered mark
+# ('abandoned') stops every later step as an ended job does (a try not yet started, the next token, a retry,
+# a dead letter); the notice tells the workers reading the notice stream to stop generating it now.
+ABANDON = """
+if not redis.call('SET', KEYS[1], 'abandoned', 'NX', 'EX', ARGV[1]) then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'job', ARGV[2])
+return 1
 """
