@@ -24,6 +24,7 @@ from pydantic import TypeAdapter, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.responses import Response
 
+from services.common.disconnect import unless_disconnected
 from services.common.errors import BadRequest, InvalidInput, NotFound, RagError
 from services.common.openai_schemas import (
     AssistantMessage,
@@ -41,7 +42,6 @@ from services.common.schemas import Filters
 from services.gateway import pipeline
 from services.gateway.config import Settings
 from services.gateway.deps import ClientsDep, Guarded, RequestIdDep, SettingsDep
-from services.gateway.disconnect import unless_disconnected
 from services.gateway.pipeline import Answer, Pending, Question, Reset
 from services.gateway.prompt import Conversation
 from services.gateway.schemas import RagpodCompletion, RagpodExtra, error_responses
@@ -190,9 +190,7 @@ async def chat_completions(
     completion = Completion("chatcmpl-" + uuid.uuid4().hex, int(time.time()), body.model, body.include_usage)
     if body.stream:
         return EventSourceResponse(_chunks(pending, completion), headers=SSE_HEADERS, sep="\n")
-    answer = await unless_disconnected(request, pending.answer())
-    if not isinstance(answer, Answer):
-        return answer  # the client has gone
+    answer = await unless_disconnected(request, pending.answer())  # a client gone first cancels it: 499
     return RagpodCompletion(
         id=completion.id,
         created=completion.created,

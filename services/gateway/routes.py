@@ -16,7 +16,6 @@ from services.common.disconnect import unless_disconnected
 from services.common.errors import InvalidInput, RagError
 from services.gateway import pipeline
 from services.gateway.deps import ClientsDep, Guarded, RequestIdDep, RetrieverDep, SettingsDep
-from services.gateway.disconnect import unless_disconnected
 from services.gateway.pipeline import Answer, Pending, Question, Reset
 from services.gateway.schemas import (
     AskRequest,
@@ -81,8 +80,8 @@ async def ask(body: AskRequest, settings: SettingsDep, clients: ClientsDep, rid:
     pending = await pipeline.ask(question, settings, clients, rid)
     if body.stream:
         return EventSourceResponse(_events(pending), headers=SSE_HEADERS, sep="\n")
-    answer = await unless_disconnected(request, pending.answer())
-    return answer.response if isinstance(answer, Answer) else answer
+    answer = await unless_disconnected(request, pending.answer())  # a client gone first cancels it: 499
+    return answer.response
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
