@@ -100,6 +100,11 @@ class Worker:
         self._group_ready = False
         self._engine_ready = False
         self._engine_wait = ENGINE_WAIT_FIRST_SECONDS
+        # Set when run() stops each loop beside it, which then ends at its next turn as well as being cancelled:
+        # a cancellation that lands as a Redis command's own read timeout fires comes out as that command's
+        # ordinary return or a RedisError (asyncio.timeout in Python 3.11), and a loop would go round again.
+        self._heartbeat_end = False
+        self._side_tasks_end = False
 
     @property
     def stopping(self) -> bool:
@@ -130,6 +135,7 @@ class Worker:
                         await asyncio.wait_for(self._stop.wait(), 1.0)
         finally:
             # A draining worker takes no new job: out of the live workers at once, not after the drain.
+            self._heartbeat_end = True
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
             with contextlib.suppress(RedisError):
@@ -139,6 +145,7 @@ class Worker:
                     await self.queue.hand_back(self._orphans)
                 self._orphans = []
             await self._drain()
+            self._side_tasks_end = True
             for task in side_tasks:
                 task.cancel()
             await asyncio.gather(*side_tasks, return_exceptions=True)
@@ -232,7 +239,7 @@ class Worker:
     async def _keep_claims(self) -> None:
         """Resets the idle time of jobs still in flight, so live work is never taken away."""
         interval = max(self.settings.llm_visibility_timeout_seconds / 3, 0.1)
-        while True:
+        while not self._side_tasks_end:
             await asyncio.sleep(interval)
             try:
                 await self.queue.keep(self.name, [*self._inflight, *(d.message_id for d in self._orphans)])
@@ -241,7 +248,7 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         """Says this worker is alive: at once, then every ``heartbeat_interval``."""
-        while True:
+        while not self._heartbeat_end:
             try:
                 await self.queue.heartbeat(self.name, self.heartbeat_interval)
             except RedisError as exc:
@@ -249,7 +256,7 @@ class Worker:
             await asyncio.sleep(self.heartbeat_interval)
 
     async def _watch_depth(self) -> None:
-        while True:
+        while not self._side_tasks_end:
             with contextlib.suppress(RedisError):
                 QUEUE_DEPTH.set(await self.queue.depth())
             await asyncio.sleep(2.0)
@@ -257,7 +264,7 @@ class Worker:
     async def _watch_abandoned(self) -> None:
         """Reads the notices of abandoned jobs as they come and flags those this worker is running."""
         after: str | None = None
-        while True:
+        while not self._side_tasks_end:
             try:
                 if after is None:
                     after = await self.queue.last_abandon_notice()

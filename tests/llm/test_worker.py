@@ -391,3 +391,28 @@ async def test_streamed_tokens_go_out_in_batches_in_order_when_redis_is_slow(
     assert events[-1].type == "done" and "".join(tokens) == events[-1].data["answer"]
     assert sum(batches) == len(tokens) == 32
     assert len(batches) <= len(tokens) // 4, batches  # one round trip per token would be 32
+
+
+@pytest.mark.parametrize("loop", ["abandon_notices", "depth", "keep", "heartbeat"])
+async def test_a_stop_ends_the_loops_beside_the_worker_whose_cancellation_was_lost(
+    redis_server: RedisServer, redis_client: Redis, monkeypatch: pytest.MonkeyPatch, loop: str
+) -> None:
+    """In Python 3.11 a cancellation that lands as a Redis command's own read timeout fires comes out of the
+    command as its ordinary return (redis-py returns None for a timed-out blocking read): the loop that
+    sent it goes on. A stopping worker must still end every loop it started."""
+    settings = make_settings(redis_server, llm_visibility_timeout_seconds=0.3)
+    worker = Worker(settings, ScriptedEngine(), redis_client, name="w1")
+    real = getattr(worker.queue, loop)
+
+    async def losing_its_cancellation(*args: Any, **kwargs: Any) -> Any:
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            pass  # swallowed, as the race does
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(worker.queue, loop, losing_its_cancellation)
+    task = asyncio.create_task(worker.run())
+    await asyncio.sleep(1.0)  # every loop has gone round
+    worker.request_stop()
+    await asyncio.wait_for(task, 5.0)
