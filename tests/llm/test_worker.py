@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -405,10 +406,8 @@ async def test_a_stop_ends_the_loops_beside_the_worker_whose_cancellation_was_lo
     real = getattr(worker.queue, loop)
 
     async def losing_its_cancellation(*args: Any, **kwargs: Any) -> Any:
-        try:
+        with contextlib.suppress(asyncio.CancelledError):  # swallowed, as the race does
             await asyncio.sleep(0.05)
-        except asyncio.CancelledError:
-            pass  # swallowed, as the race does
         return await real(*args, **kwargs)
 
     monkeypatch.setattr(worker.queue, loop, losing_its_cancellation)
