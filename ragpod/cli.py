@@ -192,6 +192,11 @@ def cmd_run(args: argparse.Namespace) -> None:
         if name not in (*supervisor.PORTS, "redis") or not port.isdigit():
             raise CliError(f"--port {item}: expected NAME=PORT with NAME one of {', '.join(supervisor.PORTS)}, redis")
         ports[name] = int(port)
+    chosen = {**supervisor.PORTS, "redis": supervisor.REDIS_PORT, **ports}
+    for port in set(chosen.values()):
+        sharing = [name for name, value in chosen.items() if value == port]
+        if len(sharing) > 1:
+            raise CliError(f"--port: {' and '.join(sharing)} would both listen on {port}; give each its own port")
     if args.unresponsive_after < 0:
         raise CliError(f"--unresponsive-after {args.unresponsive_after:g}: expected seconds, 0 or more")
     status = supervisor.main(Path(args.data_dir), ports, args.unresponsive_after)

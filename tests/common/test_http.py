@@ -12,6 +12,7 @@ import httpx
 import pytest
 from pydantic import BaseModel
 
+from ragpod.processes import free_port
 from services.common.errors import (
     InvalidInput,
     NotFound,
@@ -21,7 +22,6 @@ from services.common.errors import (
     UpstreamUnavailable,
 )
 from services.common.http import ServiceClient
-from tests.fixtures.uvicorn_server import free_port
 
 
 class Answer(BaseModel):

@@ -12,10 +12,10 @@ import uvicorn
 from fastapi import FastAPI, Request
 from starlette.requests import ClientDisconnect
 
+from ragpod.processes import free_port
 from services.common.serve import server_options
 from services.common.settings import ServiceSettings
 from tests.fixtures.llm import wait_for
-from tests.fixtures.uvicorn_server import free_port
 
 DEADLINE = 0.5
 

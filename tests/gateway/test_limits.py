@@ -16,13 +16,13 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from ragpod.processes import free_port
 from services.gateway.app import create_app
 from services.gateway.config import Settings
 from services.gateway.security import parse_api_keys
 from tests.fixtures.apps import in_process
 from tests.fixtures.llm import wait_for
 from tests.fixtures.redis import RedisServer
-from tests.fixtures.uvicorn_server import free_port
 from tests.gateway.conftest import RetrieverDouble
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,10 +13,10 @@ import httpx
 import pytest
 import uvicorn
 
+from ragpod.processes import free_port
 from services.gateway.app import create_app
 from services.gateway.config import Settings
 from tests.fixtures.redis import RedisServer
-from tests.fixtures.uvicorn_server import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ import pytest
 
 from ragpod import cli
 from ragpod.documents import read_documents
+from ragpod.processes import free_port
 from ragpod.supervisor import ROOT, cli_example, converts_model
-from tests.fixtures.uvicorn_server import free_port
 
 
 def test_help_shows_how_to_point_the_cli_at_a_gateway(capsys: pytest.CaptureFixture[str]) -> None:
@@ -53,3 +53,17 @@ def test_the_banner_names_the_gateway_it_started_and_the_conversion_only_when_it
     assert converts_model(models)  # a copy cut short is no copy
     (models / "SmolLM2-135M-Instruct.Q4_1-1-2" / "config.json").write_text("{}")
     assert not converts_model(models)
+
+
+def test_run_refuses_two_services_on_one_port(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    given = ["--port=embedding=9123", "--port=retriever=9123"]
+    assert cli.main(["run", "--data-dir", str(tmp_path), *given]) == 1
+    assert "embedding and retriever would both listen on 9123" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything started
+    assert cli.main(["run", "--data-dir", str(tmp_path), "--port=gateway=8001"]) == 1  # the embedding's default
+    assert "gateway and embedding would both listen on 8001" in capsys.readouterr().err
+
+
+def test_free_ports_asked_for_one_after_another_differ() -> None:
+    ports = [free_port() for _ in range(1000)]  # the kernel alone repeats one within a few hundred
+    assert len(set(ports)) == len(ports)
