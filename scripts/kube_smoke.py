@@ -10,9 +10,10 @@ dependency ok, and one demo question to be answered with sources. Nothing is lef
 What cannot run here as on a cluster, and how it is bridged (each change is made to the rendered YAML, in
 memory, and printed):
 
-- Services: podman names each Deployment's pod ``<name>-pod-0`` on the network it creates, and has no
-  Services; the Service names in the ConfigMaps' URLs (``http://embedding:8001``) are rewritten to those
-  pod names.
+- Services: podman names each Deployment's pod ``<name>-pod-0`` and has no Services; the Service names in
+  the ConfigMaps' URLs (``http://embedding:8001``) are rewritten to those pod names, which every pod finds
+  in its /etc/hosts (``hostAliases``, on a network without DNS where each pod has a fixed address: podman's
+  DNS here answered lookups only after seconds while containers started, see compose_smoke.py).
 - Redis: the StatefulSet with Sentinel is not run. A Redis stand-in pod (the official image, or one made
   from Debian's redis-server) is added, ``RAG_REDIS_SENTINELS`` is emptied and the ``redis-auth`` Secret
   points at it.
@@ -41,7 +42,17 @@ from typing import Any
 
 import httpx
 import yaml
-from compose_smoke import ENGINE, REDIS_STAND_IN, ROOT, SERVICE_UID, WAIT_SECONDS, ask, available, engine
+from compose_smoke import (
+    ENGINE,
+    REDIS_STAND_IN,
+    ROOT,
+    SERVICE_UID,
+    WAIT_SECONDS,
+    ask,
+    available,
+    create_network,
+    engine,
+)
 
 from ragpod.processes import port_open
 
@@ -244,9 +255,10 @@ def check_containers(deployments: list[Doc]) -> list[str]:
             got = engine("exec", running, "id", "-u").stdout.strip()
             if got != uid:
                 failures.append(f"{running} runs as uid {got}, not {uid}")
-            if (ctr.get("securityContext") or {}).get("readOnlyRootFilesystem"):
-                if engine("exec", running, "touch", "/.kube-smoke-probe", check=False, quiet=True).returncode == 0:
-                    failures.append(f"{running}: the root file system is writable")
+            read_only = (ctr.get("securityContext") or {}).get("readOnlyRootFilesystem")
+            touched = read_only and engine("exec", running, "touch", "/.probe", check=False, quiet=True).returncode == 0
+            if touched:
+                failures.append(f"{running}: the root file system is writable")
             for mount in ctr.get("volumeMounts") or []:
                 probe = f"{mount['mountPath']}/.kube-smoke-probe"
                 if engine("exec", running, "touch", probe, check=False, quiet=True).returncode != 0:
@@ -273,14 +285,23 @@ def main() -> int:
     status = 1
     with tempfile.TemporaryDirectory(prefix="ragpod-kube-smoke-") as tmp:
         manifest = Path(tmp) / "pods.yaml"
-        manifest.write_text(yaml.safe_dump_all([*docs, redis_pod()], sort_keys=False))
-        engine("network", "create", NETWORK)
+        pods = [*deployments, redis_pod()]
+        addresses = create_network(NETWORK, [pod_name(d["metadata"]["name"]) for d in pods])
+        for pod in pods:
+            aliases = [{"ip": ip, "hostnames": [host]} for host, ip in addresses.items()]
+            pod["spec"]["template"]["spec"]["hostAliases"] = aliases
+        manifest.write_text(yaml.safe_dump_all([*docs, pods[-1]], sort_keys=False))
+        ips = [flag for ip in addresses.values() for flag in ("--ip", ip)]
         create_secrets(secrets)
         began = time.monotonic()
         try:
-            played = engine("kube", "play", "--network", NETWORK, str(manifest), check=False, quiet=True)
+            played = engine("kube", "play", "--network", NETWORK, *ips, str(manifest), check=False, quiet=True)
             if played.returncode != 0:
                 raise RuntimeError(f"podman kube play: {played.stderr.strip()[-2000:]}")
+            for pod in pods:
+                name = pod["metadata"]["name"]
+                if pod_ip(name) != addresses[pod_name(name)]:
+                    raise RuntimeError(f"{pod_name(name)} is at {pod_ip(name)}, not {addresses[pod_name(name)]}")
             wait_ready(probes(deployments))
             gateway = f"http://{pod_ip('gateway')}:8000"
             print(f"kube-smoke: the gateway's /v1/status: {whole_chain(gateway)}", flush=True)

@@ -25,6 +25,10 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 _RESENDABLE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 # Idle connections are closed before uvicorn's own keep-alive (5 s) would close them from the server's side.
 KEEPALIVE_EXPIRY_SECONDS = 4.0
+# Connecting includes looking the service's name up. A resolver asks again 5 s after a query that got no answer
+# (glibc's default ``timeout:5``; a DNS reply lost in conntrack on Kubernetes, or podman's DNS while containers
+# start), so a limit of 5 s turned one lost packet into a failed call: the limit leaves room for that second ask.
+CONNECT_TIMEOUT_SECONDS = 10.0
 
 
 class ServiceClient:
@@ -46,7 +50,7 @@ class ServiceClient:
         self.name = name
         self._client = httpx.AsyncClient(
             base_url=base_url,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+            timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT_SECONDS)),
             transport=transport
             if transport is not None
             else httpx.AsyncHTTPTransport(
@@ -130,7 +134,7 @@ class ServiceClient:
         resend = idempotent or method.upper() in IDEMPOTENT_METHODS
         options: dict[str, Any] = {"json": json, "params": params, "headers": headers}
         if time_limit is not None:
-            options["timeout"] = httpx.Timeout(time_limit, connect=min(time_limit, 5.0))
+            options["timeout"] = httpx.Timeout(time_limit, connect=min(time_limit, CONNECT_TIMEOUT_SECONDS))
         try:
             response = await self._send(method, path, resend, **options)
         except httpx.TimeoutException as exc:

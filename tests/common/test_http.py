@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -266,3 +269,23 @@ async def test_a_service_that_does_not_answer_in_time_is_a_timeout() -> None:
     assert type(raised.value) is UpstreamTimeout
     assert raised.value.status_code == 504 and raised.value.detail == "slow did not answer in time"
     assert requests == [1]  # read, timed out, not sent again
+
+
+async def test_a_name_lookup_answered_at_the_resolvers_second_ask_still_connects(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A resolver asks again 5 s after a DNS query that got no answer: the call waits for that second ask."""
+    resolve = socket.getaddrinfo
+
+    def second_ask(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host in ("embedding.example", b"embedding.example"):  # anyio asks with the name IDNA-encoded
+            time.sleep(5.5)  # the first query lost, the second answered
+            host = "127.0.0.1"
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", second_ask)
+    async with raw_server(answers_only_the_first) as (url, requests):
+        client = ServiceClient("embedding", url.replace("127.0.0.1", "embedding.example"), 30)
+        assert await client.post("/v1/embed", {}, idempotent=True) == {"ok": True}
+        await client.aclose()
+    assert requests == [1]
