@@ -163,7 +163,9 @@ def create_secrets(secrets: dict[str, dict[str, str]]) -> None:
     for name, data in secrets.items():
         engine("secret", "rm", name, check=False, quiet=True)
         content = json.dumps({key: base64.b64encode(value.encode()).decode() for key, value in data.items()})
-        subprocess.run([*ENGINE, "secret", "create", name, "-"], input=content, text=True, check=True)
+        subprocess.run(
+            [*ENGINE, "secret", "create", name, "-"], input=content, text=True, check=True, stdout=subprocess.DEVNULL
+        )
 
 
 def redis_pod() -> Doc:
