@@ -1,0 +1,85 @@
+"""The Qdrant server backend: a shorter re-send of a document is one request, so a retriever that dies
+between two calls to the server cannot leave a document of two versions (qdrant-client's local mode stands in
+for the server, as in the other store tests)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import pytest
+from qdrant_client import AsyncQdrantClient
+
+from services.retriever.chunking import point_id
+from services.retriever.store import ChunkPoint, ServerStore
+from services.retriever.text import Sparse
+
+
+class Died(BaseException):
+    """The retriever's process ending where it stood (not an error any code handles)."""
+
+
+def version(doc: str, tag: str, chunks: int) -> list[ChunkPoint]:
+    return [
+        ChunkPoint(
+            point_id(doc, i),
+            [1.0, float(i), 0.5, 0.25],
+            Sparse([i + 1], [1.0]),
+            {"document_id": doc, "chunk": i, "chunks": chunks, "text": f"{tag} chunk {i}", "metadata": {}},
+        )
+        for i in range(chunks)
+    ]
+
+
+class DiesAtCall:
+    """The client, with the process dying as it makes its ``dies_at``-th call that changes points."""
+
+    CHANGES = ("upsert", "delete", "batch_update_points", "overwrite_payload", "set_payload", "delete_vectors")
+
+    def __init__(self, client: AsyncQdrantClient, dies_at: int) -> None:
+        self._client = client
+        self._dies_at = dies_at
+        self.changes = 0
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        if name not in self.CHANGES:
+            return method
+
+        async def change(*args: Any, **kwargs: Any) -> Any:
+            self.changes += 1
+            if self.changes == self._dies_at:
+                raise Died
+            return await method(*args, **kwargs)
+
+        return change
+
+
+async def texts_of(store: ServerStore, doc: str) -> list[str]:
+    found: list[tuple[int, str]] = []
+    offset: str | None = None
+    while True:
+        page, offset = await store.scroll(offset, 100)
+        found += [(int(p["chunk"]), str(p["text"])) for _, p in page if p.get("document_id") == doc]
+        if offset is None:
+            return [text for _, text in sorted(found)]
+
+
+@pytest.mark.parametrize("dies_at", [1, 2])
+async def test_a_retriever_dying_inside_a_shorter_resend_leaves_one_version_whole(dies_at: int) -> None:
+    client = AsyncQdrantClient(location=":memory:")
+    store = ServerStore(client, "chunks")
+    await store.ensure_collection(4)
+    await store.write(version("manual", "v1", 6), {"manual": 6})
+    dying = DiesAtCall(client, dies_at)
+    store._client = dying  # type: ignore[assignment]
+    with pytest.raises(Died) if dies_at == 1 else contextlib.nullcontext():
+        await store.write(version("manual", "v2", 2), {"manual": 2})
+    store._client = client
+    texts = await texts_of(store, "manual")
+    info = await store.get_document("manual")
+    await store.close()
+    expected = [f"v1 chunk {i}" for i in range(6)] if dies_at == 1 else [f"v2 chunk {i}" for i in range(2)]
+    assert texts == expected
+    assert info is not None and info.chunks == len(expected)
+    assert dying.changes == 1  # the whole re-send was one request
