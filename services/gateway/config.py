@@ -76,6 +76,15 @@ class Settings(ServiceSettings, QueueSettings, EmbeddingSettings):
     )
     served_model: str = Field("ragpod", min_length=1, description="Model name /v1/models lists.")
     retry_after_seconds: int = Field(2, ge=1, description="Retry-After sent with a 503 for a full queue.")
+    require_llm_workers: bool = Field(
+        False,
+        description="Answer a question that needs generation 503 at once, with Retry-After, while no LLM worker is "
+        "live (none has sent a heartbeat lately: the tier is scaled to zero or not started yet) instead of queueing "
+        "a job nobody takes; the Kubernetes base sets it.",
+    )
+    no_workers_retry_after_seconds: int = Field(
+        60, ge=1, description="Retry-After sent with the 503 for no live LLM worker (RAG_REQUIRE_LLM_WORKERS)."
+    )
     max_context_chars: int = Field(6000, ge=100, description="Characters of retrieved text put into the prompt.")
     system_prompt: str = Field(SYSTEM, min_length=1, description="The system message put before the sources.")
     min_relevance: float = Field(
