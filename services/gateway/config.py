@@ -71,6 +71,13 @@ class Settings(ServiceSettings, QueueSettings, EmbeddingSettings):
         description="Requests one gateway process serves at once (/healthz, /readyz and /metrics not counted); "
         "beyond them 503 busy with Retry-After; 0: no limit.",
     )
+    max_concurrent_uploads: int = Field(
+        4,
+        ge=0,
+        description="File uploads (POST /v1/files) one gateway process receives at once; beyond them 503 busy with "
+        "Retry-After before the body is read. Each may spool up to RAG_MAX_BODY_BYTES to /tmp: size /tmp for "
+        "both multiplied. 0: no limit.",
+    )
     chat_history_chars: int = Field(
         4000, ge=0, description="Characters of earlier chat turns kept in the prompt (newest first)."
     )

@@ -505,3 +505,21 @@ def test_the_off_hours_component_rests_at_zero_only_outside_the_serving_hours(tm
     assert dumped["spec"]["minReplicaCount"] == 0
     # Nothing else changes: the gateway already refuses questions while no worker is live.
     assert render.get("ConfigMap", "gateway-config") == renders["gpu-cluster"].get("ConfigMap", "gateway-config")
+
+
+@ALL
+def test_the_gateways_tmp_holds_every_upload_it_admits_at_once(renders, overlay):
+    """Uploads spool their bodies to /tmp before parsing: the emptyDir holds RAG_MAX_CONCURRENT_UPLOADS bodies of
+    RAG_MAX_BODY_BYTES (a full /tmp evicts the pod), and the number is bounded (0 would mean no bound)."""
+    render = renders[overlay]
+    uploads = setting(render, "gateway-config", GatewaySettings, "RAG_MAX_CONCURRENT_UPLOADS")
+    body = setting(render, "gateway-config", GatewaySettings, "RAG_MAX_BODY_BYTES")
+    assert uploads >= 1
+    pod = render.pod_spec("Deployment", "gateway")
+    (gateway,) = pod["containers"]
+    (mount,) = [m for m in gateway["volumeMounts"] if m["mountPath"] == "/tmp"]
+    (tmp,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    size = quantity(tmp["emptyDir"]["sizeLimit"])
+    assert size >= uploads * body + 16 * 2**20, (size, uploads, body)  # and room for the rest
+    if overlay in k8s.GPU_OVERLAYS:  # the scheduler counts the disk it needs
+        assert resources(gateway, "requests")["ephemeral-storage"] >= size
