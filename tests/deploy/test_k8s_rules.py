@@ -8,6 +8,7 @@ production sizes; cpu-only shrinks requests and drops the GPUs (its own test).
 from __future__ import annotations
 
 import ipaddress
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 import yaml
 
 from deploy import capacity
-from deploy.manifests import node_selector_terms_match
+from deploy.manifests import all_containers, node_selector_terms_match
 from services.embedding.config import Settings as EmbeddingSettings
 from services.retriever.config import Settings as RetrieverSettings
 from tests.fixtures import k8s_manifests as k8s
@@ -998,3 +999,57 @@ def test_prerequisites_list_everything_a_cluster_needs_in_one_place(renders):
     notes_needed = ("llm-weights", "delete pvc llm-models", "gateway-api-keys", "llm-api-key", "read-only-api-key")
     for needed in (*notes_needed, "KEDA 2.17"):
         assert needed in notes, needed
+
+
+# The vLLM release the manifests pin, and the `vllm serve` flags they pass, as checked against that release's
+# server arguments (README, "Choices behind them": NVIDIA driver floors). A new tag or a new flag fails here
+# until it is checked again and written down.
+VLLM_RELEASE = "v0.33.0"
+VLLM_SERVE_FLAGS = {
+    "--served-model-name",
+    "--host",
+    "--port",
+    "--gpu-memory-utilization",
+    "--max-model-len",
+    "--api-key",
+}
+VLLM_DRIVER_FLOOR = "580.65.06"  # CUDA 13.0, the default build of vLLM's images since v0.20.0
+
+
+WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
+
+
+def vllm_containers(render: k8s.Render) -> list[dict]:
+    return [
+        container
+        for obj in render.objects
+        if obj["kind"] in WORKLOADS
+        for container in all_containers(pod_template(obj)["spec"])
+        if container["image"].startswith("vllm/vllm-openai:")
+    ]
+
+
+@ALL
+def test_every_vllm_image_is_the_checked_release_passing_only_checked_flags(renders, overlay, tmp_path):
+    render = renders[overlay]
+    found = vllm_containers(render)
+    if overlay in k8s.GPU_OVERLAYS:  # the LLM pod's model server and the headroom placeholder
+        assert len(found) >= 2
+        found += vllm_containers(k8s.with_components(tmp_path, overlay, "model-fetch"))
+    assert {c["image"] for c in found} <= {f"vllm/vllm-openai:{VLLM_RELEASE}"}
+    for container in found:
+        if container["name"] == "model-server":
+            flags = {a.split("=", 1)[0] for a in container["args"] if a.startswith("--")}
+            assert flags == VLLM_SERVE_FLAGS, flags
+            assert not container["args"][0].startswith("--")  # the model, positional
+            assert container["startupProbe"]["httpGet"]["path"] == "/health"
+
+
+def test_compose_gpu_runs_the_same_vllm_release_and_the_docs_state_its_driver_floor():
+    compose = (k8s.REPO / "docker-compose.gpu.yml").read_text()  # compose's own tags (!reset): read as text
+    assert set(re.findall(r"image: (vllm/\S+)", compose)) == {f"vllm/vllm-openai:{VLLM_RELEASE}"}
+    assert set(re.findall(r"^\s+- (--[a-z-]+)", compose, re.MULTILINE)) <= VLLM_SERVE_FLAGS
+    readme = (k8s.K8S / "README.md").read_text()
+    (row,) = [line for line in readme.splitlines() if line.strip().startswith(f"| `vllm/vllm-openai:{VLLM_RELEASE}` ")]
+    assert f"≥ {VLLM_DRIVER_FLOOR}" in row
+    assert any("`ragpod/embedding:<version>-gpu` (default `cu126`)" in line for line in readme.splitlines())
