@@ -29,6 +29,8 @@ from services.gateway.surrogates import UnicodeMiddleware
 CHAIN_BELOW_RETRIEVER = ("qdrant",)
 STATUS_MARGIN_SECONDS = 2.0
 """How much longer the status check of the retriever may take than its own checks of its dependencies."""
+UPLOADS = frozenset({("POST", "/v1/files")})
+"""Requests whose bodies are spooled to disk (multipart files over 1 MiB go to /tmp) before a handler runs."""
 
 
 def _mib(size: int) -> str:
@@ -82,6 +84,15 @@ def create_app(
     app.add_middleware(UnicodeMiddleware, shapes=ERROR_SHAPES)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, shapes=ERROR_SHAPES)
     app.add_middleware(HeadMiddleware)
+    if settings.max_concurrent_uploads:  # each upload may spool up to RAG_MAX_BODY_BYTES to /tmp
+        app.add_middleware(
+            ConcurrencyLimitMiddleware,
+            limit=settings.max_concurrent_uploads,
+            shapes=ERROR_SHAPES,
+            only=UPLOADS,
+            what="uploads",
+            setting="RAG_MAX_CONCURRENT_UPLOADS",
+        )
     if settings.max_concurrent_requests:  # outside the body limit, inside the request id and the metrics
         app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_concurrent_requests, shapes=ERROR_SHAPES)
     add_common_routes(

@@ -71,11 +71,27 @@ class Settings(ServiceSettings, QueueSettings, EmbeddingSettings):
         description="Requests one gateway process serves at once (/healthz, /readyz and /metrics not counted); "
         "beyond them 503 busy with Retry-After; 0: no limit.",
     )
+    max_concurrent_uploads: int = Field(
+        4,
+        ge=0,
+        description="File uploads (POST /v1/files) one gateway process receives at once; beyond them 503 busy with "
+        "Retry-After before the body is read. Each may spool up to RAG_MAX_BODY_BYTES to /tmp: size /tmp for "
+        "both multiplied. 0: no limit.",
+    )
     chat_history_chars: int = Field(
         4000, ge=0, description="Characters of earlier chat turns kept in the prompt (newest first)."
     )
     served_model: str = Field("ragpod", min_length=1, description="Model name /v1/models lists.")
     retry_after_seconds: int = Field(2, ge=1, description="Retry-After sent with a 503 for a full queue.")
+    require_llm_workers: bool = Field(
+        False,
+        description="Answer a question that needs generation 503 at once, with Retry-After, while no LLM worker is "
+        "live (none has sent a heartbeat lately: the tier is scaled to zero or not started yet) instead of queueing "
+        "a job nobody takes; the Kubernetes base sets it.",
+    )
+    no_workers_retry_after_seconds: int = Field(
+        60, ge=1, description="Retry-After sent with the 503 for no live LLM worker (RAG_REQUIRE_LLM_WORKERS)."
+    )
     max_context_chars: int = Field(6000, ge=100, description="Characters of retrieved text put into the prompt.")
     system_prompt: str = Field(SYSTEM, min_length=1, description="The system message put before the sources.")
     min_relevance: float = Field(

@@ -114,6 +114,24 @@ def queue_full(depth: int, settings: Settings) -> QueueFull:
     )
 
 
+async def check_queue(queue: JobQueue, settings: Settings) -> None:
+    """Refuses before any work a question no worker would take in time: the queue is full, or (with
+    RAG_REQUIRE_LLM_WORKERS) no LLM worker is live, as while the tier is scaled to zero."""
+    with redis_errors():
+        if settings.require_llm_workers:
+            depth, live = await asyncio.gather(queue.depth(), queue.live_workers())
+        else:
+            depth, live = await queue.depth(), None
+    if depth >= settings.max_queue_depth:
+        raise queue_full(depth, settings)
+    if live == 0:
+        REJECTED.labels("no_workers").inc()
+        raise UpstreamUnavailable(
+            "no LLM worker is running (the LLM tier is scaled to zero or starting); retry later",
+            headers={"Retry-After": str(settings.no_workers_retry_after_seconds)},
+        )
+
+
 @dataclass
 class Retrieved:
     """A question searched: what the retriever found and the sources that passed the floor."""
@@ -136,10 +154,7 @@ async def retrieve(
     deadline = time.time() + settings.ask_timeout_seconds
     check_question(question, settings)
     if queue is not None:
-        with redis_errors():
-            depth = await queue.depth()
-        if depth >= settings.max_queue_depth:
-            raise queue_full(depth, settings)
+        await check_queue(queue, settings)
     payload: dict[str, Any] = {"query": question.text, "top_k": question.top_k, "filters": question.filters}
     # A search only reads: safe to send again on a connection that dropped before its answer.
     search = await retriever.post("/v1/search", payload, idempotent=True, request_id=request_id, model=SearchResponse)

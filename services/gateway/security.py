@@ -313,24 +313,44 @@ class ConcurrencyLimitMiddleware:
     """At most ``limit`` requests in this process at once (a streamed answer counts until its end); beyond it a
     503 ``busy`` with Retry-After at once. ``/healthz``, ``/readyz`` and ``/metrics`` are neither counted nor
     refused: a loaded process is not a dead or unready one. (uvicorn's own ``limit_concurrency`` answers in
-    plain text and counts the probes.)"""
+    plain text and counts the probes.) Given ``only`` (method and path pairs), it counts and refuses those
+    requests alone, as the bound on uploads: their bodies are spooled to /tmp before a handler runs."""
 
     EXEMPT = frozenset({"/healthz", "/readyz", "/metrics"})
 
-    def __init__(self, app: ASGIApp, limit: int, shapes: Mapping[str, ErrorRenderer] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        shapes: Mapping[str, ErrorRenderer] | None = None,
+        *,
+        only: frozenset[tuple[str, str]] | None = None,
+        what: str = "requests",
+        setting: str = "RAG_MAX_CONCURRENT_REQUESTS",
+    ) -> None:
         self.app = app
         self.limit = limit
         self.shapes = dict(shapes or {})
+        self.only = only
+        self.what = what
+        self.setting = setting
         self.in_flight = 0
 
+    def _counts(self, scope: Scope) -> bool:
+        if scope["type"] != "http":
+            return False
+        if self.only is not None:
+            return (scope.get("method", ""), scope.get("path", "")) in self.only
+        return scope.get("path") not in self.EXEMPT
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in self.EXEMPT:
+        if not self._counts(scope):
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.limit:
             REJECTED.labels("busy").inc()
             error = Busy(
-                f"the gateway is serving its limit of {self.limit} requests (RAG_MAX_CONCURRENT_REQUESTS); retry later",
+                f"the gateway is serving its limit of {self.limit} {self.what} ({self.setting}); retry later",
                 headers={"Retry-After": "1"},
             )
             await _render(error, scope, self.shapes)(scope, receive, send)

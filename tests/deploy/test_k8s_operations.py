@@ -8,8 +8,10 @@ Deployment controller, the scheduler and Qdrant would act on them.
 from __future__ import annotations
 
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
+from cloudcoil.models.keda.v1alpha1 import ScaledObject
 
 from deploy.manifests import all_containers, pod_template, quantity, resources
 from services.common.settings import ServiceSettings
@@ -408,3 +410,116 @@ def test_the_llm_pod_probes_outwait_the_worker_and_keeps_its_volume_owners(rende
     assert worker["readinessProbe"]["timeoutSeconds"] > READY_TIMEOUT_SECONDS
     # fsGroup over a model volume: owners changed only when the volume's root does not match.
     assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+
+
+CRON_FIELDS = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))  # minute hour day-of-month month day-of-week
+
+
+def cron_values(expression: str) -> list[set[int]]:
+    """The values each of the five fields of a Linux cron expression (KEDA's cron trigger) selects; raises
+    ValueError on anything else (six fields, names, an out-of-range value)."""
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError(f"{expression!r}: {len(fields)} fields, not 5")
+    selected = []
+    for text, (low, high) in zip(fields, CRON_FIELDS, strict=True):
+        values: set[int] = set()
+        for part in text.split(","):
+            span, _, step = part.partition("/")
+            if span == "*":
+                first, last = low, high
+            else:
+                first_text, _, last_text = span.partition("-")
+                first = int(first_text)
+                last = int(last_text) if last_text else (high if step else first)
+            if not low <= first <= last <= high or (step and int(step) < 1):
+                raise ValueError(f"{expression!r}: {part!r} outside {low}-{high}")
+            values.update(range(first, last + 1, int(step or 1)))
+        selected.append(values)
+    return selected
+
+
+def test_cron_values_reads_what_keda_reads_and_refuses_the_rest():
+    assert cron_values("0 8 * * 1-5") == [{0}, {8}, set(range(1, 32)), set(range(1, 13)), {1, 2, 3, 4, 5}]
+    assert cron_values("*/20 6,18 1 1 0")[0:2] == [{0, 20, 40}, {6, 18}]
+    for wrong in ("0 8 * *", "0 24 * * *", "0 8 * * 1-5 2026", "60 8 * * *"):
+        with pytest.raises(ValueError):
+            cron_values(wrong)
+
+
+def cron_triggers(scaled: dict[str, Any]) -> dict[str, dict[str, str]]:
+    return {t["name"]: t["metadata"] for t in scaled["spec"]["triggers"] if t["type"] == "cron"}
+
+
+def check_cron_window(meta: dict[str, str]) -> None:
+    """A window KEDA accepts: an IANA zone, two different five-field expressions, whole replicas."""
+    ZoneInfo(meta["timezone"])  # raises for a zone the IANA database does not know
+    start, end = cron_values(meta["start"]), cron_values(meta["end"])
+    assert start != end, meta  # KEDA refuses a window that starts where it ends
+    assert int(meta["desiredReplicas"]) >= 1
+
+
+@ALL
+def test_the_llm_tier_keeps_pods_while_serving_and_holds_peak_capacity_in_named_hours(renders, overlay):
+    """Scale-to-zero policy, part one: never zero while serving (a cold LLM pod takes minutes, and the depth
+    it scales on is exported by running workers only), and a cron trigger that holds peak capacity in the
+    hours the operator names, between the queue's minimum and the tier's maximum."""
+    render = renders[overlay]
+    spec = render.get("ScaledObject", "llm")["spec"]
+    assert spec["minReplicaCount"] >= 1
+    peak = cron_triggers({"spec": spec})["peak-hours"]
+    check_cron_window(peak)
+    assert spec["minReplicaCount"] < int(peak["desiredReplicas"]) <= spec["maxReplicaCount"]
+    # The gateway refuses at once, with Retry-After, a question no worker would take.
+    assert render.get("ConfigMap", "gateway-config")["data"]["RAG_REQUIRE_LLM_WORKERS"] == "true"
+    assert setting(render, "gateway-config", GatewaySettings, "RAG_NO_WORKERS_RETRY_AFTER_SECONDS") >= 60
+
+
+def test_the_off_hours_component_rests_at_zero_only_outside_the_serving_hours(tmp_path, renders):
+    """Part two, optional: zero outside a scheduled serving window. Within it the serving minimum holds (a
+    cron trigger, as minReplicaCount no longer does); at zero no worker exports the queue's series, so no
+    series reads as 0 (else the trigger errors and KEDA's fallback starts pods); the peak window stays."""
+    before = renders["gpu-cluster"].get("ScaledObject", "llm")
+    render = k8s.with_components(tmp_path, "gpu-cluster", "llm-off-hours")
+    scaled = render.get("ScaledObject", "llm")
+    spec = scaled["spec"]
+    assert spec["minReplicaCount"] == 0
+    crons = cron_triggers(scaled)
+    assert set(crons) == {"peak-hours", "serving-hours"}
+    serving = crons["serving-hours"]
+    check_cron_window(serving)
+    assert int(serving["desiredReplicas"]) == before["spec"]["minReplicaCount"]
+    # Peak hours fall inside the serving hours, or the peak would wake the tier outside them.
+    peak = crons["peak-hours"]
+    assert min(cron_values(peak["start"])[1]) >= min(cron_values(serving["start"])[1])
+    assert max(cron_values(peak["end"])[1]) <= max(cron_values(serving["end"])[1])
+    assert cron_values(peak["start"])[4] <= cron_values(serving["start"])[4]  # its days among the serving days
+    prometheus = [t for t in spec["triggers"] if t["type"] == "prometheus"]
+    assert len(prometheus) == 2 and all(t["metadata"]["ignoreNullValues"] == "true" for t in prometheus)
+    assert spec["fallback"] == before["spec"]["fallback"]  # Prometheus down is still an error, held
+    # The models of the KEDA CRD read it as written (minus the fields newer than the models).
+    newer = {k: v for k, v in spec["fallback"].items() if k != "behavior"}
+    plain = {**scaled, "spec": {**spec, "fallback": newer}}
+    dumped = ScaledObject.model_validate(plain).model_dump(by_alias=True, exclude_unset=True, mode="json")
+    assert dumped["spec"]["triggers"] == plain["spec"]["triggers"]
+    assert dumped["spec"]["minReplicaCount"] == 0
+    # Nothing else changes: the gateway already refuses questions while no worker is live.
+    assert render.get("ConfigMap", "gateway-config") == renders["gpu-cluster"].get("ConfigMap", "gateway-config")
+
+
+@ALL
+def test_the_gateways_tmp_holds_every_upload_it_admits_at_once(renders, overlay):
+    """Uploads spool their bodies to /tmp before parsing: the emptyDir holds RAG_MAX_CONCURRENT_UPLOADS bodies of
+    RAG_MAX_BODY_BYTES (a full /tmp evicts the pod), and the number is bounded (0 would mean no bound)."""
+    render = renders[overlay]
+    uploads = setting(render, "gateway-config", GatewaySettings, "RAG_MAX_CONCURRENT_UPLOADS")
+    body = setting(render, "gateway-config", GatewaySettings, "RAG_MAX_BODY_BYTES")
+    assert uploads >= 1
+    pod = render.pod_spec("Deployment", "gateway")
+    (gateway,) = pod["containers"]
+    (mount,) = [m for m in gateway["volumeMounts"] if m["mountPath"] == "/tmp"]
+    (tmp,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    size = quantity(tmp["emptyDir"]["sizeLimit"])
+    assert size >= uploads * body + 16 * 2**20, (size, uploads, body)  # and room for the rest
+    if overlay in k8s.GPU_OVERLAYS:  # the scheduler counts the disk it needs
+        assert resources(gateway, "requests")["ephemeral-storage"] >= size

@@ -174,7 +174,9 @@ async def test_busy_queue_lag_reads_null_while_the_exported_depth_counts_every_w
         await wait_for(lambda: _true(metric("rag_llm_queue_depth") == 6), within=10)  # what Prometheus scrapes
 
         scaled = renders["gpu-cluster"].get("ScaledObject", "llm")
-        (depth_trigger,) = [t for t in scaled["spec"]["triggers"] if "rag_llm_queue_depth" in t["metadata"]["query"]]
+        (depth_trigger,) = [
+            t for t in scaled["spec"]["triggers"] if "rag_llm_queue_depth" in t["metadata"].get("query", "")
+        ]
         # Six waiting at five per replica: two pods from the exported depth; a lag read as 0 asks for none
         # beyond the minimum, whatever is waiting.
         assert desired_replicas(metric("rag_llm_queue_depth"), scaled, depth_trigger["name"]) == 2

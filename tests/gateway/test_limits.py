@@ -233,3 +233,38 @@ async def test_beyond_the_concurrency_limit_a_request_is_busy_and_the_probes_are
         release.set()
         assert [(await task).status_code for task in held] == [200, 200]
         assert (await client.post("/v1/search", json=QUERY)).status_code == 200  # the slots are free again
+
+
+async def test_beyond_the_upload_limit_an_upload_is_busy_before_its_body_is_read_and_other_requests_pass() -> None:
+    """Each upload may spool up to RAG_MAX_BODY_BYTES to /tmp before its handler runs: their number is bounded
+    (RAG_MAX_CONCURRENT_UPLOADS), so /tmp can be sized for them (deploy/k8s: the gateway's emptyDir)."""
+    release = asyncio.Event()
+    double = RetrieverDouble()
+
+    async def slow_index(request: httpx.Request) -> httpx.Response:
+        response = double(request)
+        if request.url.path == "/v1/documents":
+            await release.wait()
+        return response
+
+    settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", max_concurrent_uploads=1)
+    app = create_app(settings, retriever_transport=httpx.MockTransport(slow_index))
+    upload = {"files": ("notes.txt", b"The Zorblax was first sold in 1987.\n" * 100, "text/plain")}
+    async with in_process(app) as client:
+        held = asyncio.create_task(client.post("/v1/files", files=upload))
+
+        async def indexing() -> bool:  # the first upload is in its handler, waiting for the retriever
+            return any(r.url.path == "/v1/documents" for r in double.requests)
+
+        await wait_for(indexing, within=60)  # parsed in a worker process first: slow on a loaded machine
+        refused = await client.post("/v1/files", files=upload)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json() == {
+            "error": "busy",
+            "detail": "the gateway is serving its limit of 1 uploads (RAG_MAX_CONCURRENT_UPLOADS); retry later",
+        }
+        assert (await client.post("/v1/search", json=QUERY)).status_code == 200  # not an upload: not counted
+        release.set()
+        assert (await held).status_code == 200
+        assert (await client.post("/v1/files", files=upload)).status_code == 200  # the slot is free again
+    assert sum(r.url.path == "/v1/documents" for r in double.requests) == 2

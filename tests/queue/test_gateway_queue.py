@@ -249,3 +249,47 @@ async def test_redis_gone_for_the_whole_wait_is_a_503_naming_it_not_a_deadline(t
         server.stop()
     assert response.status_code == 503
     assert response.json() == {"error": "upstream_unavailable", "detail": "the job queue (redis) is unavailable"}
+
+
+async def test_no_live_worker_is_a_quick_503_with_retry_after_when_workers_are_required(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    """With the LLM tier at zero a question would wait out its whole deadline for a 504 (the test above); with
+    RAG_REQUIRE_LLM_WORKERS it is refused at once, before retrieval and before a job is queued, and answered
+    as soon as a worker beats."""
+    overrides = {"require_llm_workers": True, "no_workers_retry_after_seconds": 90, "ask_timeout_seconds": 30}
+    async with gateway(redis_server.url, **overrides) as (client, retriever):
+        started = time.perf_counter()
+        for payload in (ASK, {**ASK, "stream": True}):
+            response = await client.post("/v1/ask", json=payload)
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"] == "90"
+            assert response.json() == {
+                "error": "upstream_unavailable",
+                "detail": "no LLM worker is running (the LLM tier is scaled to zero or starting); retry later",
+            }
+        chat = await client.post(
+            "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": ASK["question"]}]}
+        )
+        assert chat.status_code == 503 and chat.headers["retry-after"] == "90"
+        assert "no LLM worker is running" in chat.json()["error"]["message"]
+        assert time.perf_counter() - started < 10  # refused, not waited for
+        assert retriever.searches == 0
+        assert await redis_client.xlen(STREAM) == 0
+        assert 'rag_gateway_rejected_total{reason="no_workers"}' in (await client.get("/metrics")).text
+
+        worker_redis = Redis.from_url(redis_server.url, decode_responses=True)
+        worker = Worker(LlmSettings(redis_url=redis_server.url, **WORKER), ScriptedEngine(), worker_redis, name="late")
+        task = asyncio.create_task(worker.run())
+        try:
+            await wait_for(lambda: _live(worker))
+            response = await client.post("/v1/ask", json=ASK)
+            assert response.status_code == 200, response.text
+        finally:
+            worker.request_stop()
+            await asyncio.wait_for(task, 10)
+            await worker_redis.aclose()
+
+
+async def _live(worker: Worker) -> bool:
+    return await worker.queue.live_workers() > 0
