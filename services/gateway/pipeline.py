@@ -288,7 +288,9 @@ class Pending:
                         raise outage[0] from None
                     REJECTED.labels("deadline").inc()
                     raise DeadlineExceeded(
-                        f"no answer within the deadline of {round(job.deadline - job.enqueued_at, 1):g} s; "
+                        # The caller's deadline as configured, counted from arrival (not from the enqueue,
+                        # which a slow retrieval delays).
+                        f"no answer within the deadline of {self.settings.ask_timeout_seconds:g} s; "
                         "the job was dropped and will not be generated"
                     ) from None
         finally:

@@ -43,10 +43,12 @@ class Retriever:
     def __init__(self) -> None:
         self.searches = 0
         self.hold_for = 0
+        self.delay = 0.0  # seconds each search takes
         self._all_arrived = asyncio.Event()
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         self.searches += 1
+        await asyncio.sleep(self.delay)
         if self.hold_for:
             if self.searches >= self.hold_for:
                 self._all_arrived.set()
@@ -145,7 +147,8 @@ async def test_redis_down_is_a_quick_503_that_says_so() -> None:
 
 
 async def test_no_answer_by_the_deadline_is_504_that_says_so(redis_server: RedisServer, redis_client: Redis) -> None:
-    async with gateway(redis_server.url, ask_timeout_seconds=1.0) as (client, _):  # no worker: nobody answers
+    async with gateway(redis_server.url, ask_timeout_seconds=1.0) as (client, retriever):  # no worker answers
+        retriever.delay = 0.2  # the deadline counts from arrival, and the detail names it as configured
         response = await client.post("/v1/ask", json=ASK)
         assert response.status_code == 504
         assert response.json()["error"] == "deadline_exceeded"
