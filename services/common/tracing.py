@@ -81,7 +81,8 @@ def instrument_app(app: FastAPI) -> None:
     if _enabled:
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
-        FastAPIInstrumentor.instrument_app(app, excluded_urls=EXCLUDED_URLS)
+        # No span per ASGI message (each SSE event of a stream would be one): the request's span is enough.
+        FastAPIInstrumentor.instrument_app(app, excluded_urls=EXCLUDED_URLS, exclude_spans=["receive", "send"])
 
 
 def instrument_client(client: httpx.AsyncClient) -> None:

@@ -111,6 +111,8 @@ async def test_a_service_joins_its_callers_trace_and_skips_probes(spans: InMemor
         assert (await client.get("/healthz")).status_code == 200
     servers = [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER]
     assert [format(s.context.trace_id, "032x") for s in servers] == [trace_id]
+    # One span per request, none per ASGI message (a streamed answer would make one per event).
+    assert [s.name for s in spans.get_finished_spans()] == ["GET /v1/thing"]
 
 
 def test_log_lines_carry_the_trace_id(spans: InMemorySpanExporter, capsys: pytest.CaptureFixture[str]) -> None:
