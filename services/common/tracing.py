@@ -28,6 +28,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 EXCLUDED_URLS = "/healthz,/readyz,/metrics"
 
 _enabled = False
+_tracer = trace.get_tracer(__name__)  # OpenTelemetry's proxy: the SDK's tracer once ``setup`` installs it
 
 
 class TracingSettings(BaseSettings):
@@ -120,7 +121,7 @@ def joined(parent: str, name: str, kind: SpanKind = SpanKind.INTERNAL) -> Iterat
     """A span that continues the trace named by the W3C ``traceparent`` value ``parent`` (a new trace without
     one), current inside the block."""
     parent_context = propagate.extract({"traceparent": parent}) if parent else context.Context()
-    with trace.get_tracer(__name__).start_as_current_span(name, context=parent_context, kind=kind) as span:
+    with _tracer.start_as_current_span(name, context=parent_context, kind=kind) as span:
         yield span
 
 
