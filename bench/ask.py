@@ -54,6 +54,13 @@ included) during theirs: the machine's load changes it far less than latency,
 so ``cpu_overhead_ms`` (services minus in process) is what the hops cost in
 work.
 
+With ``--tracing``, a second stack of the same processes runs with tracing on (OpenTelemetry, exporting
+every span over OTLP/HTTP to a receiver in this process that reads and drops them), its own Redis, and takes
+its pass over each block right after the first stack's: ``tracing_overhead_p50_ms`` is its p50 minus the
+untraced stack's, ``tracing_hops_p50_ms`` the same without generation, ``tracing_cpu_ms`` its CPU time per
+question (every process of the stack) minus the untraced one's, and ``spans_exported`` how many spans the
+receiver got (goal: overhead under 1 ms at p50).
+
 The machine may be shared: the load average at the end goes into the JSON.
 Needs the converted LLM in data/models (any earlier ``make run`` or test run
 makes it; the first start converts it, about 30 s). Runs in about five
@@ -76,13 +83,17 @@ import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from plot import bars, record
 from redis.asyncio import Redis
 from starlette.requests import Request
@@ -308,7 +319,46 @@ async def hops(
     return out
 
 
-async def run(args: argparse.Namespace, stack: Stack, redis: Child, redis_url: str, store_dir: Path) -> str:
+class SpanSink:
+    """An OTLP/HTTP receiver that decodes what it is sent, counts the spans and keeps none."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+        self.port = free_port()
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                request = ExportTraceServiceRequest.FromString(body)
+                sink.spans += sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass
+class Traced:
+    """The second stack, tracing on, and where its spans go."""
+
+    stack: Stack
+    redis: Child
+    sink: SpanSink
+
+
+async def run(
+    args: argparse.Namespace, stack: Stack, redis: Child, redis_url: str, store_dir: Path, traced: Traced | None = None
+) -> str:
     questions = questions_from(CORPUS)
     documents = [Document.model_validate(doc) for doc in read_documents(CORPUS)]
     inproc = InProcess(redis_url, store_dir, args.top_k)
@@ -316,16 +366,24 @@ async def run(args: argparse.Namespace, stack: Stack, redis: Child, redis_url: s
     freeze_heap()  # as each service does once started: the in-process path's models out of every full collection
     headers = {"Authorization": f"Bearer {API_KEY}"}
     gateway = f"http://127.0.0.1:{stack.ports['gateway']}"
-    samples: dict[str, list[dict[str, float]]] = {"in_process": [], "services": []}
+    samples: dict[str, list[dict[str, float]]] = {"in_process": [], "services": [], "traced": []}
     # CPU time per question, which the machine's load changes far less than latency: this process during its
     # own passes, and each process of the stack (Redis included) during the services' passes.
     pids = {proc.name: proc.pid for proc in [*stack.procs, redis]}
     cpu: dict[str, float] = defaultdict(float)
+    traced_pids = {proc.name: proc.pid for proc in [*traced.stack.procs, traced.redis]} if traced else {}
+    traced_cpu = 0.0
+    traced_url = f"http://127.0.0.1:{traced.stack.ports['gateway']}" if traced else gateway
     try:
-        async with httpx.AsyncClient(base_url=gateway, timeout=120, headers=headers) as client:
+        async with (
+            httpx.AsyncClient(base_url=gateway, timeout=120, headers=headers) as client,
+            httpx.AsyncClient(base_url=traced_url, timeout=120, headers=headers) as traced_client,
+        ):
             for question in questions[:3]:  # warm up both paths: first calls load lazily
                 await inproc.ask(question)
                 await ask_services(client, question, args.top_k)
+                if traced:
+                    await ask_services(traced_client, question, args.top_k)
             print(f"{len(questions)} questions, {args.rounds} rounds, top_k {args.top_k}", flush=True)
             for number in range(args.rounds):
                 # Passes over a few questions at a time, alternating, so that a change in the machine's load
@@ -341,6 +399,11 @@ async def run(args: argparse.Namespace, stack: Stack, redis: Child, redis_url: s
                         samples["services"].append(await ask_services(client, question, args.top_k))
                     for name, pid in pids.items():
                         cpu[name] += cpu_ms(pid) - before_services[name]
+                    if traced:
+                        before_traced = sum(cpu_ms(pid) for pid in traced_pids.values())
+                        for question in block:
+                            samples["traced"].append(await ask_services(traced_client, question, args.top_k))
+                        traced_cpu += sum(cpu_ms(pid) for pid in traced_pids.values()) - before_traced
                 p50s = {path: statistics.median(s["total"] for s in runs) for path, runs in samples.items()}
                 print(
                     f"round {number + 1}: p50 in process {p50s['in_process']:.1f} ms, "
@@ -400,6 +463,15 @@ async def run(args: argparse.Namespace, stack: Stack, redis: Child, redis_url: s
         "redis_rtt_p50_ms": round(probes["redis_rtt"][0], 3),
         "questions": len(questions) * args.rounds,
     }
+    if traced:
+        traced50 = stage_pcts("traced", 0.5)
+        figures["tracing_overhead_p50_ms"] = round(traced50["total"] - svc50["total"], 2)
+        figures["tracing_hops_p50_ms"] = round(
+            statistics.median(without_generation("traced")) - statistics.median(without_generation("services")), 2
+        )
+        figures["tracing_cpu_ms"] = round(traced_cpu / len(samples["traced"]) - cpu_services, 2)
+        figures["traced_p50_ms"] = round(traced50["total"], 2)
+        figures["spans_exported"] = traced.sink.spans
     groups = ["front door", "embed", "search", "queue", "generate", "rest", "total"]
     svc_keys = ["client", "embed", "search", "queue", "generate", "rest", "total"]
     in_keys = ["rate_limit", "embed", "search", None, "generate", "attribute", "total"]
@@ -451,6 +523,7 @@ def main() -> int:
     parser.add_argument("--top-k", type=int, default=1, help="sources per question (fewer: a shorter prompt)")
     parser.add_argument("--block", type=int, default=4, help="questions per pass before the other path's pass")
     parser.add_argument("--hop-calls", type=int, default=60, help="calls per hop probe")
+    parser.add_argument("--tracing", action="store_true", help="also a stack with tracing on (see above)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the stack on the way out
     with tempfile.TemporaryDirectory(prefix="ragpod-ask-") as tmp:
@@ -466,17 +539,37 @@ def main() -> int:
             log_dir=log_dir,
             extra_env=ENV,
         )
+        traced: Traced | None = None
+        if args.tracing:
+            sink, traced_redis_port = SpanSink(), free_port()
+            traced_env = {**ENV, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.port}"}
+            traced = Traced(
+                Stack(
+                    ports={name: free_port() for name in SERVICES},
+                    redis_port=traced_redis_port,
+                    data_dir=data / "traced",
+                    log_dir=log_dir / "traced",
+                    extra_env=traced_env,
+                ),
+                start_redis(traced_redis_port, log_dir=log_dir / "traced"),
+                sink,
+            )
         try:
             print("starting the stack ...", flush=True)
-            stack.start(redis=False, ready_timeout=300)
             documents = {"documents": read_documents(CORPUS)}
             headers = {"Authorization": f"Bearer {API_KEY}"}
-            gateway = f"http://127.0.0.1:{stack.ports['gateway']}"
-            httpx.post(f"{gateway}/v1/documents", json=documents, headers=headers, timeout=300).raise_for_status()
-            result = asyncio.run(run(args, stack, redis, redis_url, data / "in-process-store"))
+            for started in [stack, *([traced.stack] if traced else [])]:
+                started.start(redis=False, ready_timeout=300)
+                gateway = f"http://127.0.0.1:{started.ports['gateway']}"
+                httpx.post(f"{gateway}/v1/documents", json=documents, headers=headers, timeout=300).raise_for_status()
+            result = asyncio.run(run(args, stack, redis, redis_url, data / "in-process-store", traced))
         finally:
             stack.stop()
             redis.stop()
+            if traced:
+                traced.stack.stop()
+                traced.redis.stop()
+                traced.sink.close()
     print(result, flush=True)
     return 0
 

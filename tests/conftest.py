@@ -6,11 +6,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytest_plugins = ["tests.fixtures.redis", "tests.fixtures.models", "tests.fixtures.llm"]
+pytest_plugins = ["tests.fixtures.redis", "tests.fixtures.models", "tests.fixtures.llm", "tests.fixtures.tracing"]
 
 
 # End-to-end modules that start their own processes instead of the folder's shared stack.
-OWN_STACK = {"test_run.py"}
+OWN_STACK = {"test_run.py", "test_tracing.py"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -11,6 +11,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from services.common import tracing
 from services.common.errors import ErrorRenderer, RagError, UnexpectedErrorMiddleware, install_error_handlers
 from services.common.logging import RequestIdMiddleware
 from services.common.metrics import MetricsMiddleware, metrics_endpoint
@@ -100,6 +101,7 @@ def add_common_routes(
     app.add_middleware(UnexpectedErrorMiddleware, shapes=error_shapes)  # each added one wraps those before it
     app.add_middleware(MetricsMiddleware, service=service)
     app.add_middleware(RequestIdMiddleware)
+    tracing.instrument_app(app)  # outside every middleware: a server span per request, when tracing is on
 
     async def always_alive() -> Checks:
         return {}

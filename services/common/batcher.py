@@ -22,6 +22,9 @@ goes at once. Items are counted, not their weight: one heavy item (a request
 of many texts) does not make the next light one wait for company that is not
 coming.
 
+With tracing on, each batch is a span (``span``, with its weight and item count) whose parent is the span of its
+first item's caller and which links to every caller's span: a slow request shows the batch it waited in.
+
 ``process`` returns one result per item, each a value or the exception that
 item failed with; an exception raised by ``process`` itself fails every item
 of the batch. ``max_pending`` bounds the weight waiting (not yet in a batch):
@@ -40,8 +43,13 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import structlog
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanContext
+
+from services.common import tracing
 
 log = structlog.get_logger(__name__)
+tracer = tracing.tracer(__name__)
 
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
@@ -70,6 +78,7 @@ class _Entry(Generic[ItemT, ResultT]):
     weight: int
     future: asyncio.Future[ResultT]
     queued_at: float = field(default_factory=time.perf_counter)
+    caller: SpanContext | None = None  # the submitting request's span, when tracing is on
 
 
 class MicroBatcher(Generic[ItemT, ResultT]):
@@ -84,6 +93,7 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         on_batch: OnBatch | None = None,
         name: str = "batcher",
         workers: int = 1,
+        span: str = "batch",
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -95,6 +105,7 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         self.max_pending = max_pending
         self.name = name
         self.workers = workers
+        self.span = span
         self._weight = weight or (lambda _: 1)
         self._on_batch = on_batch
         self._waiting: deque[_Entry[ItemT, ResultT]] = deque()
@@ -143,6 +154,8 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         if self.max_pending and self._pending and self._pending + weight > self.max_pending:
             raise BatcherFull(self._pending + weight, self.max_pending)
         entry: _Entry[ItemT, ResultT] = _Entry(item, weight, asyncio.get_running_loop().create_future())
+        if tracing.enabled():
+            entry.caller = trace.get_current_span().get_span_context()
         self._waiting.append(entry)
         self._pending += weight
         self._arrived.set()
@@ -217,6 +230,18 @@ class MicroBatcher(Generic[ItemT, ResultT]):
             task.add_done_callback(lambda _: free.release())
 
     async def _process(self, batch: list[_Entry[ItemT, ResultT]]) -> None:
+        if not tracing.enabled():
+            await self._process_batch(batch)
+            return
+        callers = [entry.caller for entry in batch if entry.caller is not None and entry.caller.is_valid]
+        parent = trace.set_span_in_context(trace.NonRecordingSpan(callers[0])) if callers else None
+        links = [Link(caller) for caller in callers]
+        with tracer.start_as_current_span(self.span, context=parent, links=links) as span:
+            span.set_attribute("ragpod.batch.size", sum(entry.weight for entry in batch))
+            span.set_attribute("ragpod.batch.items", len(batch))
+            await self._process_batch(batch)
+
+    async def _process_batch(self, batch: list[_Entry[ItemT, ResultT]]) -> None:
         started = time.perf_counter()
         weight = sum(e.weight for e in batch)
         self._processing += weight

@@ -9,6 +9,7 @@ import structlog
 from pydantic import BaseModel, ValidationError
 from pydantic_core import from_json
 
+from services.common import tracing
 from services.common.errors import BY_STATUS, BadRequest, RagError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from services.common.logging import REQUEST_ID_HEADER
 
@@ -59,6 +60,7 @@ class ServiceClient:
                 )
             ),
         )
+        tracing.instrument_client(self._client)  # a client span and the caller's traceparent, when tracing is on
 
     @overload
     async def get(self, path: str, *, request_id: str | None = ..., params: dict[str, Any] | None = ...) -> Any: ...

@@ -9,6 +9,8 @@ import sys
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.common.tracing import trace_ids
+
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_NAME = REQUEST_ID_HEADER.encode()
 
@@ -16,6 +18,7 @@ _REQUEST_ID_NAME = REQUEST_ID_HEADER.encode()
 def configure_logging(level: str = "info", json: bool = True, service: str = "") -> None:
     processors: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
+        trace_ids,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,

@@ -12,7 +12,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from services.common import stopping
+from services.common import stopping, tracing
 from services.common.logging import configure_logging
 from services.common.memory import freeze_heap
 from services.common.settings import ServiceSettings
@@ -27,11 +27,15 @@ def run(
     (``services.common.memory.freeze_heap``) comes once the app's startup is done, which is when an app that
     loads its model in its startup has it loaded; False for an app that freezes its heap itself, later."""
     configure_logging(settings.log_level, settings.log_json, service)
+    tracing.setup(service)
     app = factory()
     if freeze_when_started:
         app.router.lifespan_context = frozen_once_started(app.router.lifespan_context)
     stopping.enable()  # a stop signal while the model loads ends the process at once
-    uvicorn.run(app, **server_options(settings))
+    try:
+        uvicorn.run(app, **server_options(settings))
+    finally:
+        tracing.shutdown()
 
 
 def server_options(settings: ServiceSettings) -> dict[str, Any]:

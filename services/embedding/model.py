@@ -200,6 +200,7 @@ class Batcher:
             max_pending=max_pending,
             on_batch=self._observe,
             name="embedding-batcher",
+            span="embed_batch",
             workers=self._threads.workers,
         )
 

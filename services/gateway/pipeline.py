@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from opentelemetry import context as otel_context
 from redis.exceptions import OutOfMemoryError, RedisError
 
+from services.common import tracing
 from services.common.embedding import EmbeddingClient
 from services.common.errors import (
     Busy,
@@ -43,6 +45,7 @@ from services.gateway.prompt import Conversation, build_messages, context_texts
 from services.gateway.schemas import AskResponse, Timings
 
 log = structlog.get_logger(__name__)
+tracer = tracing.tracer(__name__)
 
 NOT_COVERED = "The indexed documents do not cover this question."
 
@@ -152,12 +155,17 @@ async def retrieve(
     refuses first, before any work, when the queue is already full; ``admit`` bounds it exactly."""
     started = time.perf_counter()
     deadline = time.time() + settings.ask_timeout_seconds
-    check_question(question, settings)
-    if queue is not None:
-        await check_queue(queue, settings)
+    with tracer.start_as_current_span("validate"):
+        check_question(question, settings)
+        if queue is not None:
+            await check_queue(queue, settings)
     payload: dict[str, Any] = {"query": question.text, "top_k": question.top_k, "filters": question.filters}
-    # A search only reads: safe to send again on a connection that dropped before its answer.
-    search = await retriever.post("/v1/search", payload, idempotent=True, request_id=request_id, model=SearchResponse)
+    with tracer.start_as_current_span("retrieve") as span:
+        # A search only reads: safe to send again on a connection that dropped before its answer.
+        search = await retriever.post(
+            "/v1/search", payload, idempotent=True, request_id=request_id, model=SearchResponse
+        )
+        span.set_attribute("ragpod.retrieve.hits", len(search.hits))
     ASK_STAGE_SECONDS.labels("retrieve").observe(time.perf_counter() - started)
     sources = above_floor(search.hits, settings.min_relevance)
     return Retrieved(search=search, sources=sources, started=started, deadline=deadline)
@@ -166,7 +174,7 @@ async def retrieve(
 async def admit(queue: JobQueue, job: Job, settings: Settings) -> None:
     """Enqueues the job unless RAG_MAX_QUEUE_DEPTH jobs wait, checked and added in one step in Redis,
     so the bound holds across any number of gateway replicas (the early depth check only saves work)."""
-    with redis_errors(settings.retry_after_seconds):
+    with tracer.start_as_current_span("admit"), redis_errors(settings.retry_after_seconds):
         admission = await queue.enqueue(job, max_depth=settings.max_queue_depth)
     if not admission.admitted:
         raise queue_full(admission.depth, settings)
@@ -216,6 +224,8 @@ class Pending:
     request_id: str
     job: Job | None = None  # None: not covered by the documents, nothing was queued
     sources_embedded: asyncio.Task[SourceSentences] | None = None  # the head start on attribution
+    admitted_ns: int = 0  # wall clock when the job was admitted: where the queue_wait span starts
+    trace_context: otel_context.Context | None = None  # the question's span: the stage spans' parent
 
     async def answer(self) -> Answer:
         """The whole answer once the job is done; raises the ``RagError`` that ends it otherwise."""
@@ -301,9 +311,27 @@ class Pending:
             with contextlib.suppress(RedisError):
                 await queue.discard(job.id)
 
+    def _record_worker_stages(self, done: Event) -> None:
+        """The job's ``queue_wait`` and ``generate`` spans, as the worker measured them (on Redis' clock), placed
+        from the moment of admission to now."""
+        if not self.admitted_ns or not tracing.enabled():
+            return
+        now = time.time_ns()
+        waited = self.admitted_ns + int(float(done.data.get("queue_ms", 0.0)) * 1e6)
+        generated = min(waited, now)
+        for name, start, end in (("queue_wait", self.admitted_ns, generated), ("generate", generated, now)):
+            span = tracer.start_span(name, context=self.trace_context, start_time=start)
+            span.set_attribute("ragpod.worker", str(done.data.get("worker", "")))
+            span.end(end_time=end)
+
     async def _answered(self, done: Event) -> Answer:
         """Each sentence of the answer attributed to the sources, whose sentences were embedded while it was
         generated (again now if that failed); the answer's own sentences take one more call."""
+        self._record_worker_stages(done)
+        with tracer.start_as_current_span("attribute", context=self.trace_context):
+            return await self._attributed(done)
+
+    async def _attributed(self, done: Event) -> Answer:
         answer = str(done.data.get("answer", ""))
         started = time.perf_counter()
         embed = embedder(self.clients.embedding, self.request_id)
@@ -427,7 +455,9 @@ async def ask(question: Question, settings: Settings, clients: Clients, request_
         temperature=question.temperature,
         request_id=request_id,
     )
+    admitted_ns = time.time_ns()
     await admit(clients.queue, job, settings)
+    pending.admitted_ns, pending.trace_context = admitted_ns, otel_context.get_current()
     texts = context_texts(retrieved.sources, settings.max_context_chars)
     task = asyncio.create_task(embed_sources(texts, embedder(clients.embedding, request_id)))
     task.add_done_callback(lambda done: done.cancelled() or done.exception())  # a failure is kept, not logged

@@ -13,7 +13,7 @@ import signal
 
 import structlog
 
-from services.common import stopping
+from services.common import stopping, tracing
 from services.common.logging import configure_logging
 from services.common.memory import freeze_heap
 from services.common.metrics import MODEL_INFO
@@ -71,4 +71,9 @@ if __name__ == "__main__":
     settings = Settings()
     stopping.enable()  # a stop signal while the engine loads its model ends the process at once
     configure_logging(settings.log_level, settings.log_json, "llm")
-    raise SystemExit(asyncio.run(main(settings)))
+    tracing.setup("llm")
+    try:
+        code = asyncio.run(main(settings))
+    finally:
+        tracing.shutdown()
+    raise SystemExit(code)

@@ -40,6 +40,7 @@ import httpx2
 import openai
 import structlog
 
+from services.common import tracing
 from services.llm.config import Settings
 from services.llm.engine import EngineError, Generation, GenerationRequest, TokenCallback
 
@@ -58,15 +59,19 @@ class OpenAIEngine:
         self.device = "remote"
         # One connection more than the generations in flight: readiness checks never wait behind them.
         connections = settings.llm_concurrency + 1
+        http_client = openai.DefaultAsyncHttpxClient(
+            limits=httpx2.Limits(max_connections=connections, max_keepalive_connections=connections),
+            transport=transport,
+        )
+        # The SDK speaks over httpx2, which the httpx hooks do not reach: its own client gets the httpx2 ones, so
+        # each call to the model server is a client span and carries the traceparent on (vLLM joins the trace).
+        tracing.instrument_httpx2_client(http_client)
         self._client = openai.AsyncOpenAI(
             base_url=settings.llm_openai_url,
             api_key=settings.llm_openai_api_key or "unused",
             max_retries=0,
             timeout=httpx2.Timeout(settings.llm_request_timeout_seconds, connect=5.0),
-            http_client=openai.DefaultAsyncHttpxClient(
-                limits=httpx2.Limits(max_connections=connections, max_keepalive_connections=connections),
-                transport=transport,
-            ),
+            http_client=http_client,
         )
         self._slots = asyncio.Semaphore(settings.llm_concurrency)
 

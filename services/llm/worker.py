@@ -44,10 +44,12 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 import structlog
+from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from services.common import tracing
 from services.common.queue import HEARTBEAT_SECONDS, Delivery, Job, JobQueue
 from services.llm.config import Settings
 from services.llm.engine import Engine, EngineError, Generation, GenerationRequest
@@ -74,6 +76,7 @@ ENGINE_WAIT_FIRST_SECONDS = 0.25  # the first pause before the engine is asked a
 ENGINE_WAIT_MAX_SECONDS = 5.0
 
 log = structlog.get_logger(__name__)
+tracer = tracing.tracer(__name__)
 
 
 def consumer_name() -> str:
@@ -300,7 +303,10 @@ class Worker:
         except (KeyError, ValueError, ValidationError) as exc:
             await self._reject(delivery, f"malformed job: {exc}"[:2000])
             return
-        with structlog.contextvars.bound_contextvars(request_id=job.request_id, job_id=job.id):
+        with (
+            tracing.joined(job.traceparent, "llm.job", SpanKind.CONSUMER),  # in the question's trace
+            structlog.contextvars.bound_contextvars(request_id=job.request_id, job_id=job.id),
+        ):
             self._abandoned[job.id] = asyncio.Event()  # before it starts: a notice from then on is seen
             try:
                 await self._process(delivery, job)
@@ -338,9 +344,13 @@ class Worker:
     async def _process(self, delivery: Delivery, job: Job) -> None:
         token = uuid.uuid4().hex  # this attempt: a try counts once however often its write is sent
         max_tries = self.settings.llm_max_tries
-        start = await self._persist(
-            lambda: self.queue.begin(delivery, job, token, max_tries), time.monotonic() + max(job.timeout_s, 1.0)
-        )
+        with tracer.start_as_current_span("queue.read", kind=SpanKind.CONSUMER) as span:
+            start = await self._persist(
+                lambda: self.queue.begin(delivery, job, token, max_tries), time.monotonic() + max(job.timeout_s, 1.0)
+            )
+            span.set_attribute("ragpod.queue.status", start.status)
+            span.set_attribute("ragpod.queue.tries", start.tries)
+            span.set_attribute("ragpod.queue.waited_ms", round(start.waited_s * 1000, 3))
         if start.status == "answered":
             log.info("job_already_ended")
             return
@@ -382,11 +392,15 @@ class Worker:
         abandoned = self._abandoned.get(job.id) or asyncio.Event()
         try:
             async with deadline:
-                generation = await _unless(
-                    abandoned, self.engine.generate(request, on_token if tokens is not None else None)
-                )
-                if tokens is not None:
-                    await tokens.close()  # every token out before the answer
+                with tracer.start_as_current_span("llm.generate") as span:
+                    span.set_attribute("ragpod.llm.model", self.engine.model_name)
+                    span.set_attribute("ragpod.llm.stream", job.stream)
+                    generation = await _unless(
+                        abandoned, self.engine.generate(request, on_token if tokens is not None else None)
+                    )
+                    if tokens is not None:
+                        await tokens.close()  # every token out before the answer
+                    span.set_attribute("ragpod.llm.completion_tokens", generation.completion_tokens)
         except _JobAbandoned:
             await self._stopped_abandoned(delivery, job.id, tokens.made if tokens is not None else 0, until)
             return

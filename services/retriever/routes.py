@@ -7,6 +7,7 @@ from typing import Annotated
 import structlog
 from fastapi import APIRouter, Query, Request, Response
 
+from services.common import tracing
 from services.common.disconnect import unless_disconnected
 from services.common.errors import InvalidInput, NotFound
 from services.retriever.deps import (
@@ -30,6 +31,7 @@ from services.retriever.schemas import (
 )
 
 log = structlog.get_logger(__name__)
+tracer = tracing.tracer(__name__)
 router = APIRouter()
 
 
@@ -109,13 +111,17 @@ async def search(
     rid: RequestIdDep,
 ) -> SearchResponse:
     start = time.perf_counter()
-    embedded = await embedding.embed([body.query], rid)
+    with tracer.start_as_current_span("embed"):
+        embedded = await embedding.embed([body.query], rid)
     after_embed = time.perf_counter()
     dimensions.compare(embedded.dimension)
-    sparse = encoder.query(body.query) if settings.search_mode == "hybrid" else None
-    hits = await store.search(
-        embedded.vectors[0], sparse, body.top_k, body.filters, settings.search_mode, settings.search_fusion
-    )
+    with tracer.start_as_current_span("search") as span:
+        span.set_attribute("ragpod.search.mode", settings.search_mode)
+        sparse = encoder.query(body.query) if settings.search_mode == "hybrid" else None
+        hits = await store.search(
+            embedded.vectors[0], sparse, body.top_k, body.filters, settings.search_mode, settings.search_fusion
+        )
+        span.set_attribute("ragpod.search.hits", len(hits))
     done = time.perf_counter()
     STAGE_SECONDS.labels("embed").observe(after_embed - start)
     STAGE_SECONDS.labels("search").observe(done - after_embed)

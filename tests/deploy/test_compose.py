@@ -455,6 +455,22 @@ def test_observability_profile_scrapes_every_service() -> None:
     assert provider["options"]["path"].startswith("/etc/grafana/provisioning/")
 
 
+def test_tracing_is_off_unless_asked_and_the_tracing_profile_brings_a_collector() -> None:
+    services = render(CPU_FILES)["services"]
+    assert "otel-collector" not in services, "the collector is a profile, off by default"
+    for name in (*APP_SERVICES, "llm-server"):
+        assert services[name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "", f"{name}: tracing off by default"
+    traced = render(CPU_FILES, ("tracing",))["services"]
+    collector = traced["otel-collector"]
+    assert pinned(collector["image"])
+    mounts = {v["target"]: Path(v["source"]) for v in collector["volumes"] if v["type"] == "bind"}
+    config = yaml.safe_load(mounts["/etc/otelcol/config.yaml"].read_text())
+    assert config["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(":4318")
+    assert config["service"]["pipelines"]["traces"]["receivers"] == ["otlp"]
+    assert collector["ports"][0]["target"] == 4318
+    assert collector["read_only"] is True and collector["cap_drop"] == ["ALL"]
+
+
 # --- parity with the k8s ConfigMaps --------------------------------------------------------------
 
 

@@ -34,6 +34,7 @@ class Job(BaseModel):
     max_tokens: int | None = None
     temperature: float | None = None  # None: the worker's RAG_LLM_TEMPERATURE
     request_id: str = ""
+    traceparent: str = ""  # the W3C trace context of the question; '' when tracing is off
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     enqueued_at: float = Field(default_factory=time.time)
 

@@ -34,11 +34,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
+from opentelemetry.trace import SpanKind
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from services.common import tracing
 from services.common.queue import scripts
 from services.common.queue.models import Event, Job
 from services.common.settings import QueueSettings
@@ -51,6 +53,8 @@ CLAIM_BATCH = 16  # entries claimed per XAUTOCLAIM; Redis looks at up to ten tim
 HEARTBEAT_SECONDS = 5.0  # a worker's longest time between heartbeats (less with a short visibility timeout)
 HEARTBEATS_LIVE = 3  # a worker counts as live for this many of its heartbeat intervals after each beat
 ABANDON_NOTICES_KEPT = 10000
+
+tracer = tracing.tracer(__name__)
 
 
 @dataclass(frozen=True)
@@ -163,11 +167,20 @@ class JobQueue:
     # --- the gateway's side -------------------------------------------------------------------------------
 
     async def enqueue(self, job: Job, *, max_depth: int = 0) -> Admission:
-        """Adds the job unless ``max_depth`` jobs already wait (0: no bound), in one atomic step."""
-        keys = [self.stream, self.job_key(job.id)]
-        timeout_ms = int(job.timeout_s * 1000)
-        args: list[Any] = [self.group, max_depth, job.model_dump_json(), timeout_ms, self._state_ttl(job.timeout_s)]
-        admitted, message_id, depth = await self._enqueue(keys=keys, args=args)
+        """Adds the job unless ``max_depth`` jobs already wait (0: no bound), in one atomic step.
+
+        With tracing on, the job carries this step's span as its ``traceparent``: the worker's spans join it."""
+        with tracer.start_as_current_span("queue.enqueue", kind=SpanKind.PRODUCER) as span:
+            parent = tracing.traceparent()
+            if parent:
+                job = job.model_copy(update={"traceparent": parent})
+            keys = [self.stream, self.job_key(job.id)]
+            timeout_ms = int(job.timeout_s * 1000)
+            args: list[Any] = [self.group, max_depth, job.model_dump_json(), timeout_ms, self._state_ttl(job.timeout_s)]
+            admitted, message_id, depth = await self._enqueue(keys=keys, args=args)
+            span.set_attribute("ragpod.job.id", job.id)
+            span.set_attribute("ragpod.queue.admitted", bool(admitted))
+            span.set_attribute("ragpod.queue.depth", int(depth))
         return Admission(bool(admitted), int(depth), str(message_id))
 
     async def events(
@@ -311,7 +324,9 @@ class JobQueue:
 
     async def answer(self, delivery: Delivery, job_id: str, attempt: int, token: str, data: dict[str, Any]) -> bool:
         """Publishes ``done`` unless the job has ended already, and acknowledges it; False if it had."""
-        finish = await self._end(delivery, job_id, "done", attempt, token, data, {})
+        with tracer.start_as_current_span("queue.answer", kind=SpanKind.PRODUCER) as span:
+            finish = await self._end(delivery, job_id, "done", attempt, token, data, {})
+            span.set_attribute("ragpod.queue.won", finish.won)
         return finish.won
 
     async def fail(
