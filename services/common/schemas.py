@@ -71,6 +71,28 @@ class DocumentsResponse(BaseModel):
     chunks: int = Field(..., description="Chunks written for them.")
 
 
+class DocumentsDelete(BaseModel):
+    """Which documents a bulk delete removes: those whose id starts with ``prefix`` and whose metadata holds
+    every field of ``filter`` (both must hold when both are given). One of them is required."""
+
+    prefix: str | None = Field(
+        None, min_length=1, max_length=512, description="Delete the documents whose id starts with this."
+    )
+    filter: Filters | None = Field(
+        None, min_length=1, description="Delete the documents whose metadata fields equal these values."
+    )
+
+    def selector_missing(self) -> str | None:
+        """Why the request selects nothing, so that it would take every document; None when it selects."""
+        if self.prefix is None and self.filter is None:
+            return "prefix: give prefix or filter (or both); a bulk delete never deletes every document"
+        return None
+
+
+class DocumentsDeleted(BaseModel):
+    deleted: int = Field(..., description="Documents deleted, every chunk of each.")
+
+
 class SearchRequest(BaseModel):
     query: NonBlankStr = Field(..., min_length=1)
     top_k: int = Field(5, ge=1, le=100)
