@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 
-FilterValue = str | int | bool
+# Integers within Qdrant's 64-bit range: a larger one is a 422 naming the field, not a failure in the store.
+FilterValue = str | Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | bool
 # A metadata field name as a filter names it: letters, digits, "_" and "-" (the vector store reads it as a
 # path under "metadata", where dots, brackets and quotes would mean something else).
 FilterKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")]

@@ -77,7 +77,13 @@ async def test_documents_are_deleted_in_bulk_by_prefix_and_by_metadata(stack: St
 
 @pytest.mark.parametrize(
     ("payload", "field"),
-    [({}, "prefix"), ({"prefix": ""}, "prefix"), ({"filter": {}}, "filter"), ({"filter": {"team": [1]}}, "filter")],
+    [
+        ({}, "prefix"),
+        ({"prefix": ""}, "prefix"),
+        ({"filter": {}}, "filter"),
+        ({"filter": {"team": [1]}}, "filter"),
+        ({"filter": {"n": 2**70}}, "filter"),
+    ],
 )
 async def test_a_bulk_delete_without_a_selector_is_422_and_reaches_nothing(
     gateway: Gateway, payload: dict[str, object], field: str
@@ -169,6 +175,7 @@ async def test_search_returns_sources_and_timings_without_generating(stack: Stac
         ({"question": "   "}, "question"),
         ({"question": "x" * 301}, "question"),
         ({"question": "q", "filters": {"team": [1]}}, "filters"),
+        ({"question": "q", "filters": {"n": 2**70}}, "filters"),
         ({}, "question"),
     ],
 )

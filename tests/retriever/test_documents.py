@@ -273,6 +273,7 @@ def test_documents_are_deleted_in_bulk_by_prefix_or_metadata(client: TestClient)
         ({"prefix": ""}, "prefix"),
         ({"filter": {}}, "filter"),
         ({"filter": {"a.b": "x"}}, "filter"),
+        ({"filter": {"n": 2**70}}, "filter"),
         ({"prefix": 3}, "prefix"),
     ],
 )
