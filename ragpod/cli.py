@@ -5,12 +5,14 @@ ragpod ask "question" [--top-k 5]
 ragpod ingest PATH [PATH ...]      (.md, .txt, .pdf, .html, .docx; folders are walked)
 ragpod ls [--page-size N]          (every indexed document: id, chunks, title)
 ragpod rm ID [ID ...]              (delete documents and all their chunks)
+ragpod rm --prefix P [--where K=V] (delete every document under an id prefix and/or with metadata K=V)
 ragpod run [--data-dir DIR]        (the whole stack as local processes)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -170,6 +172,13 @@ def cmd_ls(args: argparse.Namespace, client: httpx.Client) -> None:
 
 
 def cmd_rm(args: argparse.Namespace, client: httpx.Client) -> None:
+    if args.prefix is not None or args.where:
+        if args.ids:
+            raise CliError("rm: give ids, or --prefix/--where, not both")
+        _rm_selected(args, client)
+        return
+    if not args.ids:
+        raise CliError("rm: give the ids to delete, or --prefix/--where (ragpod ls lists the ids)")
     unknown = []
     for doc_id in args.ids:
         response = _send(client, "DELETE", f"/v1/documents/{quote(doc_id, safe='')}")
@@ -181,6 +190,32 @@ def cmd_rm(args: argparse.Namespace, client: httpx.Client) -> None:
             print(f"deleted {doc_id}")
     if unknown:
         raise CliError(f"no document with id {', '.join(unknown)} (ragpod ls lists them)")
+
+
+def _rm_selected(args: argparse.Namespace, client: httpx.Client) -> None:
+    """One POST /v1/documents/delete for every document the prefix and the metadata fields select."""
+    selector: dict[str, Any] = {}
+    if args.prefix is not None:
+        selector["prefix"] = args.prefix
+    if args.where:
+        selector["filter"] = dict(_where(item) for item in args.where)
+    response = _send(client, "POST", "/v1/documents/delete", json=selector)
+    if response.status_code != 200:
+        raise _error(response)
+    print(f"deleted {response.json()['deleted']} documents")
+
+
+def _where(item: str) -> tuple[str, str | int | bool]:
+    """``KEY=VALUE``; a VALUE that is a JSON integer, true or false is that, anything else a string
+    (a JSON string, in quotes, stays a string: ``n="1"``)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise CliError(f"--where {item}: expected KEY=VALUE")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return key, raw
+    return key, value if isinstance(value, str | int | bool) else raw
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -221,8 +256,16 @@ def parser() -> argparse.ArgumentParser:
     ingest.add_argument("--batch", type=int, default=16, help="documents per request")
     ls = sub.add_parser("ls", help="list the indexed documents: id, chunks, title")
     ls.add_argument("--page-size", type=int, default=100, help="documents per request")
-    rm = sub.add_parser("rm", help="delete documents (every chunk of each)")
-    rm.add_argument("ids", nargs="+", metavar="ID")
+    rm = sub.add_parser("rm", help="delete documents (every chunk of each), by id or in bulk")
+    rm.add_argument("ids", nargs="*", metavar="ID")
+    rm.add_argument("--prefix", help="delete every document whose id starts with this (e.g. docs/)")
+    rm.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="delete every document whose metadata KEY equals VALUE (repeatable; with --prefix, both must hold)",
+    )
     run = sub.add_parser("run", help="start the whole stack locally; restarts a service that dies")
     run.add_argument("--data-dir", default="data", help="where local state and logs live")
     run.add_argument(

@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 
-FilterValue = str | int | bool
+# Integers within Qdrant's 64-bit range: a larger one is a 422 naming the field, not a failure in the store.
+FilterValue = str | Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | bool
 # A metadata field name as a filter names it: letters, digits, "_" and "-" (the vector store reads it as a
 # path under "metadata", where dots, brackets and quotes would mean something else).
 FilterKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
@@ -69,6 +70,28 @@ class DocumentsRequest(BaseModel):
 class DocumentsResponse(BaseModel):
     indexed: int = Field(..., description="Documents indexed.")
     chunks: int = Field(..., description="Chunks written for them.")
+
+
+class DocumentsDelete(BaseModel):
+    """Which documents a bulk delete removes: those whose id starts with ``prefix`` and whose metadata holds
+    every field of ``filter`` (both must hold when both are given). One of them is required."""
+
+    prefix: str | None = Field(
+        None, min_length=1, max_length=512, description="Delete the documents whose id starts with this."
+    )
+    filter: Filters | None = Field(
+        None, min_length=1, description="Delete the documents whose metadata fields equal these values."
+    )
+
+    def selector_missing(self) -> str | None:
+        """Why the request selects nothing, so that it would take every document; None when it selects."""
+        if self.prefix is None and self.filter is None:
+            return "prefix: give prefix or filter (or both); a bulk delete never deletes every document"
+        return None
+
+
+class DocumentsDeleted(BaseModel):
+    deleted: int = Field(..., description="Documents deleted, every chunk of each.")
 
 
 class SearchRequest(BaseModel):

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from services.common.disconnect import unless_disconnected
 from services.common.errors import FileTooComplex, InvalidInput, NotFound
-from services.common.schemas import Document, DocumentsResponse
+from services.common.schemas import Document, DocumentsDelete, DocumentsDeleted, DocumentsResponse
 from services.gateway import pipeline
 from services.gateway.config import Settings
 from services.gateway.deps import FileParserDep, Guarded, RequestIdDep, RetrieverDep, SettingsDep
@@ -85,13 +85,31 @@ async def list_documents(
     rid: RequestIdDep,
     limit: Annotated[int, Query(ge=1, le=1000, description="Documents per page.")] = 100,
     cursor: Annotated[
-        str | None, Query(max_length=1024, description="next_cursor of the previous page; absent for the first.")
+        str | None, Query(max_length=4096, description="next_cursor of the previous page; absent for the first.")
     ] = None,
 ) -> DocumentList:
     params: dict[str, Any] = {"limit": limit}
     if cursor:
         params["cursor"] = cursor
     return await retriever.get("/v1/documents", params=params, request_id=rid, model=DocumentList)
+
+
+@router.post(
+    "/v1/documents/delete",
+    response_model=DocumentsDeleted,
+    dependencies=[Guarded],
+    responses=error_responses(*GUARDED, 422, *UPSTREAM),
+    summary="Remove every document under an id prefix or with given metadata; answers how many",
+)
+async def delete_documents(body: DocumentsDelete, retriever: RetrieverDep, rid: RequestIdDep) -> DocumentsDeleted:
+    if (missing := body.selector_missing()) is not None:
+        raise InvalidInput(missing)
+    # Not resent on a failed connection: a second try would answer 0 for what the first one deleted.
+    result = await retriever.post(
+        "/v1/documents/delete", body.model_dump(exclude_none=True), request_id=rid, model=DocumentsDeleted
+    )
+    log.info("documents_deleted", prefix=body.prefix, filter=body.filter, documents=result.deleted)
+    return result
 
 
 @router.get(

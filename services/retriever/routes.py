@@ -1,7 +1,8 @@
 from __future__ import annotations
 
+import base64
+import binascii
 import time
-import uuid
 from typing import Annotated
 
 import structlog
@@ -23,6 +24,8 @@ from services.retriever.metrics import DOCUMENTS_DELETED, STAGE_SECONDS
 from services.retriever.schemas import (
     DocumentEntry,
     DocumentList,
+    DocumentsDelete,
+    DocumentsDeleted,
     DocumentsRequest,
     DocumentsResponse,
     SearchRequest,
@@ -71,16 +74,35 @@ async def list_documents(
     limit: Annotated[int, Query(ge=1, le=1000, description="Documents per page.")] = 100,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
 ) -> DocumentList:
-    if cursor is not None:
-        try:
-            cursor = str(uuid.UUID(cursor))
-        except ValueError:
-            raise InvalidInput("cursor: not a cursor this service returned") from None
-    docs, next_cursor = await store.list_documents(limit, cursor)
+    docs, after = await store.list_documents(limit, None if cursor is None else _after(cursor))
     return DocumentList(
         documents=[DocumentEntry(id=d.id, chunks=d.chunks, metadata=d.metadata) for d in docs],
-        next_cursor=next_cursor,
+        next_cursor=None if after is None else CURSOR_MARK + base64.urlsafe_b64encode(after.encode()).decode(),
     )
+
+
+CURSOR_MARK = "id:"
+"""A cursor is the last id of its page, base64url-encoded behind this mark: pages follow in id order."""
+
+
+def _after(cursor: str) -> str:
+    """The id a cursor this service returned names; 422 for anything else."""
+    try:
+        if not cursor.startswith(CURSOR_MARK):
+            raise ValueError(cursor)
+        return base64.urlsafe_b64decode(cursor.removeprefix(CURSOR_MARK).encode("ascii")).decode()
+    except (ValueError, binascii.Error):
+        raise InvalidInput("cursor: not a cursor this service returned") from None
+
+
+@router.post("/v1/documents/delete", response_model=DocumentsDeleted)
+async def delete_documents(body: DocumentsDelete, store: StoreDep) -> DocumentsDeleted:
+    if (missing := body.selector_missing()) is not None:
+        raise InvalidInput(missing)
+    deleted = await store.delete_documents(body.prefix, body.filter)
+    DOCUMENTS_DELETED.inc(deleted)
+    log.info("documents_deleted", prefix=body.prefix, filter=body.filter, documents=deleted)
+    return DocumentsDeleted(deleted=deleted)
 
 
 @router.get("/v1/documents/{document_id:path}", response_model=DocumentEntry)

@@ -5,6 +5,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from services.common.schemas import (
+    DocumentsDelete,
+    DocumentsDeleted,
     DocumentsRequest,
     DocumentsResponse,
     SearchRequest,
@@ -14,6 +16,8 @@ from services.common.schemas import (
 __all__ = [
     "DocumentEntry",
     "DocumentList",
+    "DocumentsDelete",
+    "DocumentsDeleted",
     "DocumentsRequest",
     "DocumentsResponse",
     "SearchRequest",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import httpx
 import pytest
 
 from ragpod import cli
@@ -67,3 +69,52 @@ def test_run_refuses_two_services_on_one_port(tmp_path: Path, capsys: pytest.Cap
 def test_free_ports_asked_for_one_after_another_differ() -> None:
     ports = [free_port() for _ in range(1000)]  # the kernel alone repeats one within a few hundred
     assert len(set(ports)) == len(ports)
+
+
+@pytest.mark.parametrize(
+    ("argv", "sent"),
+    [
+        (["--prefix", "docs/"], {"prefix": "docs/"}),
+        (["--where", "team=web", "--where", "year=2024"], {"filter": {"team": "web", "year": 2024}}),
+        (
+            ["--prefix", "a/", "--where", "draft=true", "--where", 'n="1"'],
+            {"prefix": "a/", "filter": {"draft": True, "n": "1"}},
+        ),
+    ],
+)
+def test_rm_deletes_in_bulk_by_prefix_or_metadata(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str], sent: dict[str, object]
+) -> None:
+    seen: list[httpx.Request] = []
+
+    def gateway(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"deleted": 1000})
+
+    monkeypatch.setattr(
+        cli, "_client", lambda settings: httpx.Client(base_url="http://gw", transport=httpx.MockTransport(gateway))
+    )
+    assert cli.main(["rm", *argv]) == 0
+    assert [(r.method, r.url.path, json.loads(r.content)) for r in seen] == [("POST", "/v1/documents/delete", sent)]
+    assert capsys.readouterr().out == "deleted 1000 documents\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "give the ids to delete, or --prefix/--where"),
+        (["a.md", "--prefix", "docs/"], "give ids, or --prefix/--where, not both"),
+        (["--where", "team"], "--where team: expected KEY=VALUE"),
+    ],
+)
+def test_rm_refuses_an_empty_or_mixed_selection_before_sending(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    def gateway(request: httpx.Request) -> httpx.Response:
+        raise AssertionError(f"nothing should be sent, got {request.method} {request.url}")
+
+    monkeypatch.setattr(
+        cli, "_client", lambda settings: httpx.Client(base_url="http://gw", transport=httpx.MockTransport(gateway))
+    )
+    assert cli.main(["rm", *argv]) == 1
+    assert message in capsys.readouterr().err

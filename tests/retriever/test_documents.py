@@ -233,8 +233,69 @@ def test_documents_are_listed_read_and_deleted(client: TestClient) -> None:
         assert missing.json() == {"error": "not_found", "detail": "document 'team/doc-0.md' is not indexed"}
 
 
+def test_the_list_comes_in_id_order_a_page_at_a_time(client: TestClient) -> None:
+    ids = ["zeta", "alpha/2", "alpha/10", "Beta", "alpha", "été", "m" * 512]
+    index(client, *({"id": doc, "text": f"Note {n}."} for n, doc in enumerate(ids)))
+    listed: list[str] = []
+    cursor = None
+    while True:
+        params = {"limit": 3} if cursor is None else {"limit": 3, "cursor": cursor}
+        page = client.get("/v1/documents", params=params).json()
+        listed.extend(d["id"] for d in page["documents"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert listed == sorted(ids)
+    assert [d["id"] for d in client.get("/v1/documents").json()["documents"]] == sorted(ids)
+
+
+def test_documents_are_deleted_in_bulk_by_prefix_or_metadata(client: TestClient) -> None:
+    index(
+        client,
+        *({"id": f"docs/{i}.md", "text": f"Guide {i}.", "metadata": {"team": "web"}} for i in range(30)),
+        {"id": "docs.md", "text": "Not under docs/.", "metadata": {"team": "web"}},
+        {"id": "ops/runbook.md", "text": "Restart the pods.", "metadata": {"team": "ops", "draft": True}},
+    )
+    deleted = client.post("/v1/documents/delete", json={"prefix": "docs/"})
+    assert deleted.status_code == 200 and deleted.json() == {"deleted": 30}
+    assert [d["id"] for d in client.get("/v1/documents").json()["documents"]] == ["docs.md", "ops/runbook.md"]
+    assert client.post("/v1/documents/delete", json={"prefix": "docs/"}).json() == {"deleted": 0}
+    by_metadata = client.post("/v1/documents/delete", json={"filter": {"team": "ops", "draft": True}})
+    assert by_metadata.json() == {"deleted": 1}
+    assert points(client) == 1
+
+
 @pytest.mark.parametrize(
-    ("params", "field"), [({"limit": 0}, "limit"), ({"limit": 5000}, "limit"), ({"cursor": "nope"}, "cursor")]
+    ("payload", "field"),
+    [
+        ({}, "prefix"),
+        ({"prefix": None, "filter": None}, "prefix"),
+        ({"prefix": ""}, "prefix"),
+        ({"filter": {}}, "filter"),
+        ({"filter": {"a.b": "x"}}, "filter"),
+        ({"filter": {"n": 2**70}}, "filter"),
+        ({"prefix": 3}, "prefix"),
+    ],
+)
+def test_a_bulk_delete_that_selects_everything_or_nothing_valid_is_422(
+    client: TestClient, payload: dict[str, object], field: str
+) -> None:
+    index(client, {"id": "kept", "text": "Still here."})
+    response = client.post("/v1/documents/delete", json=payload)
+    assert response.status_code == 422
+    assert response.json()["error"] == "validation_error" and response.json()["detail"].startswith(field)
+    assert points(client) == 1
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"limit": 0}, "limit"),
+        ({"limit": 5000}, "limit"),
+        ({"cursor": "nope"}, "cursor"),
+        ({"cursor": "0b5d2a7e-4f6c-5d2e-9a1b-3c4d5e6f7a8b"}, "cursor"),
+        ({"cursor": "id:////"}, "cursor"),
+    ],
 )
 def test_bad_list_parameters_are_422(client: TestClient, params: dict[str, object], field: str) -> None:
     response = client.get("/v1/documents", params=params)

@@ -223,11 +223,74 @@ async def test_documents_are_listed_in_pages_read_and_deleted(store: VectorStore
     assert all(h.document_id != "docs/04.md" for h in await ask(store, embedder, "Document 4 part 1", top_k=20))
 
 
+async def test_documents_are_listed_in_id_order_and_the_cursor_follows_it(
+    store: VectorStore, embedder: Embedder
+) -> None:
+    ids = ["b", "a/1", "a/0", "c", "a", "Z", "a/10", "a/2", "ä"]
+    await put(store, embedder, {doc: [f"Text of {doc}."] for doc in ids})
+    listed: list[str] = []
+    after: str | None = None
+    while True:
+        page, after = await store.list_documents(2, after)
+        listed.extend(d.id for d in page)
+        if after is None:
+            break
+        assert after == page[-1].id
+    assert listed == sorted(ids) == ["Z", "a", "a/0", "a/1", "a/10", "a/2", "b", "c", "ä"]
+    # A document written between two pages appears where its id sorts; one deleted is skipped.
+    first, after = await store.list_documents(3, None)
+    await put(store, embedder, {"a/05": ["Written between the pages."]})
+    await store.delete_document("a/10")
+    rest: list[str] = []
+    while after is not None:
+        page, after = await store.list_documents(3, after)
+        rest.extend(d.id for d in page)
+    assert [d.id for d in first] + rest == ["Z", "a", "a/0", "a/05", "a/1", "a/2", "b", "c", "ä"]
+
+
+async def test_documents_are_deleted_in_bulk_by_prefix_and_by_metadata(store: VectorStore, embedder: Embedder) -> None:
+    # A thousand documents of two chunks each, written with one vector (the model would take a minute here).
+    docs = {f"docs/{i:04d}.md": 2 for i in range(1000)} | {"docsite.md": 1, "notes/a.md": 1, "notes/b.md": 1}
+    team = {"notes/a.md": "ops"}
+    vector = embedder.encode(["A guide."])[0]
+    points = [
+        ChunkPoint(
+            point_id(doc, i),
+            vector,
+            ENCODER.document("A guide."),
+            {
+                "document_id": doc,
+                "chunk": i,
+                "chunks": n,
+                "text": "A guide.",
+                "metadata": {"team": team.get(doc, "web")},
+            },
+        )
+        for doc, n in docs.items()
+        for i in range(n)
+    ]
+    await store.ensure_collection(embedder.dimension)
+    await store.write(points, {})  # a new store: no older version to trim
+    assert await store.delete_documents("docs/", None) == 1000
+    assert await store.count() == 3
+    assert await store.get_document("docs/0999.md") is None
+    assert await store.delete_documents("docs/", None) == 0
+    assert await store.delete_documents("notes/", {"team": "ops"}) == 1  # both must hold
+    await put(store, embedder, {"flagged": ["Draft."], "unflagged": ["Final."]}, {"flagged": {"draft": True}})
+    assert await store.delete_documents(None, {"draft": True}) == 1
+    assert await store.get_document("unflagged") is not None
+    assert await store.delete_document("unflagged") is True
+    assert await store.delete_documents(None, {"team": "web"}) == 2
+    assert await store.list_documents(10, None) == ([], None)
+    assert await ask(store, embedder, "A guide", top_k=10) == []
+
+
 async def test_an_empty_store_answers_empty(store: VectorStore, embedder: Embedder) -> None:
     assert await ask(store, embedder, "anything") == []
     assert await store.list_documents(10, None) == ([], None)
     assert await store.get_document("x") is None
     assert await store.delete_document("x") is False
+    assert await store.delete_documents("x", None) == 0
     assert await store.count() == 0
 
 

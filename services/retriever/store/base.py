@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
@@ -23,6 +24,8 @@ DENSE = "dense"
 SPARSE = "bm25"
 RRF_K = 2
 """Qdrant's own default for reciprocal-rank fusion, set explicitly so both backends fuse alike."""
+ID_PAGE = 10_000
+"""Document ids read per scroll call while collecting them (listing in id order, bulk delete)."""
 
 
 class LegacyStore(RuntimeError):
@@ -88,12 +91,25 @@ class VectorStore(Protocol):
         """One page of stored points (id, payload) in id order, and the offset of the next page."""
         ...
 
-    async def list_documents(self, limit: int, cursor: str | None) -> tuple[list[DocumentInfo], str | None]: ...
+    async def list_documents(self, limit: int, after: str | None) -> tuple[list[DocumentInfo], str | None]:
+        """Up to ``limit`` documents in id order, from the first id after ``after``, and the id to pass as
+        ``after`` for the next page (None on the last page).
+
+        Qdrant orders points by point id (a hash here) and cannot order by a keyword field, so every page
+        reads the ids of all documents (chunk 0 of each, its ``document_id`` only) and sorts them: a page
+        costs time in proportion to the documents stored, and a document written between two pages is
+        listed when its id sorts after the cursor."""
+        ...
 
     async def get_document(self, document_id: str) -> DocumentInfo | None: ...
 
     async def delete_document(self, document_id: str) -> bool:
         """Removes every chunk of the document; False when it had none."""
+        ...
+
+    async def delete_documents(self, prefix: str | None, filters: dict[str, FilterValue] | None) -> int:
+        """Removes every document whose id starts with ``prefix`` and whose metadata holds ``filters`` (both
+        when both are given); returns how many documents were removed. The caller refuses an empty selector."""
         ...
 
     async def count(self) -> int: ...
@@ -175,6 +191,13 @@ def to_source(payload: dict[str, Any], score: float) -> Source:
         text=str(payload["text"]),
         metadata=dict(payload.get("metadata") or {}),
     )
+
+
+def page_after(ids: Sequence[str], after: str | None, limit: int) -> tuple[list[str], str | None]:
+    """The page of sorted ``ids`` that follows ``after``, and the cursor of the next page (None at the end)."""
+    start = 0 if after is None else bisect.bisect_right(ids, after)
+    page = list(ids[start : start + limit])
+    return page, page[-1] if page and start + limit < len(ids) else None
 
 
 def document_info(payload: dict[str, Any]) -> DocumentInfo:

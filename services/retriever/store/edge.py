@@ -32,6 +32,7 @@ import structlog
 from services.common.schemas import FilterValue, Source
 from services.retriever.store.base import (
     DENSE,
+    ID_PAGE,
     RRF_K,
     SPARSE,
     ChunkPoint,
@@ -44,12 +45,14 @@ from services.retriever.store.base import (
     hybrid_fetch_limit,
     hybrid_prefetch_limit,
     mismatch,
+    page_after,
     to_source,
 )
 from services.retriever.text import Sparse
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
+_DOC_FIELDS = ["document_id", "chunks", "metadata"]
 CONFIG_FILE = "edge_config.json"
 PENDING_SUFFIX = "pending-writes"  # notes of writes under way (see ``EdgeStore.write``)
 
@@ -212,20 +215,58 @@ class EdgeStore:
         page = [(str(r.id), dict(r.payload or {})) for r in records]
         return page, None if next_offset is None else str(next_offset)
 
-    async def list_documents(self, limit: int, cursor: str | None) -> tuple[list[DocumentInfo], str | None]:
+    async def list_documents(self, limit: int, after: str | None) -> tuple[list[DocumentInfo], str | None]:
         shard = self._shard
         if shard is None:
             return [], None
+        ids, next_after = page_after(await self._document_ids(None, None), after, limit)
+        if not ids:
+            return [], None
         request = qe.ScrollRequest(
-            offset=_point_id(cursor),
-            limit=limit,
-            filter=qe.Filter(must=[qe.FieldCondition(key="chunk", match=qe.MatchValue(0))]),
-            with_payload=["document_id", "chunks", "metadata"],
+            limit=len(ids),
+            filter=qe.Filter(must=[_match("chunk", 0), qe.FieldCondition(key="document_id", match=qe.MatchAny(ids))]),
+            with_payload=_DOC_FIELDS,
             with_vector=False,
         )
-        records, next_offset = await self._read(lambda: shard.scroll(request))
-        docs = [document_info(dict(r.payload or {})) for r in records]
-        return docs, None if next_offset is None else str(next_offset)
+        records, _ = await self._read(lambda: shard.scroll(request))
+        found = {info.id: info for info in (document_info(dict(r.payload or {})) for r in records)}
+        return [found[i] for i in ids if i in found], next_after
+
+    async def _document_ids(self, prefix: str | None, filters: dict[str, FilterValue] | None) -> list[str]:
+        """The sorted ids of the documents under ``prefix`` whose metadata holds ``filters``."""
+        shard = self._shard
+        if shard is None:
+            return []
+        must: list[qe.ConditionType] = [_match("chunk", 0)]
+        if prefix is not None:
+            must.append(qe.FieldCondition(key="document_id", match=qe.MatchPrefix(prefix)))
+        # qdrant-edge-py passes a Python bool on as the integer 1 or 0, which never matches a stored
+        # true or false: boolean fields are compared here, on the metadata read back.
+        flags = {key: value for key, value in (filters or {}).items() if isinstance(value, bool)}
+        must.extend(_match(f"metadata.{key}", value) for key, value in (filters or {}).items() if key not in flags)
+
+        def selected(payload: dict[str, Any]) -> bool:
+            metadata = payload.get("metadata") or {}
+            return all(isinstance(metadata.get(key), bool) and metadata[key] == value for key, value in flags.items())
+
+        def collect() -> list[str]:
+            ids: list[str] = []
+            offset: qe.PointId | None = None
+            while True:
+                request = qe.ScrollRequest(
+                    offset=offset,
+                    limit=ID_PAGE,
+                    filter=qe.Filter(must=must),
+                    with_payload=["document_id", "metadata"] if flags else ["document_id"],
+                    with_vector=False,
+                )
+                records, offset = shard.scroll(request)
+                payloads = [dict(r.payload or {}) for r in records]
+                ids.extend(str(payload["document_id"]) for payload in payloads if selected(payload))
+                if offset is None:
+                    return sorted(ids)
+
+        return await self._read(collect)
 
     async def get_document(self, document_id: str) -> DocumentInfo | None:
         shard = self._shard
@@ -234,7 +275,7 @@ class EdgeStore:
         request = qe.ScrollRequest(
             limit=1,
             filter=qe.Filter(must=[_match("document_id", document_id), _match("chunk", 0)]),
-            with_payload=["document_id", "chunks", "metadata"],
+            with_payload=_DOC_FIELDS,
             with_vector=False,
         )
         records, _ = await self._read(lambda: shard.scroll(request))
@@ -257,6 +298,24 @@ class EdgeStore:
             self._applied += 1
             await self._flush_through(self._applied)
         return deleted
+
+    async def delete_documents(self, prefix: str | None, filters: dict[str, FilterValue] | None) -> int:
+        shard = self._shard
+        ids = await self._document_ids(prefix, filters)
+        if shard is None or not ids:
+            return 0
+
+        def delete() -> None:
+            with self._whole:  # readers see all of the selection or none of it
+                for start in range(0, len(ids), ID_PAGE):
+                    batch = ids[start : start + ID_PAGE]
+                    flt = qe.Filter(must=[qe.FieldCondition(key="document_id", match=qe.MatchAny(batch))])
+                    shard.update(qe.UpdateOperation.delete_points_by_filter(flt))
+
+        await self._run(delete)
+        self._applied += 1
+        await self._flush_through(self._applied)
+        return len(ids)
 
     async def _flush_through(self, update: int) -> None:
         """Returns once update number ``update`` is on disk: the shard's write-ahead log and segments

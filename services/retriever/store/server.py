@@ -22,6 +22,7 @@ from services.common.errors import UpstreamUnavailable
 from services.common.schemas import FilterValue, Source
 from services.retriever.store.base import (
     DENSE,
+    ID_PAGE,
     RRF_K,
     SPARSE,
     ChunkPoint,
@@ -33,6 +34,7 @@ from services.retriever.store.base import (
     hybrid_fetch_limit,
     hybrid_prefetch_limit,
     mismatch,
+    page_after,
     to_source,
 )
 from services.retriever.text import Sparse
@@ -214,22 +216,49 @@ class ServerStore:
         page = [(str(r.id), dict(r.payload or {})) for r in records]
         return page, None if next_offset is None else str(next_offset)
 
-    async def list_documents(self, limit: int, cursor: str | None) -> tuple[list[DocumentInfo], str | None]:
+    async def list_documents(self, limit: int, after: str | None) -> tuple[list[DocumentInfo], str | None]:
         if not await self._has_collection():
             return [], None
-        records, next_offset = await self._call(
+        ids, next_after = page_after(await self._document_ids(None, None), after, limit)
+        if not ids:
+            return [], None
+        records, _ = await self._call(
             self._client.scroll(
                 self.collection,
-                scroll_filter=models.Filter(must=[_match("chunk", 0)]),
-                limit=limit,
-                offset=cursor,
+                scroll_filter=models.Filter(
+                    must=[_match("chunk", 0), models.FieldCondition(key="document_id", match=models.MatchAny(any=ids))]
+                ),
+                limit=len(ids),
                 with_payload=_DOC_FIELDS,
                 with_vectors=False,
             )
         )
-        return [document_info(dict(r.payload or {})) for r in records], None if next_offset is None else str(
-            next_offset
-        )
+        found = {info.id: info for info in (document_info(dict(r.payload or {})) for r in records)}
+        return [found[i] for i in ids if i in found], next_after
+
+    async def _document_ids(self, prefix: str | None, filters: dict[str, FilterValue] | None) -> list[str]:
+        """The sorted ids of the documents under ``prefix`` whose metadata holds ``filters``."""
+        must: list[models.Condition] = [_match("chunk", 0)]
+        if prefix is not None:
+            # Prefix matching on keyword fields needs Qdrant 1.19 or newer.
+            must.append(models.FieldCondition(key="document_id", match=models.MatchPrefix(prefix=prefix)))
+        must.extend(_match(f"metadata.{key}", value) for key, value in (filters or {}).items())
+        ids: list[str] = []
+        offset: models.ExtendedPointId | None = None
+        while True:
+            records, offset = await self._call(
+                self._client.scroll(
+                    self.collection,
+                    scroll_filter=models.Filter(must=must),
+                    limit=ID_PAGE,
+                    offset=offset,
+                    with_payload=["document_id"],
+                    with_vectors=False,
+                )
+            )
+            ids.extend(str((r.payload or {})["document_id"]) for r in records)
+            if offset is None:
+                return sorted(ids)
 
     async def get_document(self, document_id: str) -> DocumentInfo | None:
         if not await self._has_collection():
@@ -256,6 +285,19 @@ class ServerStore:
             self._client.delete(self.collection, points_selector=models.FilterSelector(filter=flt), wait=True)
         )
         return True
+
+    async def delete_documents(self, prefix: str | None, filters: dict[str, FilterValue] | None) -> int:
+        if not await self._has_collection():
+            return 0
+        ids = await self._document_ids(prefix, filters)
+        for start in range(0, len(ids), ID_PAGE):
+            flt = models.Filter(
+                must=[models.FieldCondition(key="document_id", match=models.MatchAny(any=ids[start : start + ID_PAGE]))]
+            )
+            await self._call(
+                self._client.delete(self.collection, points_selector=models.FilterSelector(filter=flt), wait=True)
+            )
+        return len(ids)
 
     async def count(self) -> int:
         if not await self._has_collection():
