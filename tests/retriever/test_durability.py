@@ -16,7 +16,7 @@ import pytest
 import qdrant_edge as qe
 
 from services.retriever.chunking import point_id
-from services.retriever.store import ChunkPoint, EdgeStore
+from services.retriever.store import ChunkPoint, EdgeStore, VectorStore
 from services.retriever.text import Sparse
 
 DIMENSION = 4
@@ -141,7 +141,7 @@ async def test_a_document_acknowledged_right_before_kill_9_is_there_after_reopen
         await reopened.close()
 
 
-async def chunks_of(store: EdgeStore, doc: str) -> list[str]:
+async def chunks_of(store: VectorStore, doc: str) -> list[str]:
     """Every stored chunk text of ``doc``, in chunk order, as a listing of all points sees them."""
     found: list[tuple[int, str]] = []
     offset: str | None = None

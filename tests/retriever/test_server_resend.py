@@ -10,25 +10,12 @@ from typing import Any
 import pytest
 from qdrant_client import AsyncQdrantClient
 
-from services.retriever.chunking import point_id
-from services.retriever.store import ChunkPoint, ServerStore
-from services.retriever.text import Sparse
+from services.retriever.store import ServerStore
+from tests.retriever.test_durability import chunks_of, version
 
 
 class Died(BaseException):
     """The retriever's process ending where it stood (not an error any code handles)."""
-
-
-def version(doc: str, tag: str, chunks: int) -> list[ChunkPoint]:
-    return [
-        ChunkPoint(
-            point_id(doc, i),
-            [1.0, float(i), 0.5, 0.25],
-            Sparse([i + 1], [1.0]),
-            {"document_id": doc, "chunk": i, "chunks": chunks, "text": f"{tag} chunk {i}", "metadata": {}},
-        )
-        for i in range(chunks)
-    ]
 
 
 class DiesAtCall:
@@ -55,16 +42,6 @@ class DiesAtCall:
         return change
 
 
-async def texts_of(store: ServerStore, doc: str) -> list[str]:
-    found: list[tuple[int, str]] = []
-    offset: str | None = None
-    while True:
-        page, offset = await store.scroll(offset, 100)
-        found += [(int(p["chunk"]), str(p["text"])) for _, p in page if p.get("document_id") == doc]
-        if offset is None:
-            return [text for _, text in sorted(found)]
-
-
 @pytest.mark.parametrize("dies_at", [1, 2])
 async def test_a_retriever_dying_inside_a_shorter_resend_leaves_one_version_whole(dies_at: int) -> None:
     client = AsyncQdrantClient(location=":memory:")
@@ -76,7 +53,7 @@ async def test_a_retriever_dying_inside_a_shorter_resend_leaves_one_version_whol
     with pytest.raises(Died) if dies_at == 1 else contextlib.nullcontext():
         await store.write(version("manual", "v2", 2), {"manual": 2})
     store._client = client
-    texts = await texts_of(store, "manual")
+    texts = await chunks_of(store, "manual")
     info = await store.get_document("manual")
     await store.close()
     expected = [f"v1 chunk {i}" for i in range(6)] if dies_at == 1 else [f"v2 chunk {i}" for i in range(2)]
