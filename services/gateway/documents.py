@@ -98,7 +98,7 @@ async def list_documents(
     "/v1/documents/delete",
     response_model=DocumentsDeleted,
     dependencies=[Guarded],
-    responses=error_responses(*GUARDED, 422, *UPSTREAM),
+    responses=error_responses(400, *GUARDED, 422, *UPSTREAM),
     summary="Remove every document under an id prefix or with given metadata; answers how many",
 )
 async def delete_documents(body: DocumentsDelete, retriever: RetrieverDep, rid: RequestIdDep) -> DocumentsDeleted:

@@ -118,11 +118,15 @@ async def test_a_service_joins_its_callers_trace_and_skips_probes(spans: InMemor
 def test_log_lines_carry_the_trace_id(spans: InMemorySpanExporter, capsys: pytest.CaptureFixture[str]) -> None:
     from services.common.logging import configure_logging
 
-    configure_logging("info", json=True)
-    log = structlog.get_logger("test")
-    log.info("outside")
-    with tracing.tracer(__name__).start_as_current_span("question") as span:
-        log.info("inside")
+    before = structlog.get_config()
+    configure_logging("info", json=True)  # writes to this test's captured stderr, closed after it
+    try:
+        log = structlog.get_logger("test")
+        log.info("outside")
+        with tracing.tracer(__name__).start_as_current_span("question") as span:
+            log.info("inside")
+    finally:
+        structlog.configure(**before)  # the next tests log where they did before
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     assert "trace_id" not in lines[0]
     assert lines[1]["trace_id"] == format(span.get_span_context().trace_id, "032x")
