@@ -302,8 +302,9 @@ def main() -> int:
                 raise RuntimeError(f"podman kube play: {played.stderr.strip()[-2000:]}")
             for pod in pods:
                 name = pod["metadata"]["name"]
-                if pod_ip(name) != addresses[pod_name(name)]:
-                    raise RuntimeError(f"{pod_name(name)} is at {pod_ip(name)}, not {addresses[pod_name(name)]}")
+                given, got = addresses[pod_name(name)], pod_ip(name)
+                if got != given:
+                    raise RuntimeError(f"{pod_name(name)} is at {got}, not {given}")
             wait_ready(probes(deployments))
             gateway = f"http://{pod_ip('gateway')}:8000"
             print(f"kube-smoke: the gateway's /v1/status: {whole_chain(gateway)}", flush=True)

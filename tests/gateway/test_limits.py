@@ -203,18 +203,24 @@ async def test_a_body_over_the_limit_is_refused_before_it_is_read(
     assert [r.url.path for r in retriever.requests] == ["/v1/documents"]
 
 
-async def test_beyond_the_concurrency_limit_a_request_is_busy_and_the_probes_are_not_counted() -> None:
-    release = asyncio.Event()
+def held_at(path: str, release: asyncio.Event) -> tuple[RetrieverDouble, httpx.MockTransport]:
+    """A stand-in retriever that records every call and holds those to ``path`` until ``release`` is set."""
     double = RetrieverDouble()
 
-    async def slow_search(request: httpx.Request) -> httpx.Response:
+    async def held(request: httpx.Request) -> httpx.Response:
         response = double(request)
-        if request.url.path == "/v1/search":
+        if request.url.path == path:
             await release.wait()
         return response
 
+    return double, httpx.MockTransport(held)
+
+
+async def test_beyond_the_concurrency_limit_a_request_is_busy_and_the_probes_are_not_counted() -> None:
+    release = asyncio.Event()
+    double, transport = held_at("/v1/search", release)
     settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", max_concurrent_requests=2)
-    app = create_app(settings, retriever_transport=httpx.MockTransport(slow_search))
+    app = create_app(settings, retriever_transport=transport)
     async with in_process(app) as client:
         held = [asyncio.create_task(client.post("/v1/search", json=QUERY)) for _ in range(2)]
 
@@ -239,16 +245,9 @@ async def test_beyond_the_upload_limit_an_upload_is_busy_before_its_body_is_read
     """Each upload may spool up to RAG_MAX_BODY_BYTES to /tmp before its handler runs: their number is bounded
     (RAG_MAX_CONCURRENT_UPLOADS), so /tmp can be sized for them (deploy/k8s: the gateway's emptyDir)."""
     release = asyncio.Event()
-    double = RetrieverDouble()
-
-    async def slow_index(request: httpx.Request) -> httpx.Response:
-        response = double(request)
-        if request.url.path == "/v1/documents":
-            await release.wait()
-        return response
-
+    double, transport = held_at("/v1/documents", release)
     settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", max_concurrent_uploads=1)
-    app = create_app(settings, retriever_transport=httpx.MockTransport(slow_index))
+    app = create_app(settings, retriever_transport=transport)
     upload = {"files": ("notes.txt", b"The Zorblax was first sold in 1987.\n" * 100, "text/plain")}
     async with in_process(app) as client:
         held = asyncio.create_task(client.post("/v1/files", files=upload))

@@ -62,7 +62,8 @@ async def check_bound(settings: QueueSettings) -> None:
         with pytest.raises(PoolExhausted, match="all 2 Redis connections"):
             await redis.ping()
         waited = time.monotonic() - started
-        assert 0.25 <= waited < 1.2  # it waited its pool timeout for a free connection, then gave up
+        assert waited >= 0.25  # it waited its pool timeout for a free connection
+        assert not any(holder.done() for holder in holders)  # and gave up before one came free
         assert not issubclass(PoolExhausted, RedisConnectionError)  # not sent again, not taken for an outage
         # A command that waits less than the timeout gets the first connection that comes free.
         await asyncio.gather(*holders)
