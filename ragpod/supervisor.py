@@ -120,6 +120,12 @@ class Stack:
 PID_FILE = "ragpod.pid"
 
 
+class Interrupted(BaseException):
+    """A stop signal before the stack is up. Not KeyboardInterrupt: CPython remembers one that passes through
+    an ``exec`` of source text (dataclasses and namedtuples are made that way, on imports mid-start) and, run
+    with ``-m``, ends itself by SIGINT at exit even though it was caught, instead of returning 130."""
+
+
 def write_pid_file(path: Path, procs: list[Child]) -> None:
     """This supervisor's pid and each child's pid and command line, replaced atomically."""
     children = [
@@ -419,7 +425,7 @@ def main(data_dir: Path = ROOT / "data", ports: dict[str, int] | None = None, un
         nonlocal stopping
         stopping = True
         if not supervising:
-            raise KeyboardInterrupt
+            raise Interrupted
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -449,7 +455,7 @@ def main(data_dir: Path = ROOT / "data", ports: dict[str, int] | None = None, un
     except (RuntimeError, httpx.HTTPError) as exc:
         print(f"failed to start: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except Interrupted:
         return 130
     finally:
         print("stopping ...", flush=True)

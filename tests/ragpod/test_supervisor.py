@@ -269,3 +269,33 @@ def test_with_keys_on_the_gateway_also_takes_the_digest_of_the_supervisors_own_k
     assert "own-key" not in str(stack.env_for("gateway"))
     monkeypatch.delenv("RAG_API_KEYS")
     assert "RAG_API_KEYS" not in Stack(ports, 5, tmp_path, None).env_for("gateway")  # keys stay off
+
+
+SIGNAL_MID_START = """
+import os, signal, sys
+from pathlib import Path
+from ragpod import supervisor
+
+def start(self, **_):  # the signal arrives while source text runs, as when a dataclass is made on an import
+    exec("import os, signal, time; os.kill(os.getpid(), signal.SIGHUP); time.sleep(30)")
+
+supervisor.Stack.start = start
+sys.exit(supervisor.main(Path(sys.argv[1]), {name: 1 for name in ("gateway", "embedding", "retriever", "llm")}))
+"""
+
+
+def test_a_stop_signal_while_the_stack_starts_ends_the_run_with_130(tmp_path: Path) -> None:
+    (tmp_path / "stop_mid_start.py").write_text(SIGNAL_MID_START)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    env.pop("RAG_API_KEYS", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "stop_mid_start", str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=60,
+    )
+    # run with -m, as `ragpod` is: not killed by SIGINT (-2) at exit, as a caught KeyboardInterrupt would be
+    assert run.returncode == 130, (run.returncode, run.stdout, run.stderr)
+    assert "stopping ..." in run.stdout
