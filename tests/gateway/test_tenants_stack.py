@@ -142,6 +142,7 @@ async def test_every_read_route_sees_only_the_key_s_tenant(
 async def test_no_key_deletes_or_overwrites_the_other_tenant_s_documents(stack: Stack) -> None:
     await fill(stack)
     assert (await stack.call("key-a", "DELETE", "/v1/documents/team-b/secret-salaries.md")).status_code == 404
+    assert (await stack.call("key-b", "DELETE", "/v1/documents/a/handbook.md")).status_code == 404
     bulk = await stack.call("key-a", "POST", "/v1/documents/delete", json={"prefix": "team-b/"})
     assert bulk.json() == {"deleted": 0}
     assert (await stack.call("key-a", "DELETE", "/v1/documents/shared/notes.md")).status_code == 204
