@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from services.gateway.app import create_app
 from services.gateway.config import Settings
+from services.gateway.security import Guard
 from services.gateway.tenants import read_keys_file
 from tests.fixtures.apps import in_process
 from tests.fixtures.redis import RedisServer
@@ -89,6 +90,12 @@ def test_a_digest_is_taken_with_or_without_its_mark_and_a_keys_file_satisfies_re
         (hashlib.sha256(b"other").hexdigest(), "b", ["read", "write"]),
     ]
     assert Settings(api_keys_file=str(path), require_api_keys=True).key_entries == entries
+
+
+def test_a_key_in_both_rag_api_keys_and_the_file_stops_the_gateway(tmp_path: Path) -> None:
+    settings = Settings(api_keys="key-b,other", api_keys_file=str(keys_file(tmp_path)))
+    with pytest.raises(ValueError, match="RAG_API_KEYS_FILE: entry 1: the same key as one in RAG_API_KEYS"):
+        Guard(settings)
 
 
 class Gateway:
