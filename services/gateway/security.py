@@ -46,7 +46,7 @@ from services.common.errors import (
 from services.common.queue.connection import BoundedPool, PoolExhausted
 from services.gateway.config import Settings
 from services.gateway.metrics import REJECTED
-from services.gateway.tenants import BOTH, DEFAULT_TENANT, Caller, KeyEntry
+from services.gateway.tenants import BOTH, DEFAULT_TENANT, Caller, KeyEntry, digest_from_hex
 from services.gateway.tenants import Scope as KeyScope
 
 log = structlog.get_logger(__name__)
@@ -69,12 +69,8 @@ def parse_api_keys(value: str) -> list[bytes]:
         if not entry:
             continue
         if entry.lower().startswith(DIGEST_PREFIX):
-            hex_digest = entry[len(DIGEST_PREFIX) :]
-            try:
-                raw = bytes.fromhex(hex_digest)
-            except ValueError:
-                raw = b""
-            if len(raw) != 32:
+            raw = digest_from_hex(entry)
+            if raw is None:
                 raise ValueError("RAG_API_KEYS: a sha256: entry must be followed by 64 hexadecimal digits")
             digests.append(raw)
         else:

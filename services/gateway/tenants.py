@@ -28,11 +28,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from services.common.tenants import DEFAULT_TENANT, TENANT_HEADER, TENANT_PATTERN
 
-__all__ = ["BOTH", "DEFAULT_TENANT", "TENANT_HEADER", "Caller", "KeyEntry", "Scope", "read_keys_file"]
+__all__ = ["BOTH", "DEFAULT_TENANT", "TENANT_HEADER", "Caller", "KeyEntry", "Scope", "digest_from_hex", "read_keys_file"]
 
 DIGEST_PREFIX = "sha256:"
 Scope = Literal["read", "write"]
 BOTH: frozenset[Scope] = frozenset({"read", "write"})
+
+
+def digest_from_hex(value: str) -> bytes | None:
+    """A SHA-256 digest written as 64 hexadecimal digits, after ``sha256:`` or not; None if it is not one."""
+    value = value.strip()
+    if value.lower().startswith(DIGEST_PREFIX):
+        value = value[len(DIGEST_PREFIX) :]
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        return None
+    return raw if len(raw) == 32 else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,14 +83,8 @@ class _Entry(BaseModel):
     def digest(self) -> bytes:
         if self.key is not None:
             return hashlib.sha256(self.key.strip().encode("utf-8")).digest()
-        value = str(self.sha256).strip()
-        if value.lower().startswith(DIGEST_PREFIX):
-            value = value[len(DIGEST_PREFIX) :]
-        try:
-            raw = bytes.fromhex(value)
-        except ValueError:
-            raw = b""
-        if len(raw) != 32:
+        raw = digest_from_hex(str(self.sha256))
+        if raw is None:
             raise ValueError("sha256: must be 64 hexadecimal digits (optionally after sha256:)")
         return raw
 

@@ -3,7 +3,6 @@ tenant's documents only, and a tab given the other tenant's key lists the other'
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import httpx
 import pytest
 
 from services.embedding.model import Embedder
+from tests.fixtures.browser import chromium
 from tests.fixtures.gateway_stack import InThread
 from tests.fixtures.redis import RedisServer
 
@@ -42,19 +42,8 @@ def gateway(redis_server: RedisServer, embedder: Embedder, tmp_path: Path) -> It
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    executable = shutil.which("chromium")
-    assert executable, "Debian's chromium package is needed (make test installs it)"
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=executable,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
-        )
-        try:
-            yield launched
-        finally:
-            launched.close()
+    with chromium() as launched:
+        yield launched
 
 
 def listed_with(browser: Any, gateway: str, key: str) -> str:
