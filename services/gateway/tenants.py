@@ -28,7 +28,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from services.common.tenants import DEFAULT_TENANT, TENANT_HEADER, TENANT_PATTERN
 
-__all__ = ["BOTH", "DEFAULT_TENANT", "TENANT_HEADER", "Caller", "KeyEntry", "Scope", "digest_from_hex", "read_keys_file"]
+__all__ = [
+    "BOTH",
+    "DEFAULT_TENANT",
+    "TENANT_HEADER",
+    "Caller",
+    "KeyEntry",
+    "Scope",
+    "digest_from_hex",
+    "read_keys_file",
+]
 
 DIGEST_PREFIX = "sha256:"
 Scope = Literal["read", "write"]
