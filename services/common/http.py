@@ -60,7 +60,7 @@ class ServiceClient:
                 )
             ),
         )
-        tracing.instrument_client(self._client)  # a client span and the caller's traceparent, when tracing is on
+        tracing.instrument_client(self._client)  # the caller's traceparent sent on, when tracing is on
 
     @overload
     async def get(self, path: str, *, request_id: str | None = ..., params: dict[str, Any] | None = ...) -> Any: ...
