@@ -66,7 +66,13 @@ stack untraced too and shows it). CPU likewise: ``tracing_cpu_ms`` is each trace
 question (read over both stacks' passes, so that span exports are counted wherever they fall) minus its
 untraced twin's, the LLM worker's engine thread left out and stated apart as ``tracing_engine_cpu_ms``;
 the receiver's own CPU (a collector's work) is ``receiver_cpu_ms``, not in the services' figure; and
-``spans_per_question`` is how many spans one question makes.
+``spans_per_question`` is how many spans one question makes. A question's hops vary by several ms from one
+answer to the next on a busy machine (the query embedding most), more than the goal, so one run of a few
+dozen questions reads the hops figure only to within a few ms. Hence one more, finer measure of the part of
+the path the HTTP hops make (the gateway's, the retriever's and the embedding service's spans, about a third
+of a question's): ``--tracing-calls`` pairs of the gateway's ``/v1/search`` to each stack in turn,
+``tracing_search_p50_ms`` the median of the differences, ``tracing_search_cpu_ms`` the CPU per call of the
+traced stack minus the other's.
 
 The machine may be shared: the load average at the end goes into the JSON.
 Needs the converted LLM in data/models (any earlier ``make run`` or test run
@@ -368,6 +374,36 @@ async def hops(
     return out
 
 
+async def tracing_probe(
+    untraced: httpx.AsyncClient, traced: httpx.AsyncClient, questions: Sequence[str], top_k: int, calls: int
+) -> list[float]:
+    """The gateway's ``/v1/search`` (gateway, retriever and embedding service, no generation) of each stack in
+    turn, the two taking turns at going first, ``calls`` times: the traced call's milliseconds minus the
+    untraced one's, per pair. Without generation a call takes tens of ms, so enough pairs fit in seconds to
+    see a fraction of a millisecond."""
+
+    async def one(client: httpx.AsyncClient, question: str) -> float:
+        started = time.perf_counter()
+        response = await client.post("/v1/search", json={"question": question, "top_k": top_k})
+        elapsed = (time.perf_counter() - started) * 1000
+        response.raise_for_status()
+        return elapsed
+
+    for question in questions[:5]:  # warm-up
+        await one(untraced, question)
+        await one(traced, question)
+    differences = []
+    for number in range(calls):
+        question = questions[number % len(questions)]
+        if number % 2 == 0:
+            plain = await one(untraced, question)
+            differences.append(await one(traced, question) - plain)
+        else:
+            with_tracing = await one(traced, question)
+            differences.append(with_tracing - await one(untraced, question))
+    return differences
+
+
 class SpanSink:
     """An OTLP/HTTP receiver that decodes what it is sent, counts the spans and keeps none. It runs in this
     process, on the same cores as the stacks: ``cpu_ms`` is the CPU time its handlers took (a collector's
@@ -517,9 +553,22 @@ async def run(
                     + ", ".join(f"{path.replace('_', ' ')} {p50:.1f} ms" for path, p50 in p50s.items()),
                     flush=True,
                 )
+            search_differences: list[float] = []
+            question_spans = 0
+            search_cpu = [StackCpu(stack_cpu.pids), StackCpu(traced_cpu.pids)]
+            if traced:
+                await traced.sink.settled()  # every question's spans in (the SDK sends a batch every 5 s)
+                question_spans = traced.sink.spans
+                for meter in search_cpu:
+                    meter.start()
+                search_differences = await tracing_probe(
+                    client, traced_client, questions, args.top_k, args.tracing_calls
+                )
+                for meter in search_cpu:
+                    meter.stop()
         probes = await hops(inproc, stack, redis_url, questions[0], args.hop_calls)
         if traced:
-            await traced.sink.settled()  # the spans still in the traced services' batches (sent within seconds)
+            await traced.sink.settled()  # the probe's last spans, for the receiver's CPU
     finally:
         await inproc.close()
 
@@ -573,6 +622,14 @@ async def run(
         "questions": len(questions) * args.rounds,
     }
     if traced:
+        pairs = list(zip(samples["services"], samples["traced"], strict=True))
+        print(
+            "tracing ms per stage, p50 of the per-question differences: "
+            + ", ".join(
+                f"{name} {statistics.median(t[name] - u[name] for u, t in pairs):+.2f}" for name in samples["traced"][0]
+            ),
+            flush=True,
+        )
         traced_each = traced_cpu.per_question(len(samples["traced"]))
         print(
             "tracing CPU ms per question (traced minus untraced): "
@@ -580,9 +637,15 @@ async def run(
             flush=True,
         )
         figures |= tracing_figures(samples["services"], samples["traced"], cpu_each, traced_each)
+        figures["tracing_search_p50_ms"] = round(statistics.median(search_differences), 3)
+        calls = len(search_differences) + 5  # and the warm-up's
+        untraced_search, traced_search = (meter.per_question(calls) for meter in search_cpu)
+        figures["tracing_search_cpu_ms"] = round(sum(traced_search.values()) - sum(untraced_search.values()), 3)
         figures["traced_p50_ms"] = round(stage_pcts("traced", 0.5)["total"], 2)
-        figures["spans_per_question"] = round(traced.sink.spans / traced_asked, 1)
-        figures["receiver_cpu_ms"] = round(traced.sink.cpu_ms / traced_asked, 2)
+        figures["spans_per_question"] = round(question_spans / traced_asked, 1)
+        # Per span: the receiver also took the search probe's spans.
+        per_span = traced.sink.cpu_ms / traced.sink.spans if traced.sink.spans else 0.0
+        figures["receiver_cpu_ms"] = round(per_span * question_spans / traced_asked, 2)
         figures["spans_exported"] = traced.sink.spans
     groups = ["front door", "embed", "search", "queue", "generate", "rest", "total"]
     svc_keys = ["client", "embed", "search", "queue", "generate", "rest", "total"]
@@ -638,6 +701,9 @@ def main() -> int:
     parser.add_argument("--block", type=int, default=4, help="questions per pass before the other path's pass")
     parser.add_argument("--hop-calls", type=int, default=60, help="calls per hop probe")
     parser.add_argument("--tracing", action="store_true", help="also a stack with tracing on (see above)")
+    parser.add_argument(
+        "--tracing-calls", type=int, default=200, help="with --tracing: pairs of /v1/search calls (see above)"
+    )
     parser.add_argument(
         "--control",
         action="store_true",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,3 +120,23 @@ def test_the_span_receiver_counts_spans_and_its_own_cpu(ask: ModuleType) -> None
         sink.close()
     assert sink.spans == 3
     assert sink.cpu_ms > 0
+
+
+async def test_the_search_probe_pairs_calls_to_the_two_stacks_in_turn(ask: ModuleType) -> None:
+    order: list[str] = []
+
+    def stack(name: str, delay: float) -> httpx.AsyncClient:
+        async def handler(request: httpx.Request) -> httpx.Response:
+            order.append(name)
+            await asyncio.sleep(delay)
+            return httpx.Response(200, json={"sources": []})
+
+        return httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://gateway")
+
+    async with stack("untraced", 0.0) as untraced, stack("traced", 0.03) as traced:
+        differences = await ask.tracing_probe(untraced, traced, ["q1", "q2"], 1, 6)
+
+    assert len(differences) == 6
+    assert sorted(differences)[3] > 15  # the traced stack's 30 ms, seen in its median whoever went first
+    measured = order[4:]  # after the warm-up's two pairs
+    assert measured == ["untraced", "traced", "traced", "untraced"] * 3
