@@ -93,8 +93,8 @@ def instrument_client(client: httpx.AsyncClient) -> None:
     No client span: the caller's stage span (``retrieve``, ``embed``, ``attribute``) wraps each call and the
     callee's server span is its child, so a client span would say again what those two say, while httpx's
     instrumentation, which makes one, costs about as much CPU as the call itself (``bench/ask.py --tracing``
-    weighs tracing). The model server's client, whose callee exports no span of ours, keeps its
-    client span (``instrument_httpx2_client``)."""
+    weighs tracing). The model server's client keeps httpx's client span (``instrument_httpx2_client``): a model
+    server may export no span of its own."""
     if _enabled:
         client.event_hooks["request"] = [*client.event_hooks["request"], _send_trace_on]
 
