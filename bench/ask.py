@@ -54,12 +54,25 @@ included) during theirs: the machine's load changes it far less than latency,
 so ``cpu_overhead_ms`` (services minus in process) is what the hops cost in
 work.
 
-With ``--tracing``, a second stack of the same processes runs with tracing on (OpenTelemetry, exporting
-every span over OTLP/HTTP to a receiver in this process that reads and drops them), its own Redis, and takes
-its pass over each block right after the first stack's: ``tracing_overhead_p50_ms`` is its p50 minus the
-untraced stack's, ``tracing_hops_p50_ms`` the same without generation, ``tracing_cpu_ms`` its CPU time per
-question (every process of the stack) minus the untraced one's, and ``spans_exported`` how many spans the
-receiver got (goal: overhead under 1 ms at p50).
+With ``--tracing``, a second stack of the same processes runs with tracing on (OpenTelemetry with its
+default batching, exporting every span over OTLP/HTTP to a receiver in this process that reads and drops
+them, keeping connections open as a collector does), its own Redis. The two stacks answer each question one
+right after the other, taking turns at going first, and each figure is the median of the per-question
+differences, so the question's own work cancels out: ``tracing_hops_p50_ms`` with each answer's generation
+taken out (the figure held to the goal: under 1 ms at p50), ``tracing_overhead_p50_ms`` of the whole. The
+whole is not a measure of tracing: tracing adds nothing to generation, but two worker processes of the
+same model generate at speeds tens of ms apart, with or without tracing (``--control`` runs the second
+stack untraced too and shows it). CPU likewise: ``tracing_cpu_ms`` is each traced process's CPU time per
+question (read over both stacks' passes, so that span exports are counted wherever they fall) minus its
+untraced twin's, the LLM worker's engine thread left out and stated apart as ``tracing_engine_cpu_ms``;
+the receiver's own CPU (a collector's work) is ``receiver_cpu_ms``, not in the services' figure; and
+``spans_per_question`` is how many spans one question makes. A question's hops vary by several ms from one
+answer to the next on a busy machine (the query embedding most), more than the goal, so one run of a few
+dozen questions reads the hops figure only to within a few ms. Hence one more, finer measure of the part of
+the path the HTTP hops make (the gateway's, the retriever's and the embedding service's spans, about a third
+of a question's): ``--tracing-calls`` pairs of the gateway's ``/v1/search`` to each stack in turn,
+``tracing_search_p50_ms`` the median of the differences, ``tracing_search_cpu_ms`` the CPU per call of the
+traced stack minus the other's.
 
 The machine may be shared: the load average at the end goes into the JSON.
 Needs the converted LLM in data/models (any earlier ``make run`` or test run
@@ -157,6 +170,48 @@ def cpu_ms(pid: int | None) -> float:
     except (OSError, IndexError):
         return 0.0
     return (int(fields[11]) + int(fields[12])) * TICK_MS
+
+
+def thread_cpu_ms(pid: int | None) -> dict[int, float]:
+    """CPU time (user + system) of each live thread of a process so far, in ms, by thread id."""
+    out = {}
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(task.name)] = (int(fields[11]) + int(fields[12])) * TICK_MS
+    except (OSError, IndexError, ValueError):
+        pass
+    return out
+
+
+ENGINE = "llm engine"
+
+
+class StackCpu:
+    """CPU time of a stack's processes over the passes it is measured in, by process; the LLM worker's engine
+    thread (the model's forward passes: by far its busiest thread in any pass) counted apart as ``llm engine``,
+    so that what the hops cost is not lost in the run-to-run variation of generation."""
+
+    def __init__(self, pids: dict[str, int | None]) -> None:
+        self.pids = pids
+        self.ms: dict[str, float] = defaultdict(float)
+        self._before: dict[str, tuple[float, dict[int, float]]] = {}
+
+    def start(self) -> None:
+        self._before = {name: (cpu_ms(pid), thread_cpu_ms(pid)) for name, pid in self.pids.items()}
+
+    def stop(self) -> None:
+        for name, pid in self.pids.items():
+            process_before, threads_before = self._before[name]
+            self.ms[name] += cpu_ms(pid) - process_before
+            if name == "llm":
+                grown = [ms - threads_before.get(tid, 0.0) for tid, ms in thread_cpu_ms(pid).items()]
+                engine = max(grown, default=0.0)
+                self.ms[name] -= engine
+                self.ms[ENGINE] += engine
+
+    def per_question(self, questions: int) -> dict[str, float]:
+        return {name: value / questions for name, value in self.ms.items()}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -319,28 +374,76 @@ async def hops(
     return out
 
 
+async def tracing_probe(
+    untraced: httpx.AsyncClient, traced: httpx.AsyncClient, questions: Sequence[str], top_k: int, calls: int
+) -> list[float]:
+    """The gateway's ``/v1/search`` (gateway, retriever and embedding service, no generation) of each stack in
+    turn, the two taking turns at going first, ``calls`` times: the traced call's milliseconds minus the
+    untraced one's, per pair. Without generation a call takes tens of ms, so enough pairs fit in seconds to
+    see a fraction of a millisecond."""
+
+    async def one(client: httpx.AsyncClient, question: str) -> float:
+        started = time.perf_counter()
+        response = await client.post("/v1/search", json={"question": question, "top_k": top_k})
+        elapsed = (time.perf_counter() - started) * 1000
+        response.raise_for_status()
+        return elapsed
+
+    for question in questions[:5]:  # warm-up
+        await one(untraced, question)
+        await one(traced, question)
+    differences = []
+    for number in range(calls):
+        question = questions[number % len(questions)]
+        if number % 2 == 0:
+            plain = await one(untraced, question)
+            differences.append(await one(traced, question) - plain)
+        else:
+            with_tracing = await one(traced, question)
+            differences.append(with_tracing - await one(untraced, question))
+    return differences
+
+
 class SpanSink:
-    """An OTLP/HTTP receiver that decodes what it is sent, counts the spans and keeps none."""
+    """An OTLP/HTTP receiver that decodes what it is sent, counts the spans and keeps none. It runs in this
+    process, on the same cores as the stacks: ``cpu_ms`` is the CPU time its handlers took (a collector's
+    work, which a cluster does elsewhere; stated apart, never counted in the services')."""
 
     def __init__(self) -> None:
         self.spans = 0
+        self.cpu_ms = 0.0
         self.port = free_port()
+        self.lock = threading.Lock()
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keeps the exporters' connections open, as a collector does
+
             def do_POST(self) -> None:
+                started = time.thread_time()
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 request = ExportTraceServiceRequest.FromString(body)
-                sink.spans += sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+                spans = sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+                with sink.lock:
+                    sink.spans += spans
+                    sink.cpu_ms += (time.thread_time() - started) * 1000
 
             def log_message(self, *args: Any) -> None:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    async def settled(self, quiet_s: float = 6.0) -> None:
+        """Returns once no span has arrived for ``quiet_s`` (longer than the SDK's default 5 s between batches)."""
+        while True:
+            seen = self.spans
+            await asyncio.sleep(quiet_s)
+            if self.spans == seen:
+                return
 
     def close(self) -> None:
         self.server.shutdown()
@@ -356,6 +459,39 @@ class Traced:
     sink: SpanSink
 
 
+def tracing_figures(
+    untraced: list[dict[str, float]],
+    traced: list[dict[str, float]],
+    untraced_cpu: dict[str, float],
+    traced_cpu: dict[str, float],
+) -> dict[str, float]:
+    """What tracing costs one question, from the two stacks' passes over the same questions (``untraced[i]`` and
+    ``traced[i]`` answered the same question, one right after the other) and their CPU per question by process.
+
+    Latency is the median of the per-question differences (the question's own work cancels out):
+    ``tracing_overhead_p50_ms`` of the whole, ``tracing_hops_p50_ms`` with each answer's generation time taken
+    out. Generation is the same work with and without tracing, and on a CPU its run-to-run spread (tens of ms)
+    is far larger than what is measured here, so the hops figure is the one held to the goal. CPU likewise:
+    ``tracing_cpu_ms`` is every process of the traced stack minus the same process of the other, the LLM
+    worker's engine thread left out, and ``tracing_engine_cpu_ms`` that thread's difference, stated apart.
+    """
+    if len(untraced) != len(traced):
+        raise ValueError(f"{len(untraced)} untraced answers against {len(traced)} traced ones")
+
+    def without_generation(sample: dict[str, float]) -> float:
+        return sample["total"] - sample["generate"]
+
+    whole = [t["total"] - u["total"] for u, t in zip(untraced, traced, strict=True)]
+    hops = [without_generation(t) - without_generation(u) for u, t in zip(untraced, traced, strict=True)]
+    by_process = {name: traced_cpu[name] - untraced_cpu.get(name, 0.0) for name in traced_cpu if name != ENGINE}
+    return {
+        "tracing_overhead_p50_ms": round(statistics.median(whole), 2),
+        "tracing_hops_p50_ms": round(statistics.median(hops), 2),
+        "tracing_cpu_ms": round(sum(by_process.values()), 2),
+        "tracing_engine_cpu_ms": round(traced_cpu.get(ENGINE, 0.0) - untraced_cpu.get(ENGINE, 0.0), 2),
+    }
+
+
 async def run(
     args: argparse.Namespace, stack: Stack, redis: Child, redis_url: str, store_dir: Path, traced: Traced | None = None
 ) -> str:
@@ -369,11 +505,11 @@ async def run(
     samples: dict[str, list[dict[str, float]]] = {"in_process": [], "services": [], "traced": []}
     # CPU time per question, which the machine's load changes far less than latency: this process during its
     # own passes, and each process of the stack (Redis included) during the services' passes.
-    pids = {proc.name: proc.pid for proc in [*stack.procs, redis]}
-    cpu: dict[str, float] = defaultdict(float)
-    traced_pids = {proc.name: proc.pid for proc in [*traced.stack.procs, traced.redis]} if traced else {}
-    traced_cpu = 0.0
+    in_process_cpu = 0.0
+    stack_cpu = StackCpu({proc.name: proc.pid for proc in [*stack.procs, redis]})
+    traced_cpu = StackCpu({proc.name: proc.pid for proc in [*traced.stack.procs, traced.redis]} if traced else {})
     traced_url = f"http://127.0.0.1:{traced.stack.ports['gateway']}" if traced else gateway
+    traced_asked = 0
     try:
         async with (
             httpx.AsyncClient(base_url=gateway, timeout=120, headers=headers) as client,
@@ -384,6 +520,21 @@ async def run(
                 await ask_services(client, question, args.top_k)
                 if traced:
                     await ask_services(traced_client, question, args.top_k)
+                    traced_asked += 1
+
+            async def services_pass(block: list[str]) -> None:
+                """The block through the stack, and through the traced stack question by question, the two
+                taking turns at going first; each stack's CPU is read over the whole pass, so that what its
+                processes do in the background (the traced ones' span exports) is counted wherever it falls."""
+                paths = [("services", client), ("traced", traced_client)][: 2 if traced else 1]
+                stack_cpu.start()
+                traced_cpu.start()
+                for question in block:
+                    for which, on in paths if len(samples["services"]) % 2 == 0 else paths[::-1]:
+                        samples[which].append(await ask_services(on, question, args.top_k))
+                stack_cpu.stop()
+                traced_cpu.stop()
+
             print(f"{len(questions)} questions, {args.rounds} rounds, top_k {args.top_k}", flush=True)
             for number in range(args.rounds):
                 # Passes over a few questions at a time, alternating, so that a change in the machine's load
@@ -393,24 +544,31 @@ async def run(
                     before = time.process_time()
                     for question in block:
                         samples["in_process"].append(await inproc.ask(question))
-                    cpu["in_process"] += (time.process_time() - before) * 1000
-                    before_services = {name: cpu_ms(pid) for name, pid in pids.items()}
-                    for question in block:
-                        samples["services"].append(await ask_services(client, question, args.top_k))
-                    for name, pid in pids.items():
-                        cpu[name] += cpu_ms(pid) - before_services[name]
-                    if traced:
-                        before_traced = sum(cpu_ms(pid) for pid in traced_pids.values())
-                        for question in block:
-                            samples["traced"].append(await ask_services(traced_client, question, args.top_k))
-                        traced_cpu += sum(cpu_ms(pid) for pid in traced_pids.values()) - before_traced
-                p50s = {path: statistics.median(s["total"] for s in runs) for path, runs in samples.items()}
+                    in_process_cpu += (time.process_time() - before) * 1000
+                    await services_pass(block)
+                    traced_asked += len(block) if traced else 0
+                p50s = {path: statistics.median(s["total"] for s in runs) for path, runs in samples.items() if runs}
                 print(
-                    f"round {number + 1}: p50 in process {p50s['in_process']:.1f} ms, "
-                    f"services {p50s['services']:.1f} ms",
+                    f"round {number + 1}: p50 "
+                    + ", ".join(f"{path.replace('_', ' ')} {p50:.1f} ms" for path, p50 in p50s.items()),
                     flush=True,
                 )
+            search_differences: list[float] = []
+            question_spans = 0
+            search_cpu = [StackCpu(stack_cpu.pids), StackCpu(traced_cpu.pids)]
+            if traced:
+                await traced.sink.settled()  # every question's spans in (the SDK sends a batch every 5 s)
+                question_spans = traced.sink.spans
+                for meter in search_cpu:
+                    meter.start()
+                search_differences = await tracing_probe(
+                    client, traced_client, questions, args.top_k, args.tracing_calls
+                )
+                for meter in search_cpu:
+                    meter.stop()
         probes = await hops(inproc, stack, redis_url, questions[0], args.hop_calls)
+        if traced:
+            await traced.sink.settled()  # the probe's last spans, for the receiver's CPU
     finally:
         await inproc.close()
 
@@ -433,7 +591,7 @@ async def run(
         return [sample["total"] - sample["generate"] for sample in samples[path]]
 
     asked = len(samples["services"])
-    cpu_each = {name: value / asked for name, value in cpu.items()}
+    cpu_each = {"in_process": in_process_cpu / asked, **stack_cpu.per_question(asked)}
     cpu_services = sum(value for name, value in cpu_each.items() if name != "in_process")
     print(
         "CPU ms per question: in process "
@@ -464,13 +622,30 @@ async def run(
         "questions": len(questions) * args.rounds,
     }
     if traced:
-        traced50 = stage_pcts("traced", 0.5)
-        figures["tracing_overhead_p50_ms"] = round(traced50["total"] - svc50["total"], 2)
-        figures["tracing_hops_p50_ms"] = round(
-            statistics.median(without_generation("traced")) - statistics.median(without_generation("services")), 2
+        pairs = list(zip(samples["services"], samples["traced"], strict=True))
+        print(
+            "tracing ms per stage, p50 of the per-question differences: "
+            + ", ".join(
+                f"{name} {statistics.median(t[name] - u[name] for u, t in pairs):+.2f}" for name in samples["traced"][0]
+            ),
+            flush=True,
         )
-        figures["tracing_cpu_ms"] = round(traced_cpu / len(samples["traced"]) - cpu_services, 2)
-        figures["traced_p50_ms"] = round(traced50["total"], 2)
+        traced_each = traced_cpu.per_question(len(samples["traced"]))
+        print(
+            "tracing CPU ms per question (traced minus untraced): "
+            + ", ".join(f"{name} {value - cpu_each.get(name, 0.0):+.2f}" for name, value in traced_each.items()),
+            flush=True,
+        )
+        figures |= tracing_figures(samples["services"], samples["traced"], cpu_each, traced_each)
+        figures["tracing_search_p50_ms"] = round(statistics.median(search_differences), 3)
+        calls = len(search_differences) + 5  # and the warm-up's
+        untraced_search, traced_search = (meter.per_question(calls) for meter in search_cpu)
+        figures["tracing_search_cpu_ms"] = round(sum(traced_search.values()) - sum(untraced_search.values()), 3)
+        figures["traced_p50_ms"] = round(stage_pcts("traced", 0.5)["total"], 2)
+        figures["spans_per_question"] = round(question_spans / traced_asked, 1)
+        # Per span: the receiver also took the search probe's spans.
+        per_span = traced.sink.cpu_ms / traced.sink.spans if traced.sink.spans else 0.0
+        figures["receiver_cpu_ms"] = round(per_span * question_spans / traced_asked, 2)
         figures["spans_exported"] = traced.sink.spans
     groups = ["front door", "embed", "search", "queue", "generate", "rest", "total"]
     svc_keys = ["client", "embed", "search", "queue", "generate", "rest", "total"]
@@ -505,6 +680,8 @@ async def run(
             log=True,
         )
     )
+    if args.control:
+        return "RESULT " + " ".join(f"{k}={v}" for k, v in figures.items())
     record(
         "ask",
         figures,
@@ -524,6 +701,15 @@ def main() -> int:
     parser.add_argument("--block", type=int, default=4, help="questions per pass before the other path's pass")
     parser.add_argument("--hop-calls", type=int, default=60, help="calls per hop probe")
     parser.add_argument("--tracing", action="store_true", help="also a stack with tracing on (see above)")
+    parser.add_argument(
+        "--tracing-calls", type=int, default=200, help="with --tracing: pairs of /v1/search calls (see above)"
+    )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="with --tracing: the second stack with tracing off too, what the measure reads when tracing costs "
+        "nothing (nothing recorded)",
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the stack on the way out
     with tempfile.TemporaryDirectory(prefix="ragpod-ask-") as tmp:
@@ -543,6 +729,8 @@ def main() -> int:
         if args.tracing:
             sink, traced_redis_port = SpanSink(), free_port()
             traced_env = {**ENV, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.port}"}
+            if args.control:
+                traced_env["OTEL_SDK_DISABLED"] = "true"
             traced = Traced(
                 Stack(
                     ports={name: free_port() for name in SERVICES},

@@ -62,7 +62,7 @@ class ServiceClient:
                 )
             ),
         )
-        tracing.instrument_client(self._client)  # a client span and the caller's traceparent, when tracing is on
+        tracing.instrument_client(self._client)  # the caller's traceparent sent on, when tracing is on
         self.headers: dict[str, str] = {}
 
     def with_headers(self, headers: Mapping[str, str]) -> ServiceClient:

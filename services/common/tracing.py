@@ -6,8 +6,9 @@ provider then exports in batches over OTLP/HTTP, named by ``OTEL_SERVICE_NAME`` 
 the exporter itself reads the other ``OTEL_EXPORTER_OTLP_*`` variables (headers, timeout, compression).
 
 Off, nothing is installed: no exporter, no middleware on the apps, no hooks on the HTTP clients, and the spans the
-code opens come from OpenTelemetry's no-op tracer. On, the W3C ``traceparent`` travels in HTTP headers (the
-FastAPI and httpx instrumentations) and inside each queued job (its ``traceparent`` field), so a worker's
+code opens come from OpenTelemetry's no-op tracer. On, the W3C ``traceparent`` travels in HTTP headers (read by
+the FastAPI instrumentation, sent by a request hook on the clients between the services and by the httpx
+instrumentation on the model server's client) and inside each queued job (its ``traceparent`` field), so a worker's
 spans join the trace of the question they answer.
 """
 
@@ -87,11 +88,19 @@ def instrument_app(app: FastAPI) -> None:
 
 
 def instrument_client(client: httpx.AsyncClient) -> None:
-    """A client span per call, and the ``traceparent`` header sent on; nothing when tracing is off."""
-    if _enabled:
-        from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+    """The ``traceparent`` header sent on with every call between the services; nothing when tracing is off.
 
-        HTTPXClientInstrumentor.instrument_client(client)
+    No client span: the caller's stage span (``retrieve``, ``embed``, ``attribute``) wraps each call and the
+    callee's server span is its child, so a client span would say again what those two say, while httpx's
+    instrumentation, which makes one, costs about as much CPU as the call itself (``bench/ask.py --tracing``
+    weighs tracing). The model server's client keeps httpx's client span (``instrument_httpx2_client``): a model
+    server may export no span of its own."""
+    if _enabled:
+        client.event_hooks["request"] = [*client.event_hooks["request"], _send_trace_on]
+
+
+async def _send_trace_on(request: httpx.Request) -> None:
+    propagate.inject(request.headers)
 
 
 def instrument_httpx2_client(client: Any) -> None:
