@@ -189,6 +189,7 @@ def _extra(answer: Answer, replaced: str | None = None) -> RagpodExtra:
         sources=full.sources,
         citations=full.citations,
         grounded=full.grounded,
+        answer_kind=full.answer_kind,
         citation_warnings=full.citation_warnings,
         timings=full.timings,
         answer=replaced,

@@ -38,7 +38,12 @@ class Settings(ServiceSettings, QueueSettings, EmbeddingSettings):
     )
     served_model: str = Field("ragpod", min_length=1, description="Model name /v1/models lists.")
     retry_after_seconds: int = Field(2, ge=1, description="Retry-After sent with a 503 for a full queue.")
-    max_context_chars: int = Field(6000, ge=100, description="Characters of retrieved text put into the prompt.")
+    max_context_chars: int = Field(
+        700,
+        ge=100,
+        description="Characters of the sources' sentences put into the prompt, those most similar to the question "
+        "first: a few sentences suit the packaged 135M model; raise it (e.g. 4000) for a larger model.",
+    )
     system_prompt: str = Field(SYSTEM, min_length=1, description="The system message put before the sources.")
     min_relevance: float = Field(
         0.25,
@@ -48,8 +53,13 @@ class Settings(ServiceSettings, QueueSettings, EmbeddingSettings):
     min_support: float = Field(
         0.6, description="Support (0..1) every answer sentence needs for the answer to count as grounded."
     )
+    min_question_support: float = Field(
+        0.5,
+        description="Similarity (0..1) to the question that some sentence of the sources needs for an answer to be "
+        "given; below it the question is answered as not covered, after generation.",
+    )
 
-    @field_validator("min_relevance", "min_support")
+    @field_validator("min_relevance", "min_support", "min_question_support")
     @classmethod
     def _unit_interval(cls, value: float, info: ValidationInfo) -> float:
         if not 0.0 <= value <= 1.0:  # also refuses NaN

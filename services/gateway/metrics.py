@@ -15,5 +15,7 @@ UNANSWERED = Counter(
 )
 UNGROUNDED = Counter(
     "rag_ask_ungrounded",
-    "Generated answers with at least one sentence below RAG_MIN_SUPPORT (grounded: false).",
+    "Generated answers that did not pass the check (a sentence unsupported, a loop, nothing left): replaced by a "
+    "quote of the sources or refused.",
 )
+ANSWER_KINDS = Counter("rag_ask_answers", "Answers after generation, by answer_kind.", ["kind"])

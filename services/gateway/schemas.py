@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -17,6 +17,13 @@ __all__ = [
     "Source",
     "Timings",
 ]
+
+
+AnswerKind = Literal["generated", "extractive", "not_covered"]
+ANSWER_KIND_DESCRIPTION = (
+    "generated: the model's text, every sentence of which passed the check; extractive: it did not, and the best "
+    "supporting sentences of the sources are quoted with their [n]; not_covered: refused, before or after generation."
+)
 
 
 class AskRequest(BaseModel):
@@ -50,10 +57,13 @@ class CitationWarning(BaseModel):
 
 class AskResponse(BaseModel):
     answer: str
+    answer_kind: AnswerKind = Field("generated", description=ANSWER_KIND_DESCRIPTION)
     sources: list[Source]
     citations: list[Citation] = Field(default_factory=list, description="One per sentence of the answer.")
     grounded: bool = Field(
-        False, description="Every sentence reaches RAG_MIN_SUPPORT (false when nothing was answered)."
+        False,
+        description="Every sentence of the answer passes the check: support reaches RAG_MIN_SUPPORT and its numbers "
+        "and names are in its source (false when nothing was answered).",
     )
     citation_warnings: list[CitationWarning] = Field(
         default_factory=list, description="[n] markers that name no source or a source that does not support them."
@@ -131,7 +141,8 @@ def error_responses(*statuses: int, model: type[BaseModel] = ErrorBody) -> dict[
 class RagpodExtra(BaseModel):
     sources: list[Source] = Field(..., description="The chunks the answer was written from, as [n] numbers them.")
     citations: list[Citation] = Field(default_factory=list, description="One per sentence of the answer.")
-    grounded: bool = Field(False, description="Every sentence reaches RAG_MIN_SUPPORT.")
+    grounded: bool = Field(False, description="Every sentence of the answer passes the check.")
+    answer_kind: AnswerKind = Field("generated", description=ANSWER_KIND_DESCRIPTION)
     citation_warnings: list[CitationWarning] = Field(default_factory=list)
     timings: Timings
     answer: str | None = Field(
