@@ -35,7 +35,7 @@ _MARKER = re.compile(r"\[\s*(\d+(?:\s*[,;]\s*\d+)*)\s*\]")
 _LEADING_MARKERS = re.compile(r"^(?:\s*\[\s*\d+(?:\s*[,;]\s*\d+)*\s*\])+")
 # A sentence ends at . ! ? (then closing quotes or brackets, then [n] markers) followed by white space.
 _END = re.compile(r"[.!?]+[\"'”’)]*(?:\s*\[\s*\d+(?:\s*[,;]\s*\d+)*\s*\])*\s+")
-_ABBREVIATION = re.compile(r"(?:^|[\s(])(?:e\.g|i\.e|etc|vs|cf|dr|mr|mrs|ms|fig|approx|[a-z])$", re.IGNORECASE)
+_ABBREVIATION = re.compile(r"(?:^|[\s(])(?:e\.g|i\.e|a\.m|p\.m|etc|vs|cf|dr|mr|mrs|ms|fig|approx|[a-z])$", re.IGNORECASE)
 # Only enumerators (and markers) so far: "1." or "1. [1] 2." does not end a sentence.
 _ENUMERATION = re.compile(r"^(?:\s*(?:\d{1,3}[.)]|\[\s*\d+(?:\s*[,;]\s*\d+)*\s*\]))*\s*\d{1,3}$")
 _LIST_PREFIX = re.compile(r"^\s*(?:#{1,6}\s+|[-*•]\s+|>\s*)")
@@ -144,7 +144,7 @@ async def embed_sources(sources: Sequence[str], embed: Embed, question: str | No
     sentences = [
         (number, text)
         for number, source in enumerate(sources, start=1)
-        for text in (embedding_text(s) for s in split_sentences(source))
+        for text in (embedding_text(s) for s in split_sentences(source) if not _HEADING.match(s))
         if text
     ]
     asked = [question] if question and question.strip() else []
@@ -152,6 +152,7 @@ async def embed_sources(sources: Sequence[str], embed: Embed, question: str | No
     return SourceSentences(len(sources), sentences, vectors, list(sources), vectors[asked[0]] if asked else None)
 
 
+_HEADING = re.compile(r"^\s*#{1,6}\s")  # a title names a subject and states nothing: no support, never quoted
 _NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
 # Names that can be told apart in any language: acronyms (KEDA, H100) and CamelCase (PostgreSQL, vLLM).
 _NAME = re.compile(r"\b(?:[A-Z]{2,}[A-Za-z0-9]*|[A-Za-z][a-z]+[A-Z][A-Za-z0-9]*)\b")

@@ -54,7 +54,7 @@ class Settings(ServiceSettings, QueueSettings, EmbeddingSettings):
         0.6, description="Support (0..1) every answer sentence needs for the answer to count as grounded."
     )
     min_question_support: float = Field(
-        0.5,
+        0.53,
         description="Similarity (0..1) to the question that some sentence of the sources needs for an answer to be "
         "given; below it the question is answered as not covered, after generation.",
     )
