@@ -35,7 +35,9 @@ _MARKER = re.compile(r"\[\s*(\d+(?:\s*[,;]\s*\d+)*)\s*\]")
 _LEADING_MARKERS = re.compile(r"^(?:\s*\[\s*\d+(?:\s*[,;]\s*\d+)*\s*\])+")
 # A sentence ends at . ! ? (then closing quotes or brackets, then [n] markers) followed by white space.
 _END = re.compile(r"[.!?]+[\"'”’)]*(?:\s*\[\s*\d+(?:\s*[,;]\s*\d+)*\s*\])*\s+")
-_ABBREVIATION = re.compile(r"(?:^|[\s(])(?:e\.g|i\.e|a\.m|p\.m|etc|vs|cf|dr|mr|mrs|ms|fig|approx|[a-z])$", re.IGNORECASE)
+_ABBREVIATION = re.compile(
+    r"(?:^|[\s(])(?:e\.g|i\.e|a\.m|p\.m|etc|vs|cf|dr|mr|mrs|ms|fig|approx|[a-z])$", re.IGNORECASE
+)
 # Only enumerators (and markers) so far: "1." or "1. [1] 2." does not end a sentence.
 _ENUMERATION = re.compile(r"^(?:\s*(?:\d{1,3}[.)]|\[\s*\d+(?:\s*[,;]\s*\d+)*\s*\]))*\s*\d{1,3}$")
 _LIST_PREFIX = re.compile(r"^\s*(?:#{1,6}\s+|[-*•]\s+|>\s*)")

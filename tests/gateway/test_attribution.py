@@ -144,6 +144,18 @@ def test_facts_are_numbers_and_names_that_can_be_told_apart() -> None:
     assert facts_hold("The answer cites [1].", source)  # a marker is no number
 
 
+async def test_titles_are_not_sentences_of_a_source_and_times_of_day_do_not_end_one(embed: CountingEmbed) -> None:
+    """A title names a subject without stating anything (it would support any question about that subject);
+    "9 a.m." does not end a sentence."""
+    library = "# Harbor Street Library\n\nThe library opens at 9 a.m. on weekdays and at 11 a.m. on Saturdays."
+    sources = await embed_sources([library], embed, question="When does the library open?")
+    assert [text for _, text in sources.sentences] == [
+        "The library opens at 9 a.m. on weekdays and at 11 a.m. on Saturdays."
+    ]
+    assert embed.calls == [[sources.sentences[0][1], "When does the library open?"]]
+    assert sources.question_support()[0] > 0.6
+
+
 async def test_markers_that_disagree_with_the_sources_are_reported(embed: CountingEmbed) -> None:
     answer = (
         "The kettle comes with a warranty of two years [2]. "  # right
