@@ -274,10 +274,11 @@ class Pending:
         min_support = self.settings.min_support
         attribution = await attribute_to(text, sources, embed, min_support, self.question.text)
         kind: AnswerKind = "generated"
+        passed = not cleaned.looped and attribution.grounded and bool(attribution.citations)
         relevant = max(sources.question_support(), default=0.0) >= self.settings.min_question_support
         if not relevant:
             kind = "not_covered"
-        elif cleaned.looped or not attribution.grounded or not attribution.citations:
+        elif not passed:
             quoted = extract(sources, self.settings.min_question_support)
             kind = "not_covered" if quoted is None else "extractive"
             if quoted is not None:
@@ -285,14 +286,14 @@ class Pending:
                 attribution = await attribute_to(quoted, sources, embed, min_support, self.question.text)
         ASK_STAGE_SECONDS.labels("attribute").observe(time.perf_counter() - started)
         ANSWER_KINDS.labels(kind).inc()
-        if kind != "generated":
+        if not passed:
             UNGROUNDED.inc()
         log.info(
             "answer_checked",
             answer_kind=kind,
             sentences=len(attribution.citations),
             looped=cleaned.looped,
-            model_grounded=kind == "generated",
+            model_passed=passed,
             warnings=len(attribution.warnings),
             attribute_ms=round((time.perf_counter() - started) * 1000, 2),
         )

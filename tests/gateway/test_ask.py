@@ -157,7 +157,9 @@ async def test_the_job_is_acknowledged_and_its_events_cleaned_up(gateway: Gatewa
 
 
 async def test_streaming_sends_tokens_then_sources_and_timings(gateway: Gateway) -> None:
-    async with gateway.client.stream("POST", "/v1/ask", json={"question": "stream me", "stream": True}) as response:
+    async with gateway.client.stream(
+        "POST", "/v1/ask", json={"question": "When did the Zorblax sell?", "stream": True}
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         raw = (await response.aread()).decode()
     events = [block for block in raw.split("\n\n") if block]
@@ -165,7 +167,7 @@ async def test_streaming_sends_tokens_then_sources_and_timings(gateway: Gateway)
     datas = [json.loads(e.split("\n")[1].removeprefix("data: ")) for e in events]
     assert names[-1] == "done" and set(names[:-1]) == {"token"}
     joined = "".join(d["text"] for d in datas[:-1])
-    assert joined == datas[-1]["answer"] == "answer to: Question: stream me"
+    assert joined == datas[-1]["answer"] == "answer to: Question: When did the Zorblax sell?"
     assert datas[-1]["sources"] == HITS[:5]
     assert set(datas[-1]["timings"]) == {"embed_ms", "search_ms", "queue_ms", "generate_ms", "total_ms"}
 
