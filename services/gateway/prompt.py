@@ -53,8 +53,8 @@ def build_messages(
     ``[n]`` and its text: labels such as the document id are what a small model copies into its answer."""
     texts = context if context is not None else context_texts(sources, max_context_chars)
     blocks = [f"[{number}] {text}" for number, text in enumerate(texts, start=1) if text]
-    context = "\n\n".join(blocks) if blocks else "(no sources were found)"
-    user = {"role": "user", "content": f"Sources:\n{context}\n\nQuestion: {question.strip()}"}
+    given = "\n\n".join(blocks) if blocks else "(no sources were found)"
+    user = {"role": "user", "content": f"Sources:\n{given}\n\nQuestion: {question.strip()}"}
     if conversation is None:
         return [{"role": "system", "content": system}, user]
     system_message = {"role": "system", "content": "\n\n".join([system, *conversation.system])}
