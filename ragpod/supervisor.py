@@ -23,7 +23,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -365,6 +365,12 @@ def converts_model(models_dir: Path) -> bool:
     return not any(models_dir.glob("*/config.json"))
 
 
+def api_keys_on(environ: Mapping[str, str]) -> bool:
+    """Whether the gateway will want a key: RAG_API_KEYS holds one, or RAG_API_KEYS_FILE names a keys file.
+    The supervisor's own key then joins RAG_API_KEYS (the default tenant's, with both scopes)."""
+    return bool(environ.get("RAG_API_KEYS", "").strip(" ,") or environ.get("RAG_API_KEYS_FILE", "").strip())
+
+
 def cli_example(gateway: str) -> str:
     """The banner's CLI line, pointed at the gateway this run started (any port)."""
     return f".venv/bin/ragpod --gateway {gateway} ask 'What does KEDA scale the LLM workers on?'"
@@ -397,7 +403,7 @@ def main(data_dir: Path = ROOT / "data", ports: dict[str, int] | None = None, un
         return 1
     # With API keys on (which may be digests only, that cannot be sent), the supervisor's own checks and the
     # demo ingest use a key made for this run: only its digest leaves this process, and it dies with the run.
-    keys_on = bool(os.environ.get("RAG_API_KEYS", "").strip(" ,"))
+    keys_on = api_keys_on(os.environ)
     if keys_on:
         stack.api_key = secrets.token_urlsafe(32)
     own = {"Authorization": f"Bearer {stack.api_key}"} if keys_on else None
@@ -445,8 +451,8 @@ def main(data_dir: Path = ROOT / "data", ports: dict[str, int] | None = None, un
         print(f"  {cli_example(gateway)}\n")
         if keys_on:
             print(
-                "API keys are on (RAG_API_KEYS): add -H 'Authorization: Bearer <key>' to curl, export RAG_API_KEY "
-                "for the CLI; the web page asks for one.\n"
+                "API keys are on (RAG_API_KEYS, RAG_API_KEYS_FILE): add -H 'Authorization: Bearer <key>' to curl, "
+                "export RAG_API_KEY for the CLI; the web page asks for one.\n"
             )
         print("processes: " + ", ".join(f"{p.name} pid {p.pid}" for p in stack.procs if p.pid is not None))
         print("a service that dies is restarted; Ctrl-C stops every process.", flush=True)

@@ -48,6 +48,13 @@ class Unauthorized(RagError):
     error = "unauthorized"
 
 
+class Forbidden(RagError):
+    """Authenticated, but the key may not do this (it lacks the scope)."""
+
+    status_code = 403
+    error = "forbidden"
+
+
 class BadRequest(RagError):
     status_code = 400
     error = "bad_request"
@@ -194,6 +201,7 @@ ErrorRenderer = Callable[[RagError, Mapping[str, object]], Response]
 BY_STATUS: Mapping[int, type[RagError]] = {
     400: BadRequest,
     401: Unauthorized,
+    403: Forbidden,
     404: NotFound,
     405: MethodNotAllowed,
     409: Conflict,

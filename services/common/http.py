@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from typing import Any, TypeVar, overload
 
 import httpx
@@ -61,6 +63,13 @@ class ServiceClient:
             ),
         )
         tracing.instrument_client(self._client)  # a client span and the caller's traceparent, when tracing is on
+        self.headers: dict[str, str] = {}
+
+    def with_headers(self, headers: Mapping[str, str]) -> ServiceClient:
+        """This client, sending ``headers`` with every call too: same connections, nothing of its own to close."""
+        scoped = copy.copy(self)
+        scoped.headers = {**self.headers, **headers}
+        return scoped
 
     @overload
     async def get(self, path: str, *, request_id: str | None = ..., params: dict[str, Any] | None = ...) -> Any: ...
@@ -132,7 +141,7 @@ class ServiceClient:
         ``idempotent`` marks a request of another method (a POST) as safe to send twice; the methods in
         ``IDEMPOTENT_METHODS`` are so without it. ``time_limit``, when given, replaces the client's for this
         call (work that grows with what is sent)."""
-        headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
+        headers = {**self.headers, REQUEST_ID_HEADER: request_id} if request_id else dict(self.headers)
         resend = idempotent or method.upper() in IDEMPOTENT_METHODS
         options: dict[str, Any] = {"json": json, "params": params, "headers": headers}
         if time_limit is not None:

@@ -41,7 +41,7 @@ from services.common.openai_schemas import (
 from services.common.schemas import Filters
 from services.gateway import pipeline
 from services.gateway.config import Settings
-from services.gateway.deps import ClientsDep, Guarded, RequestIdDep, SettingsDep
+from services.gateway.deps import ClientsDep, Reader, RequestIdDep, SettingsDep
 from services.gateway.pipeline import Answer, Pending, Question, Reset
 from services.gateway.prompt import Conversation
 from services.gateway.schemas import RagpodCompletion, RagpodExtra, error_responses
@@ -77,8 +77,8 @@ ERROR_SHAPES = dict.fromkeys(OPENAI_PREFIXES, openai_error)
 @router.get(
     "/v1/models",
     response_model=ModelList,
-    dependencies=[Guarded],
-    responses=error_responses(401, 413, 429, 503, model=ErrorResponse),
+    dependencies=[Reader],
+    responses=error_responses(401, 403, 413, 429, 503, model=ErrorResponse),
     summary="The model served (OpenAI's list shape)",
 )
 async def list_models(settings: SettingsDep) -> ModelList:
@@ -88,8 +88,8 @@ async def list_models(settings: SettingsDep) -> ModelList:
 @router.get(
     "/v1/models/{model_id:path}",
     response_model=Model,
-    dependencies=[Guarded],
-    responses=error_responses(401, 404, 413, 422, 429, 503, model=ErrorResponse),
+    dependencies=[Reader],
+    responses=error_responses(401, 403, 404, 413, 422, 429, 503, model=ErrorResponse),
     summary="One model, if it is the one served",
 )
 async def get_model(model_id: str, settings: SettingsDep) -> Model:
@@ -173,13 +173,13 @@ def question_of(body: ChatCompletionRequest, settings: Settings) -> Question:
 @router.post(
     "/v1/chat/completions",
     response_model=RagpodCompletion,
-    dependencies=[Guarded],
+    dependencies=[Reader],
     responses={
         200: {
             "content": {"text/event-stream": {}},
             "description": "A chat completion, or OpenAI's chunk events when stream is true",
         },
-        **error_responses(400, 401, 413, 422, 429, 502, 503, 504, model=ErrorResponse),
+        **error_responses(400, 401, 403, 413, 422, 429, 502, 503, 504, model=ErrorResponse),
     },
     summary="OpenAI-compatible chat over the indexed documents",
 )

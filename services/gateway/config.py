@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from services.common.settings import EmbeddingSettings, QueueSettings, ServiceSettings
 from services.gateway.prompt import SYSTEM
+from services.gateway.tenants import KeyEntry, read_keys_file
 
 
 class Settings(ServiceSettings, QueueSettings, EmbeddingSettings):
@@ -45,13 +46,24 @@ class Settings(ServiceSettings, QueueSettings, EmbeddingSettings):
         "",
         description="Comma-separated API keys or sha256:<hex> digests of them; empty disables authentication.",
     )
+    api_keys_file: str = Field(
+        "",
+        description="A YAML file of keys, each with its tenant and scopes: a list of {key | sha256, tenant, "
+        "scopes: [read, write]}; read at start. Empty: none (RAG_API_KEYS alone).",
+    )
     require_api_keys: bool = Field(
         False,
-        description="Refuse to start without API keys (RAG_API_KEYS): the Kubernetes base sets it, so an open API "
-        "there is a choice (false), never a missing Secret.",
+        description="Refuse to start without API keys (RAG_API_KEYS or RAG_API_KEYS_FILE): the Kubernetes base sets "
+        "it, so an open API there is a choice (false), never a missing Secret.",
     )
     rate_limit_per_minute: int = Field(
         0, ge=0, description="Requests per minute per API key (per client address without keys), in Redis; 0 disables."
+    )
+    tenant_rate_limit_per_minute: int = Field(
+        0,
+        ge=0,
+        description="Requests per minute per tenant, all its keys together (every caller is the default tenant's "
+        "without keys), in Redis, on top of the limit per key; 0 disables.",
     )
     auth_failures_per_minute: int = Field(
         10,
@@ -113,6 +125,13 @@ class Settings(ServiceSettings, QueueSettings, EmbeddingSettings):
         "given; below it the question is answered as not covered, after generation.",
     )
 
+    _key_entries: list[KeyEntry] = PrivateAttr(default_factory=list)
+
+    @property
+    def key_entries(self) -> list[KeyEntry]:
+        """The entries of RAG_API_KEYS_FILE, read once when the settings were made."""
+        return self._key_entries
+
     def ingest_timeout(self, chars: int) -> float:
         """How long indexing ``chars`` characters may take: the work grows with them, and so does the wait."""
         return self.upstream_timeout_seconds + chars / self.ingest_chars_per_second
@@ -126,9 +145,12 @@ class Settings(ServiceSettings, QueueSettings, EmbeddingSettings):
 
     @model_validator(mode="after")
     def _keys_when_required(self) -> Settings:
-        if self.require_api_keys and not any(key.strip() for key in self.api_keys.split(",")):
+        if self.api_keys_file.strip():
+            self._key_entries = read_keys_file(self.api_keys_file.strip())
+        if self.require_api_keys and not any(key.strip() for key in self.api_keys.split(",")) and not self._key_entries:
             raise ValueError(
-                "RAG_REQUIRE_API_KEYS is true but RAG_API_KEYS holds no key: set the keys (on Kubernetes, the "
-                "Secret gateway-api-keys) or set RAG_REQUIRE_API_KEYS=false if an open API is intended"
+                "RAG_REQUIRE_API_KEYS is true but RAG_API_KEYS holds no key (nor RAG_API_KEYS_FILE): set the keys "
+                "(on Kubernetes, the Secret gateway-api-keys) or set RAG_REQUIRE_API_KEYS=false if an open API is "
+                "intended"
             )
         return self

@@ -15,19 +15,23 @@ from services.common.queue import JobQueue
 from services.gateway.config import Settings
 from services.gateway.files import FileParser
 from services.gateway.pipeline import Clients
-from services.gateway.security import Guard
+from services.gateway.security import Guard, require
+from services.gateway.tenants import TENANT_HEADER, Caller
 
 __all__ = [
+    "CallerDep",
     "ClientsDep",
     "EmbeddingDep",
     "FileParserDep",
     "Guarded",
     "QueueDep",
+    "Reader",
     "RequestIdDep",
     "RetrieverDep",
     "SettingsDep",
     "State",
     "StateDep",
+    "Writer",
     "guard",
 ]
 
@@ -44,17 +48,30 @@ class State:
     guard: Guard
     files: FileParser  # parses uploads in worker processes
 
-    @property
-    def clients(self) -> Clients:
-        return Clients(self.retriever, self.embedding, self.queue)
-
 
 StateDep = Annotated[State, Depends(state_getter(State))]
 SettingsDep = Annotated[Settings, Depends(settings_getter(Settings))]
 
 
-async def get_retriever(state: StateDep) -> ServiceClient:
-    return state.retriever
+async def guard(request: Request, state: StateDep) -> Caller:
+    """API key and rate limits; the caller's tenant and scopes. Run once per request (FastAPI caches it)."""
+    return await state.guard.check(request)
+
+
+CallerDep = Annotated[Caller, Depends(guard)]
+
+
+async def reader(caller: CallerDep) -> None:
+    require(caller, "read")
+
+
+async def writer(caller: CallerDep) -> None:
+    require(caller, "write")
+
+
+async def get_retriever(state: StateDep, caller: CallerDep) -> ServiceClient:
+    """The retriever, every call of it on behalf of the caller's tenant."""
+    return state.retriever.with_headers({TENANT_HEADER: caller.tenant})
 
 
 async def get_embedding(state: StateDep) -> EmbeddingClient:
@@ -65,17 +82,12 @@ async def get_queue(state: StateDep) -> JobQueue:
     return state.queue
 
 
-async def get_clients(state: StateDep) -> Clients:
-    return state.clients
+async def get_clients(state: StateDep, retriever: Annotated[ServiceClient, Depends(get_retriever)]) -> Clients:
+    return Clients(retriever, state.embedding, state.queue)
 
 
 async def get_file_parser(state: StateDep) -> FileParser:
     return state.files
-
-
-async def guard(request: Request, state: StateDep) -> None:
-    """API key and rate limit; routes take it as ``dependencies=[Guarded]``."""
-    await state.guard.check(request)
 
 
 RetrieverDep = Annotated[ServiceClient, Depends(get_retriever)]
@@ -84,3 +96,8 @@ ClientsDep = Annotated[Clients, Depends(get_clients)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
 FileParserDep = Annotated[FileParser, Depends(get_file_parser)]
 Guarded = Depends(guard)
+"""Any valid key (the chain's status); the routes of the API take ``Reader`` or ``Writer``."""
+Reader = Depends(reader)
+"""Ask, search, chat, models, list and get documents: the ``read`` scope."""
+Writer = Depends(writer)
+"""Ingest documents or files, delete them: the ``write`` scope."""

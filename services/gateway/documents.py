@@ -20,7 +20,7 @@ from services.common.errors import FileTooComplex, InvalidInput, NotFound
 from services.common.schemas import Document, DocumentsDelete, DocumentsDeleted, DocumentsResponse
 from services.gateway import pipeline
 from services.gateway.config import Settings
-from services.gateway.deps import FileParserDep, Guarded, RequestIdDep, RetrieverDep, SettingsDep
+from services.gateway.deps import FileParserDep, Reader, RequestIdDep, RetrieverDep, SettingsDep, Writer
 from services.gateway.files import TooComplex, Unparseable
 from services.gateway.pipeline import Question
 from services.gateway.schemas import (
@@ -38,7 +38,7 @@ from services.gateway.surrogates import check_text
 log = structlog.get_logger(__name__)
 router = APIRouter(tags=["documents"])
 
-GUARDED = (401, 413, 429)  # what the front door itself can answer on any guarded route
+GUARDED = (401, 403, 413, 429)  # what the front door itself can answer on any guarded route
 UPSTREAM = (502, 503, 504)  # the retriever (or what it uses) failed, is down or too slow
 
 
@@ -52,7 +52,7 @@ def document_path(document_id: str) -> str:
 @router.post(
     "/v1/search",
     response_model=SearchResults,
-    dependencies=[Guarded],
+    dependencies=[Reader],
     responses=error_responses(400, *GUARDED, 422, *UPSTREAM),
     summary="Retrieve the chunks that answer a question, without generating an answer",
 )
@@ -76,7 +76,7 @@ async def search(body: SearchQuery, settings: SettingsDep, retriever: RetrieverD
 @router.get(
     "/v1/documents",
     response_model=DocumentList,
-    dependencies=[Guarded],
+    dependencies=[Reader],
     responses=error_responses(*GUARDED, 422, *UPSTREAM),
     summary="The indexed documents, a page at a time",
 )
@@ -97,7 +97,7 @@ async def list_documents(
 @router.post(
     "/v1/documents/delete",
     response_model=DocumentsDeleted,
-    dependencies=[Guarded],
+    dependencies=[Writer],
     responses=error_responses(400, *GUARDED, 422, *UPSTREAM),
     summary="Remove every document under an id prefix or with given metadata; answers how many",
 )
@@ -115,7 +115,7 @@ async def delete_documents(body: DocumentsDelete, retriever: RetrieverDep, rid: 
 @router.get(
     "/v1/documents/{document_id:path}",
     response_model=DocumentInfo,
-    dependencies=[Guarded],
+    dependencies=[Reader],
     responses=error_responses(*GUARDED, 404, 422, *UPSTREAM),
     summary="One document: its chunk count and metadata",
 )
@@ -127,7 +127,7 @@ async def get_document(document_id: str, retriever: RetrieverDep, rid: RequestId
     "/v1/documents/{document_id:path}",
     status_code=204,
     response_class=Response,
-    dependencies=[Guarded],
+    dependencies=[Writer],
     responses=error_responses(*GUARDED, 404, 422, *UPSTREAM),
     summary="Remove a document and every one of its chunks",
 )
@@ -140,7 +140,7 @@ async def delete_document(document_id: str, retriever: RetrieverDep, rid: Reques
 @router.post(
     "/v1/files",
     response_model=FilesResponse,
-    dependencies=[Guarded],
+    dependencies=[Writer],
     responses=error_responses(400, *GUARDED, 422, *UPSTREAM),
     summary="Index files (.pdf, .html, .docx, .md, .txt); all of them or none",
 )

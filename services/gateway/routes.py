@@ -15,7 +15,7 @@ from sse_starlette import EventSourceResponse
 from services.common.disconnect import unless_disconnected
 from services.common.errors import InvalidInput, RagError
 from services.gateway import pipeline
-from services.gateway.deps import ClientsDep, Guarded, RequestIdDep, RetrieverDep, SettingsDep
+from services.gateway.deps import ClientsDep, Reader, RequestIdDep, RetrieverDep, SettingsDep, Writer
 from services.gateway.pipeline import Answer, Pending, Question, Reset
 from services.gateway.schemas import (
     AskRequest,
@@ -39,8 +39,8 @@ async def index(settings: SettingsDep) -> HTMLResponse:
 @router.post(
     "/v1/documents",
     response_model=DocumentsResponse,
-    dependencies=[Guarded],
-    responses=error_responses(400, 401, 413, 422, 429, 502, 503, 504),
+    dependencies=[Writer],
+    responses=error_responses(400, 401, 403, 413, 422, 429, 502, 503, 504),
 )
 async def add_documents(
     body: DocumentsRequest, request: Request, settings: SettingsDep, retriever: RetrieverDep, rid: RequestIdDep
@@ -69,10 +69,10 @@ async def add_documents(
 @router.post(
     "/v1/ask",
     response_model=AskResponse,
-    dependencies=[Guarded],
+    dependencies=[Reader],
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream is true"},
-        **error_responses(400, 401, 413, 422, 429, 502, 503, 504),
+        **error_responses(400, 401, 403, 413, 422, 429, 502, 503, 504),
     },
 )
 async def ask(body: AskRequest, settings: SettingsDep, clients: ClientsDep, rid: RequestIdDep, request: Request) -> Any:

@@ -125,7 +125,8 @@ class ErrorBody(BaseModel):
 
 _ERROR_DESCRIPTIONS = {
     400: "The request cannot be read.",
-    401: "RAG_API_KEYS is set and no valid key was sent.",
+    401: "Keys are set (RAG_API_KEYS, RAG_API_KEYS_FILE) and no valid key was sent.",
+    403: "The key is valid but lacks the scope the route needs (read or write).",
     404: "No such document.",
     405: "The route does not take this method.",
     413: "The body is larger than RAG_MAX_BODY_BYTES; nothing was read.",

@@ -1,14 +1,17 @@
 """The gateway's front-door checks: body size, API keys, and a rate limit shared by every replica.
 
 - A body over ``RAG_MAX_BODY_BYTES`` is answered 413 before any of it is parsed.
-- ``RAG_API_KEYS`` holds keys or ``sha256:<hex>`` digests; both are kept as digests only, compared in
-  constant time, and never logged (a client is named in logs and Redis keys by a short digest prefix).
-  A refusal is a 401 with ``WWW-Authenticate: Bearer``. Failed authentications count against the client's
+- ``RAG_API_KEYS`` holds keys or ``sha256:<hex>`` digests of the ``default`` tenant, with both scopes;
+  ``RAG_API_KEYS_FILE`` names keys of any tenant, each with its scopes (``services.gateway.tenants``). All are
+  kept as digests only, compared in constant time, and never logged (a client is named in logs and Redis keys
+  by a short digest prefix). A refusal is a 401 with ``WWW-Authenticate: Bearer``; a valid key without the
+  scope a route needs is a 403 ``forbidden``. Failed authentications count against the client's
   address (``RAG_AUTH_FAILURES_PER_MINUTE``, in Redis like the rate limit): beyond them every request from
   that address is a 429 with Retry-After until the window frees, a right key included, so guessing keys
   learns nothing more.
 - The rate limit is a moving window per client kept in Redis (the ``limits`` library), so every gateway
-  replica counts against the same window. When that Redis does not answer, the limiter lets requests
+  replica counts against the same window; ``RAG_TENANT_RATE_LIMIT_PER_MINUTE`` is another window, shared by
+  all the keys of a tenant. When that Redis does not answer, the limiter lets requests
   through (``RAG_RATE_LIMIT_FAIL_OPEN=true``, the default, with a warning) or answers 503 naming it.
 """
 
@@ -18,7 +21,7 @@ import hashlib
 import hmac
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import structlog
 from fastapi import Request
@@ -33,6 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.common.errors import (
     Busy,
     ErrorRenderer,
+    Forbidden,
     PayloadTooLarge,
     RagError,
     TooManyRequests,
@@ -42,11 +46,14 @@ from services.common.errors import (
 from services.common.queue.connection import BoundedPool, PoolExhausted
 from services.gateway.config import Settings
 from services.gateway.metrics import REJECTED
+from services.gateway.tenants import BOTH, DEFAULT_TENANT, Caller, KeyEntry, digest_from_hex
+from services.gateway.tenants import Scope as KeyScope
 
 log = structlog.get_logger(__name__)
 
 DIGEST_PREFIX = "sha256:"
 RATE_LIMIT_PREFIX = "rag:ratelimit"
+TENANT_RATE_LIMIT_PREFIX = "rag:ratelimit-tenant"
 AUTH_FAILURE_PREFIX = "rag:authfail"
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="ragpod"'}
 
@@ -62,12 +69,8 @@ def parse_api_keys(value: str) -> list[bytes]:
         if not entry:
             continue
         if entry.lower().startswith(DIGEST_PREFIX):
-            hex_digest = entry[len(DIGEST_PREFIX) :]
-            try:
-                raw = bytes.fromhex(hex_digest)
-            except ValueError:
-                raw = b""
-            if len(raw) != 32:
+            raw = digest_from_hex(entry)
+            if raw is None:
                 raise ValueError("RAG_API_KEYS: a sha256: entry must be followed by 64 hexadecimal digits")
             digests.append(raw)
         else:
@@ -83,36 +86,49 @@ def presented_key(request: Request) -> str:
 
 
 class ApiKeys:
-    """Known key digests; ``identify`` names the caller by a digest prefix, never by the key."""
+    """Known key digests, each with its tenant and scopes; ``identify`` names the caller by a digest prefix,
+    never by the key."""
 
-    def __init__(self, digests: list[bytes]) -> None:
-        self.digests = digests
+    def __init__(self, digests: list[bytes], entries: Sequence[KeyEntry] = ()) -> None:
+        for index, entry in enumerate(entries):
+            if entry.digest in digests:  # whose would it be? refused at start, not settled by order
+                raise ValueError(f"RAG_API_KEYS_FILE: entry {index}: the same key as one in RAG_API_KEYS")
+        self.entries = [KeyEntry(known, DEFAULT_TENANT, BOTH) for known in digests] + list(entries)
+        self.digests = [entry.digest for entry in self.entries]
 
     @property
     def enabled(self) -> bool:
-        return bool(self.digests)
+        return bool(self.entries)
 
-    def identify(self, request: Request) -> str:
-        if not self.digests:
-            return "ip:" + (request.client.host if request.client else "unknown")
+    def identify(self, request: Request) -> Caller:
+        if not self.entries:
+            return Caller(DEFAULT_TENANT, BOTH, "ip:" + (request.client.host if request.client else "unknown"))
         presented = digest(presented_key(request))
         # Compare with every known digest, so the time taken does not tell which one matched.
-        matched = False
-        for known in self.digests:
-            matched |= hmac.compare_digest(presented, known)
-        if not matched:
+        matched: KeyEntry | None = None
+        for entry in self.entries:
+            if hmac.compare_digest(presented, entry.digest):
+                matched = entry
+        if matched is None:
             REJECTED.labels("unauthorized").inc()
             raise Unauthorized(
                 "missing or invalid API key (Authorization: Bearer <key> or X-API-Key)", headers=CHALLENGE
             )
-        return "key:" + presented.hex()[:16]
+        return Caller(matched.tenant, matched.scopes, "key:" + presented.hex()[:16])
 
 
 class RateLimiter:
     """``per_minute`` requests per client in any 60 s (a moving window), counted in Redis under ``prefix``."""
 
-    def __init__(self, settings: Settings, per_minute: int | None = None, prefix: str = RATE_LIMIT_PREFIX) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        per_minute: int | None = None,
+        prefix: str = RATE_LIMIT_PREFIX,
+        what: str = "requests per minute",
+    ) -> None:
         self.per_minute = settings.rate_limit_per_minute if per_minute is None else per_minute
+        self.what = what
         self.fail_open = settings.rate_limit_fail_open
         self.item = RateLimitItemPerMinute(self.per_minute)
         self._pool: BoundedPool | None = None
@@ -158,7 +174,7 @@ class RateLimiter:
         wait = max(1, math.ceil(stats.reset_time - self._clock()))
         log.info("rate_limited", client=identity, limit_per_minute=self.per_minute, retry_after=wait)
         raise TooManyRequests(
-            f"rate limit of {self.per_minute} requests per minute exceeded; retry in {wait} s",
+            f"rate limit of {self.per_minute} {self.what} exceeded; retry in {wait} s",
             headers={"Retry-After": str(wait)},
         )
 
@@ -200,21 +216,31 @@ class RateLimiter:
 
 
 class Guard:
-    """Authenticates the caller, then counts the request against the caller's rate limit.
+    """Authenticates the caller, then counts the request against the caller's rate limit and its tenant's.
 
     With keys on, an address over ``RAG_AUTH_FAILURES_PER_MINUTE`` failed authentications is refused (429)
     before its key is looked at; each failure counts against it."""
 
     def __init__(self, settings: Settings) -> None:
-        self.keys = ApiKeys(parse_api_keys(settings.api_keys))
+        self.keys = ApiKeys(parse_api_keys(settings.api_keys), settings.key_entries)
         self.limiter = RateLimiter(settings) if settings.rate_limit_per_minute else None
+        self.tenant_limiter = (
+            RateLimiter(
+                settings,
+                settings.tenant_rate_limit_per_minute,
+                TENANT_RATE_LIMIT_PREFIX,
+                "requests per minute for this tenant (RAG_TENANT_RATE_LIMIT_PER_MINUTE)",
+            )
+            if settings.tenant_rate_limit_per_minute
+            else None
+        )
         self.failures = (
             RateLimiter(settings, settings.auth_failures_per_minute, AUTH_FAILURE_PREFIX)
             if self.keys.enabled and settings.auth_failures_per_minute
             else None
         )
 
-    async def check(self, request: Request) -> None:
+    async def check(self, request: Request) -> Caller:
         address = "ip:" + (request.client.host if request.client else "unknown")
         if self.failures is not None:
             wait = await self.failures.wait_s(address)
@@ -227,18 +253,29 @@ class Guard:
                     headers={"Retry-After": str(wait)},
                 )
         try:
-            identity = self.keys.identify(request)
+            caller = self.keys.identify(request)
         except Unauthorized:
             if self.failures is not None:
                 await self.failures.count(address)
             raise
         if self.limiter is not None:
-            await self.limiter.hit(identity)
+            await self.limiter.hit(caller.identity)
+        if self.tenant_limiter is not None:
+            await self.tenant_limiter.hit("tenant:" + caller.tenant)
+        return caller
 
     async def aclose(self) -> None:
-        for limiter in (self.limiter, self.failures):
+        for limiter in (self.limiter, self.tenant_limiter, self.failures):
             if limiter is not None:
                 await limiter.aclose()
+
+
+def require(caller: Caller, scope: KeyScope) -> None:
+    """403 ``forbidden`` unless the caller's key has ``scope``."""
+    if scope not in caller.scopes:
+        REJECTED.labels("forbidden").inc()
+        log.info("forbidden", client=caller.identity, tenant=caller.tenant, scope=scope)
+        raise Forbidden(f"this API key lacks the {scope!r} scope (its scopes: {', '.join(sorted(caller.scopes))})")
 
 
 class BodyLimitMiddleware:

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import uuid
 
+from services.common.tenants import DEFAULT_TENANT
+
 # Fixed namespace: the same (document, chunk) always maps to the same point id.
 POINT_NAMESPACE = uuid.UUID("6f0e3f5a-9a1c-4f3e-8a53-2b7d0c1e4a11")
+TENANT_NAMESPACE = uuid.uuid5(POINT_NAMESPACE, "tenants")
 _BREAKS = ("\n\n", "\n", ". ", "? ", "! ", "; ", ", ", " ")
 
 
-def point_id(document_id: str, chunk: int) -> str:
-    return str(uuid.uuid5(POINT_NAMESPACE, f"{document_id}\x00{chunk}"))
+def point_id(document_id: str, chunk: int, tenant: str = DEFAULT_TENANT) -> str:
+    """The chunk's point id: the default tenant's are those of the stores written before tenants existed (so
+    sending such a document again replaces it); another tenant's derive from its name too, in a namespace
+    of their own, so the same document id in two tenants is two documents."""
+    if tenant == DEFAULT_TENANT:
+        return str(uuid.uuid5(POINT_NAMESPACE, f"{document_id}\x00{chunk}"))
+    return str(uuid.uuid5(TENANT_NAMESPACE, f"{tenant}\x00{document_id}\x00{chunk}"))
 
 
 def _cut(text: str, start: int, hard_end: int, min_end: int) -> int:

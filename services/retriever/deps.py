@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Header
 
 from services.common.deps import RequestIdDep, settings_getter, state_getter
 from services.common.embedding import EmbeddingClient
+from services.common.errors import InvalidInput
+from services.common.tenants import DEFAULT_TENANT, TENANT_HEADER, TENANT_PATTERN
 from services.retriever.config import Settings
 from services.retriever.indexing import DimensionCheck
 from services.retriever.store import VectorStore
@@ -23,6 +26,7 @@ __all__ = [
     "State",
     "StateDep",
     "StoreDep",
+    "TenantDep",
 ]
 
 
@@ -59,7 +63,23 @@ async def get_encoder(state: StateDep) -> KeywordEncoder:
     return state.encoder
 
 
+async def get_tenant(
+    tenant: Annotated[
+        str | None,
+        Header(alias=TENANT_HEADER, description="Whose documents the call reads or writes; absent: the default."),
+    ] = None,
+) -> str:
+    """The tenant the caller acts for. The retriever trusts its callers (only the gateway and the re-index job
+    reach it); a call without the header is the default tenant's."""
+    if tenant is None:
+        return DEFAULT_TENANT
+    if not re.fullmatch(TENANT_PATTERN, tenant):
+        raise InvalidInput(f"{TENANT_HEADER}: not a tenant name ({TENANT_PATTERN})")
+    return tenant
+
+
 StoreDep = Annotated[VectorStore, Depends(get_store)]
+TenantDep = Annotated[str, Depends(get_tenant)]
 DimensionsDep = Annotated[DimensionCheck, Depends(get_dimensions)]
 EmbeddingDep = Annotated[EmbeddingClient, Depends(get_embedding)]
 EncoderDep = Annotated[KeywordEncoder, Depends(get_encoder)]

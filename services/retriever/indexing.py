@@ -21,10 +21,11 @@ import structlog
 
 from services.common.embedding import EmbeddingClient
 from services.common.schemas import Document
+from services.common.tenants import DEFAULT_TENANT
 from services.retriever.chunking import chunk_text, point_id
 from services.retriever.metrics import CHUNKS_INDEXED, DOCUMENTS_INDEXED
 from services.retriever.store import ChunkPoint, DimensionMismatch, VectorStore
-from services.retriever.store.base import mismatch
+from services.retriever.store.base import TENANT, mismatch
 from services.retriever.text import KeywordEncoder, document_title, header, indexed_text
 
 log = structlog.get_logger(__name__)
@@ -98,8 +99,9 @@ async def index_documents(
     batch_size: int,
     concurrency: int,
     request_id: str = "",
+    tenant: str = DEFAULT_TENANT,
 ) -> int:
-    """Indexes the documents; returns how many chunks were written."""
+    """Indexes the documents as ``tenant``'s; returns how many chunks were written."""
     chunks, counts, titles = plan(documents, chunk_size, overlap)
     batches = [chunks[i : i + batch_size] for i in range(0, len(chunks), batch_size)]
     slots = asyncio.Semaphore(concurrency)
@@ -120,6 +122,7 @@ async def index_documents(
             for chunk, vector in zip(batch, vectors, strict=True):
                 doc = documents[chunk.doc]
                 payload = {
+                    TENANT: tenant,
                     "document_id": doc.id,
                     "chunk": chunk.index,
                     "chunks": counts[chunk.doc],
@@ -128,19 +131,19 @@ async def index_documents(
                     "metadata": doc.metadata,
                 }
                 pending.append(
-                    ChunkPoint(point_id(doc.id, chunk.index), vector, encoder.document(chunk.indexed), payload)
+                    ChunkPoint(point_id(doc.id, chunk.index, tenant), vector, encoder.document(chunk.indexed), payload)
                 )
                 if chunk.index == counts[chunk.doc] - 1:
                     pending_counts[doc.id] = counts[chunk.doc]
             # Write whole documents only: a failure later leaves each document old or new, never mixed.
             if len(pending) >= WRITE_BATCH and pending_counts:
                 cut = _last_complete(pending, pending_counts)
-                await store.write(pending[:cut], pending_counts)
+                await store.write(pending[:cut], pending_counts, tenant)
                 written += cut
                 pending, pending_counts = pending[cut:], {}
         # Documents without any chunk cannot reach this point (the request rejects blank text).
         if pending or pending_counts:
-            await store.write(pending, pending_counts)
+            await store.write(pending, pending_counts, tenant)
             written += len(pending)
     finally:
         for task in tasks:

@@ -18,6 +18,7 @@ from services.retriever.deps import (
     RequestIdDep,
     SettingsDep,
     StoreDep,
+    TenantDep,
 )
 from services.retriever.indexing import index_documents
 from services.retriever.metrics import DOCUMENTS_DELETED, STAGE_SECONDS
@@ -48,6 +49,7 @@ async def add_documents(
     settings: SettingsDep,
     rid: RequestIdDep,
     request: Request,
+    tenant: TenantDep,
 ) -> DocumentsResponse:
     # Indexing stops when the caller goes away (it gave up, or its own caller did): its embedding calls with it.
     chunks = await unless_disconnected(
@@ -63,6 +65,7 @@ async def add_documents(
             batch_size=settings.embed_batch_size,
             concurrency=settings.embed_concurrency,
             request_id=rid,
+            tenant=tenant,
         ),
     )
     return DocumentsResponse(indexed=len(body.documents), chunks=chunks)
@@ -71,10 +74,11 @@ async def add_documents(
 @router.get("/v1/documents", response_model=DocumentList)
 async def list_documents(
     store: StoreDep,
+    tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=1000, description="Documents per page.")] = 100,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
 ) -> DocumentList:
-    docs, after = await store.list_documents(limit, None if cursor is None else _after(cursor))
+    docs, after = await store.list_documents(limit, None if cursor is None else _after(cursor), tenant)
     return DocumentList(
         documents=[DocumentEntry(id=d.id, chunks=d.chunks, metadata=d.metadata) for d in docs],
         next_cursor=None if after is None else CURSOR_MARK + base64.urlsafe_b64encode(after.encode()).decode(),
@@ -96,29 +100,29 @@ def _after(cursor: str) -> str:
 
 
 @router.post("/v1/documents/delete", response_model=DocumentsDeleted)
-async def delete_documents(body: DocumentsDelete, store: StoreDep) -> DocumentsDeleted:
+async def delete_documents(body: DocumentsDelete, store: StoreDep, tenant: TenantDep) -> DocumentsDeleted:
     if (missing := body.selector_missing()) is not None:
         raise InvalidInput(missing)
-    deleted = await store.delete_documents(body.prefix, body.filter)
+    deleted = await store.delete_documents(body.prefix, body.filter, tenant)
     DOCUMENTS_DELETED.inc(deleted)
-    log.info("documents_deleted", prefix=body.prefix, filter=body.filter, documents=deleted)
+    log.info("documents_deleted", tenant=tenant, prefix=body.prefix, filter=body.filter, documents=deleted)
     return DocumentsDeleted(deleted=deleted)
 
 
 @router.get("/v1/documents/{document_id:path}", response_model=DocumentEntry)
-async def get_document(document_id: str, store: StoreDep) -> DocumentEntry:
-    doc = await store.get_document(document_id)
+async def get_document(document_id: str, store: StoreDep, tenant: TenantDep) -> DocumentEntry:
+    doc = await store.get_document(document_id, tenant)
     if doc is None:
         raise NotFound(f"document {document_id!r} is not indexed")
     return DocumentEntry(id=doc.id, chunks=doc.chunks, metadata=doc.metadata)
 
 
 @router.delete("/v1/documents/{document_id:path}", status_code=204, response_class=Response)
-async def delete_document(document_id: str, store: StoreDep) -> Response:
-    if not await store.delete_document(document_id):
+async def delete_document(document_id: str, store: StoreDep, tenant: TenantDep) -> Response:
+    if not await store.delete_document(document_id, tenant):
         raise NotFound(f"document {document_id!r} is not indexed")
     DOCUMENTS_DELETED.inc()
-    log.info("document_deleted", document_id=document_id)
+    log.info("document_deleted", tenant=tenant, document_id=document_id)
     return Response(status_code=204)
 
 
@@ -131,6 +135,7 @@ async def search(
     encoder: EncoderDep,
     settings: SettingsDep,
     rid: RequestIdDep,
+    tenant: TenantDep,
 ) -> SearchResponse:
     start = time.perf_counter()
     with tracer.start_as_current_span("embed"):
@@ -141,7 +146,7 @@ async def search(
         span.set_attribute("ragpod.search.mode", settings.search_mode)
         sparse = encoder.query(body.query) if settings.search_mode == "hybrid" else None
         hits = await store.search(
-            embedded.vectors[0], sparse, body.top_k, body.filters, settings.search_mode, settings.search_fusion
+            embedded.vectors[0], sparse, body.top_k, body.filters, settings.search_mode, settings.search_fusion, tenant
         )
         span.set_attribute("ragpod.search.hits", len(hits))
     done = time.perf_counter()

@@ -1053,3 +1053,18 @@ def test_compose_gpu_runs_the_same_vllm_release_and_the_docs_state_its_driver_fl
     (row,) = [line for line in readme.splitlines() if line.strip().startswith(f"| `vllm/vllm-openai:{VLLM_RELEASE}` ")]
     assert f"≥ {VLLM_DRIVER_FLOOR}" in row
     assert any("`ragpod/embedding:<version>-gpu` (default `cu126`)" in line for line in readme.splitlines())
+
+
+def test_the_keys_file_comes_from_a_secret_mounted_read_only_where_the_gateway_reads_it(tmp_path):
+    render = k8s.with_components(tmp_path, "gpu-cluster", "tenant-keys")
+    pod = k8s.pod_template(render.get("Deployment", "gateway"))["spec"]
+    gateway = render.container("Deployment", "gateway", "gateway")
+    env = {e["name"]: e.get("value") for e in gateway["env"]}
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "tenant-keys"]
+    assert volume["secret"]["secretName"] == "gateway-tenant-keys" and not volume["secret"].get("optional")
+    (mount,) = [m for m in gateway["volumeMounts"] if m["name"] == "tenant-keys"]
+    assert mount["readOnly"] is True
+    (item,) = volume["secret"]["items"]
+    assert env["RAG_API_KEYS_FILE"] == f"{mount['mountPath']}/{item['path']}"
+    # RAG_API_KEYS (the default tenant's keys) still comes from its own Secret, as without the component.
+    assert {"secretRef": {"name": "gateway-api-keys", "optional": True}} in gateway["envFrom"]

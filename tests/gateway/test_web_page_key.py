@@ -4,7 +4,6 @@ session storage and sends it as a Bearer header; a refused key is asked for agai
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +15,7 @@ import uvicorn
 from ragpod.processes import free_port
 from services.gateway.app import create_app
 from services.gateway.config import Settings
+from tests.fixtures.browser import chromium
 from tests.fixtures.redis import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -52,19 +52,8 @@ def gateway(redis_server: RedisServer) -> Iterator[str]:
 
 @pytest.fixture
 def page() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    executable = shutil.which("chromium")
-    assert executable, "Debian's chromium package is needed (make test installs it)"
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=executable,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
-        )
-        try:
-            yield browser.new_page()
-        finally:
-            browser.close()
+    with chromium() as browser:
+        yield browser.new_page()
 
 
 def test_the_page_asks_for_a_key_keeps_it_for_the_tab_and_sends_it_as_a_bearer_header(gateway: str, page: Any) -> None:

@@ -16,7 +16,15 @@ import httpx
 import pytest
 
 from ragpod.processes import ROOT, Child, free_port, pid_alive, spawn, wait_until
-from ragpod.supervisor import PID_FILE, RestartPolicy, Stack, Supervisor, stop_leftovers, write_pid_file
+from ragpod.supervisor import (
+    PID_FILE,
+    RestartPolicy,
+    Stack,
+    Supervisor,
+    api_keys_on,
+    stop_leftovers,
+    write_pid_file,
+)
 from ragpod.tuning import MODEL_TUNING
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(600)"]
@@ -269,6 +277,13 @@ def test_with_keys_on_the_gateway_also_takes_the_digest_of_the_supervisors_own_k
     assert "own-key" not in str(stack.env_for("gateway"))
     monkeypatch.delenv("RAG_API_KEYS")
     assert "RAG_API_KEYS" not in Stack(ports, 5, tmp_path, None).env_for("gateway")  # keys stay off
+
+
+def test_a_keys_file_alone_turns_keys_on_for_the_supervisor_s_own_checks() -> None:
+    assert api_keys_on({"RAG_API_KEYS_FILE": "/etc/ragpod/keys.yaml"})
+    assert api_keys_on({"RAG_API_KEYS": "k"})
+    assert not api_keys_on({"RAG_API_KEYS": " , ", "RAG_API_KEYS_FILE": " "})
+    assert not api_keys_on({})
 
 
 SIGNAL_MID_START = """

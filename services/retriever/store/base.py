@@ -11,6 +11,7 @@ import numpy as np
 
 from services.common.errors import DimensionMismatch
 from services.common.schemas import FilterValue, Source
+from services.common.tenants import DEFAULT_TENANT
 from services.retriever.text import Sparse
 
 SearchMode = Literal["hybrid", "dense"]
@@ -24,6 +25,9 @@ DENSE = "dense"
 SPARSE = "bm25"
 RRF_K = 2
 """Qdrant's own default for reciprocal-rank fusion, set explicitly so both backends fuse alike."""
+TENANT = "tenant"
+"""The payload field naming a chunk's tenant. A chunk without it was stored before tenants existed and is the
+default tenant's: the default tenant's filter is "tenant is default, or empty"."""
 ID_PAGE = 10_000
 """Document ids read per scroll call while collecting them (listing in id order, bulk delete)."""
 
@@ -57,6 +61,10 @@ class VectorStore(Protocol):
     an old tail, never a hole, and a retry finishes the job. The embedded
     store goes further: no read runs between the two, and a crash between
     them is finished when it opens next, so readers see one version whole.
+
+    Every operation but ``scroll`` and ``count`` is one tenant's: it reads,
+    replaces or deletes only chunks whose ``tenant`` field names it (for the
+    default tenant, also chunks without the field, stored before tenants).
     """
 
     collection: str
@@ -73,7 +81,11 @@ class VectorStore(Protocol):
         """Creates the collection, or raises DimensionMismatch naming both sizes."""
         ...
 
-    async def write(self, points: Sequence[ChunkPoint], chunk_counts: dict[str, int]) -> None: ...
+    async def write(
+        self, points: Sequence[ChunkPoint], chunk_counts: dict[str, int], tenant: str = DEFAULT_TENANT
+    ) -> None:
+        """``chunk_counts``: the documents of ``tenant`` written whole, whose chunks past the count go."""
+        ...
 
     async def search(
         self,
@@ -83,15 +95,19 @@ class VectorStore(Protocol):
         filters: dict[str, FilterValue] | None,
         mode: SearchMode,
         fusion: Fusion = "rrf",
+        tenant: str = DEFAULT_TENANT,
     ) -> list[Source]:
-        """Best chunks first; ``score`` is the dense cosine similarity in every mode."""
+        """Best chunks of ``tenant`` first; ``score`` is the dense cosine similarity in every mode."""
         ...
 
     async def scroll(self, offset: str | None, limit: int) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
-        """One page of stored points (id, payload) in id order, and the offset of the next page."""
+        """One page of stored points (id, payload) of every tenant in id order, and the offset of the next page
+        (for re-indexing, which writes each point back with its own payload, tenant included)."""
         ...
 
-    async def list_documents(self, limit: int, after: str | None) -> tuple[list[DocumentInfo], str | None]:
+    async def list_documents(
+        self, limit: int, after: str | None, tenant: str = DEFAULT_TENANT
+    ) -> tuple[list[DocumentInfo], str | None]:
         """Up to ``limit`` documents in id order, from the first id after ``after``, and the id to pass as
         ``after`` for the next page (None on the last page).
 
@@ -101,13 +117,15 @@ class VectorStore(Protocol):
         listed when its id sorts after the cursor."""
         ...
 
-    async def get_document(self, document_id: str) -> DocumentInfo | None: ...
+    async def get_document(self, document_id: str, tenant: str = DEFAULT_TENANT) -> DocumentInfo | None: ...
 
-    async def delete_document(self, document_id: str) -> bool:
-        """Removes every chunk of the document; False when it had none."""
+    async def delete_document(self, document_id: str, tenant: str = DEFAULT_TENANT) -> bool:
+        """Removes every chunk of the tenant's document; False when it had none."""
         ...
 
-    async def delete_documents(self, prefix: str | None, filters: dict[str, FilterValue] | None) -> int:
+    async def delete_documents(
+        self, prefix: str | None, filters: dict[str, FilterValue] | None, tenant: str = DEFAULT_TENANT
+    ) -> int:
         """Removes every document whose id starts with ``prefix`` and whose metadata holds ``filters`` (both
         when both are given); returns how many documents were removed. The caller refuses an empty selector."""
         ...

@@ -30,11 +30,13 @@ import qdrant_edge as qe
 import structlog
 
 from services.common.schemas import FilterValue, Source
+from services.common.tenants import DEFAULT_TENANT
 from services.retriever.store.base import (
     DENSE,
     ID_PAGE,
     RRF_K,
     SPARSE,
+    TENANT,
     ChunkPoint,
     DocumentInfo,
     Fusion,
@@ -54,6 +56,9 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 _DOC_FIELDS = ["document_id", "chunks", "metadata"]
 CONFIG_FILE = "edge_config.json"
+TENANT_INDEX = qe.KeywordIndexParams(is_tenant=True)
+"""The tenant field's index, marked ``is_tenant`` as on a Qdrant server (Qdrant Edge records the flag in its
+payload schema; the filter on the field is what keeps tenants apart, on both backends)."""
 PENDING_SUFFIX = "pending-writes"  # notes of writes under way (see ``EdgeStore.write``)
 
 
@@ -99,6 +104,8 @@ class EdgeStore:
             stored = json.loads(config.read_text())
             self._dimension = int(stored["vectors"][DENSE]["size"])
             self._shard = qe.EdgeShard.load(str(self._path))
+            if TENANT not in self._shard.info().payload_schema:  # a store written before tenants existed
+                self._shard.update(qe.UpdateOperation.create_field_index(TENANT, TENANT_INDEX))
             _finish_interrupted_writes(self._shard, self._pending)
             started = time.perf_counter()
             self._shard.optimize()
@@ -141,7 +148,9 @@ class EdgeStore:
                 self._dimension = dimension
                 log.info("collection_created", backend="edge", path=str(self._path), dimension=dimension)
 
-    async def write(self, points: Sequence[ChunkPoint], chunk_counts: dict[str, int]) -> None:
+    async def write(
+        self, points: Sequence[ChunkPoint], chunk_counts: dict[str, int], tenant: str = DEFAULT_TENANT
+    ) -> None:
         shard = self._shard
         if shard is None:
             raise RuntimeError("ensure_collection must run before write")
@@ -152,12 +161,12 @@ class EdgeStore:
             # (one write-ahead-log record: all of it or none after a crash) and the delete of the old tail.
             # Readers wait while both run; a crash between them is finished when the store opens next,
             # from the note written (and synced) before the first.
-            note = _note_write(self._pending, chunk_counts) if chunk_counts else None
+            note = _note_write(self._pending, chunk_counts, tenant) if chunk_counts else None
             with self._whole:
                 if edge_points:
                     shard.update(qe.UpdateOperation.upsert_points(edge_points))
                 if chunk_counts:
-                    shard.update(qe.UpdateOperation.delete_points_by_filter(_stale_filter(chunk_counts)))
+                    shard.update(qe.UpdateOperation.delete_points_by_filter(_stale_filter(chunk_counts, tenant)))
             return note
 
         note = await self._run(write)
@@ -177,11 +186,12 @@ class EdgeStore:
         filters: dict[str, FilterValue] | None,
         mode: SearchMode,
         fusion: Fusion = "rrf",
+        tenant: str = DEFAULT_TENANT,
     ) -> list[Source]:
         shard = self._shard
         if shard is None:
             return []
-        flt = _metadata_filter(filters)
+        flt = _search_filter(filters, tenant)
         if mode == "hybrid" and sparse is not None and sparse.indices:
             limit = hybrid_prefetch_limit(top_k)
             request = qe.QueryRequest(
@@ -215,16 +225,24 @@ class EdgeStore:
         page = [(str(r.id), dict(r.payload or {})) for r in records]
         return page, None if next_offset is None else str(next_offset)
 
-    async def list_documents(self, limit: int, after: str | None) -> tuple[list[DocumentInfo], str | None]:
+    async def list_documents(
+        self, limit: int, after: str | None, tenant: str = DEFAULT_TENANT
+    ) -> tuple[list[DocumentInfo], str | None]:
         shard = self._shard
         if shard is None:
             return [], None
-        ids, next_after = page_after(await self._document_ids(None, None), after, limit)
+        ids, next_after = page_after(await self._document_ids(None, None, tenant), after, limit)
         if not ids:
             return [], None
         request = qe.ScrollRequest(
             limit=len(ids),
-            filter=qe.Filter(must=[_match("chunk", 0), qe.FieldCondition(key="document_id", match=qe.MatchAny(ids))]),
+            filter=qe.Filter(
+                must=[
+                    _of_tenant(tenant),
+                    _match("chunk", 0),
+                    qe.FieldCondition(key="document_id", match=qe.MatchAny(ids)),
+                ]
+            ),
             with_payload=_DOC_FIELDS,
             with_vector=False,
         )
@@ -232,12 +250,12 @@ class EdgeStore:
         found = {info.id: info for info in (document_info(dict(r.payload or {})) for r in records)}
         return [found[i] for i in ids if i in found], next_after
 
-    async def _document_ids(self, prefix: str | None, filters: dict[str, FilterValue] | None) -> list[str]:
-        """The sorted ids of the documents under ``prefix`` whose metadata holds ``filters``."""
+    async def _document_ids(self, prefix: str | None, filters: dict[str, FilterValue] | None, tenant: str) -> list[str]:
+        """The sorted ids of the tenant's documents under ``prefix`` whose metadata holds ``filters``."""
         shard = self._shard
         if shard is None:
             return []
-        must: list[qe.ConditionType] = [_match("chunk", 0)]
+        must: list[qe.ConditionType] = [_of_tenant(tenant), _match("chunk", 0)]
         if prefix is not None:
             must.append(qe.FieldCondition(key="document_id", match=qe.MatchPrefix(prefix)))
         # qdrant-edge-py passes a Python bool on as the integer 1 or 0, which never matches a stored
@@ -268,24 +286,24 @@ class EdgeStore:
 
         return await self._read(collect)
 
-    async def get_document(self, document_id: str) -> DocumentInfo | None:
+    async def get_document(self, document_id: str, tenant: str = DEFAULT_TENANT) -> DocumentInfo | None:
         shard = self._shard
         if shard is None:
             return None
         request = qe.ScrollRequest(
             limit=1,
-            filter=qe.Filter(must=[_match("document_id", document_id), _match("chunk", 0)]),
+            filter=qe.Filter(must=[_of_tenant(tenant), _match("document_id", document_id), _match("chunk", 0)]),
             with_payload=_DOC_FIELDS,
             with_vector=False,
         )
         records, _ = await self._read(lambda: shard.scroll(request))
         return document_info(dict(records[0].payload or {})) if records else None
 
-    async def delete_document(self, document_id: str) -> bool:
+    async def delete_document(self, document_id: str, tenant: str = DEFAULT_TENANT) -> bool:
         shard = self._shard
         if shard is None:
             return False
-        flt = qe.Filter(must=[_match("document_id", document_id)])
+        flt = qe.Filter(must=[_of_tenant(tenant), _match("document_id", document_id)])
 
         def delete() -> bool:
             if shard.count(qe.CountRequest(exact=True, filter=flt)) == 0:
@@ -299,9 +317,11 @@ class EdgeStore:
             await self._flush_through(self._applied)
         return deleted
 
-    async def delete_documents(self, prefix: str | None, filters: dict[str, FilterValue] | None) -> int:
+    async def delete_documents(
+        self, prefix: str | None, filters: dict[str, FilterValue] | None, tenant: str = DEFAULT_TENANT
+    ) -> int:
         shard = self._shard
-        ids = await self._document_ids(prefix, filters)
+        ids = await self._document_ids(prefix, filters, tenant)
         if shard is None or not ids:
             return 0
 
@@ -309,7 +329,9 @@ class EdgeStore:
             with self._whole:  # readers see all of the selection or none of it
                 for start in range(0, len(ids), ID_PAGE):
                     batch = ids[start : start + ID_PAGE]
-                    flt = qe.Filter(must=[qe.FieldCondition(key="document_id", match=qe.MatchAny(batch))])
+                    flt = qe.Filter(
+                        must=[_of_tenant(tenant), qe.FieldCondition(key="document_id", match=qe.MatchAny(batch))]
+                    )
                     shard.update(qe.UpdateOperation.delete_points_by_filter(flt))
 
         await self._run(delete)
@@ -361,12 +383,12 @@ class EdgeStore:
             await self._run(shard.close)
 
 
-def _note_write(pending: Path, chunk_counts: dict[str, int]) -> Path:
+def _note_write(pending: Path, chunk_counts: dict[str, int], tenant: str) -> Path:
     """Writes down, durably, the documents a write is about to replace, before it touches the shard."""
     pending.mkdir(parents=True, exist_ok=True)
     note = pending / f"{uuid.uuid4().hex}.json"
     with open(note, "w") as out:
-        json.dump(sorted(chunk_counts), out)
+        json.dump({"tenant": tenant, "documents": sorted(chunk_counts)}, out)
         out.flush()
         os.fsync(out.fileno())
     directory = os.open(pending, os.O_RDONLY)
@@ -387,26 +409,33 @@ def _finish_interrupted_writes(shard: qe.EdgeShard, pending: Path) -> None:
     notes = sorted(pending.glob("*.json")) if pending.is_dir() else []
     if not notes:
         return
-    documents: set[str] = set()
+    documents: dict[str, set[str]] = {}
     for note in notes:
         with contextlib.suppress(ValueError):  # a note cut short by the crash: its write never began
-            documents.update(str(doc) for doc in json.loads(note.read_text() or "[]"))
-    counts = {}
-    for doc in sorted(documents):
-        request = qe.ScrollRequest(
-            limit=1,
-            filter=qe.Filter(must=[_match("document_id", doc), _match("chunk", 0)]),
-            with_payload=["chunks"],
-            with_vector=False,
-        )
-        records, _ = shard.scroll(request)
-        counts[doc] = int((records[0].payload or {}).get("chunks", 0)) if records else 0
-    if counts:
-        shard.update(qe.UpdateOperation.delete_points_by_filter(_stale_filter(counts)))
+            written = json.loads(note.read_text() or "[]")
+            if isinstance(written, list):  # a note of a version before tenants: the default tenant's
+                written = {"tenant": DEFAULT_TENANT, "documents": written}
+            documents.setdefault(str(written["tenant"]), set()).update(str(doc) for doc in written["documents"])
+    finished = 0
+    for tenant, ids in sorted(documents.items()):
+        counts = {}
+        for doc in sorted(ids):
+            request = qe.ScrollRequest(
+                limit=1,
+                filter=qe.Filter(must=[_of_tenant(tenant), _match("document_id", doc), _match("chunk", 0)]),
+                with_payload=["chunks"],
+                with_vector=False,
+            )
+            records, _ = shard.scroll(request)
+            counts[doc] = int((records[0].payload or {}).get("chunks", 0)) if records else 0
+        if counts:
+            shard.update(qe.UpdateOperation.delete_points_by_filter(_stale_filter(counts, tenant)))
+            finished += len(counts)
+    if finished:
         shard.flush()
     for note in notes:
         note.unlink()
-    log.warning("store_interrupted_writes_finished", writes=len(notes), documents=len(counts))
+    log.warning("store_interrupted_writes_finished", writes=len(notes), documents=finished)
 
 
 def _create(path: Path, dimension: int, threshold_kb: int | None) -> qe.EdgeShard:
@@ -416,6 +445,7 @@ def _create(path: Path, dimension: int, threshold_kb: int | None) -> qe.EdgeShar
         optimizers=None if threshold_kb is None else qe.EdgeOptimizersConfig(indexing_threshold=threshold_kb),
     )
     shard = qe.EdgeShard.create(str(path), config)
+    shard.update(qe.UpdateOperation.create_field_index(TENANT, TENANT_INDEX))
     shard.update(qe.UpdateOperation.create_field_index("document_id", qe.PayloadSchemaType.Keyword))
     shard.update(qe.UpdateOperation.create_field_index("chunk", qe.PayloadSchemaType.Integer))
     return shard
@@ -433,17 +463,25 @@ def _match(key: str, value: FilterValue) -> qe.FieldCondition:
     return qe.FieldCondition(key=key, match=qe.MatchValue(value))
 
 
-def _metadata_filter(filters: dict[str, FilterValue] | None) -> qe.Filter | None:
-    if not filters:
-        return None
-    return qe.Filter(must=[_match(f"metadata.{key}", value) for key, value in filters.items()])
+def _of_tenant(tenant: str) -> qe.Filter:
+    """The tenant's chunks; the default tenant's include those stored before tenants existed (no field)."""
+    if tenant == DEFAULT_TENANT:
+        return qe.Filter(should=[_match(TENANT, tenant), qe.IsEmptyCondition(TENANT)])
+    return qe.Filter(must=[_match(TENANT, tenant)])
 
 
-def _stale_filter(chunk_counts: dict[str, int]) -> qe.Filter:
-    """Chunks at or beyond each document's new chunk count."""
+def _search_filter(filters: dict[str, FilterValue] | None, tenant: str) -> qe.Filter:
+    must: list[qe.ConditionType] = [_of_tenant(tenant)]
+    must.extend(_match(f"metadata.{key}", value) for key, value in (filters or {}).items())
+    return qe.Filter(must=must)
+
+
+def _stale_filter(chunk_counts: dict[str, int], tenant: str) -> qe.Filter:
+    """The tenant's chunks at or beyond each document's new chunk count."""
     return qe.Filter(
+        must=[_of_tenant(tenant)],
         should=[
             qe.Filter(must=[_match("document_id", doc), qe.FieldCondition(key="chunk", range=qe.RangeFloat(gte=count))])
             for doc, count in chunk_counts.items()
-        ]
+        ],
     )

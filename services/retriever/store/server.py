@@ -20,11 +20,13 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 
 from services.common.errors import UpstreamUnavailable
 from services.common.schemas import FilterValue, Source
+from services.common.tenants import DEFAULT_TENANT
 from services.retriever.store.base import (
     DENSE,
     ID_PAGE,
     RRF_K,
     SPARSE,
+    TENANT,
     ChunkPoint,
     DocumentInfo,
     Fusion,
@@ -42,6 +44,9 @@ from services.retriever.text import Sparse
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 _DOC_FIELDS = ["document_id", "chunks", "metadata"]
+TENANT_INDEX = models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD, is_tenant=True)
+"""Qdrant's advice for multitenancy: a keyword index on the tenant field, marked ``is_tenant`` so the server
+keeps each tenant's points together on disk and plans a tenant's search within them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +106,8 @@ class ServerStore:
                 "point RAG_QDRANT_COLLECTION at a new collection and index the documents again"
             )
         self._dimension = int(params.size)
+        if TENANT not in (info.payload_schema or {}):  # a collection made before tenants existed
+            await self._call(self._client.create_payload_index(self.collection, TENANT, TENANT_INDEX))
         self._exists = True
         return True
 
@@ -129,10 +136,12 @@ class ServerStore:
             if await self._load():  # another replica created it first
                 return
             raise
-        for field, schema in (
+        fields: tuple[tuple[str, models.PayloadSchemaType | models.KeywordIndexParams], ...] = (
+            (TENANT, TENANT_INDEX),
             ("document_id", models.PayloadSchemaType.KEYWORD),
             ("chunk", models.PayloadSchemaType.INTEGER),
-        ):
+        )
+        for field, schema in fields:
             await self._call(self._client.create_payload_index(self.collection, field, schema))
         self._dimension = dimension
         self._exists = True
@@ -145,7 +154,9 @@ class ServerStore:
             await self._load()
         return self._exists
 
-    async def write(self, points: Sequence[ChunkPoint], chunk_counts: dict[str, int]) -> None:
+    async def write(
+        self, points: Sequence[ChunkPoint], chunk_counts: dict[str, int], tenant: str = DEFAULT_TENANT
+    ) -> None:
         # One request holding the upsert and the delete of a shorter re-send's old tail: no crash of this
         # process can fall between them and leave a document of two versions. The server applies the two in
         # order; what a reader on the server sees between them, or a crash of the server itself in between,
@@ -158,7 +169,7 @@ class ServerStore:
             ]
             operations.append(models.UpsertOperation(upsert=models.PointsList(points=structs)))
         if chunk_counts:
-            selector = models.FilterSelector(filter=_stale_filter(chunk_counts))
+            selector = models.FilterSelector(filter=_stale_filter(chunk_counts, tenant))
             operations.append(models.DeleteOperation(delete=selector))
         if operations:
             await self._call(self._client.batch_update_points(self.collection, operations, wait=True))
@@ -171,10 +182,11 @@ class ServerStore:
         filters: dict[str, FilterValue] | None,
         mode: SearchMode,
         fusion: Fusion = "rrf",
+        tenant: str = DEFAULT_TENANT,
     ) -> list[Source]:
         if not await self._has_collection():
             return []
-        flt = _metadata_filter(filters)
+        flt = _search_filter(filters, tenant)
         if mode == "hybrid" and sparse is not None and sparse.indices:
             limit = hybrid_prefetch_limit(top_k)
             response = await self._call(
@@ -216,17 +228,23 @@ class ServerStore:
         page = [(str(r.id), dict(r.payload or {})) for r in records]
         return page, None if next_offset is None else str(next_offset)
 
-    async def list_documents(self, limit: int, after: str | None) -> tuple[list[DocumentInfo], str | None]:
+    async def list_documents(
+        self, limit: int, after: str | None, tenant: str = DEFAULT_TENANT
+    ) -> tuple[list[DocumentInfo], str | None]:
         if not await self._has_collection():
             return [], None
-        ids, next_after = page_after(await self._document_ids(None, None), after, limit)
+        ids, next_after = page_after(await self._document_ids(None, None, tenant), after, limit)
         if not ids:
             return [], None
         records, _ = await self._call(
             self._client.scroll(
                 self.collection,
                 scroll_filter=models.Filter(
-                    must=[_match("chunk", 0), models.FieldCondition(key="document_id", match=models.MatchAny(any=ids))]
+                    must=[
+                        _of_tenant(tenant),
+                        _match("chunk", 0),
+                        models.FieldCondition(key="document_id", match=models.MatchAny(any=ids)),
+                    ]
                 ),
                 limit=len(ids),
                 with_payload=_DOC_FIELDS,
@@ -236,9 +254,9 @@ class ServerStore:
         found = {info.id: info for info in (document_info(dict(r.payload or {})) for r in records)}
         return [found[i] for i in ids if i in found], next_after
 
-    async def _document_ids(self, prefix: str | None, filters: dict[str, FilterValue] | None) -> list[str]:
-        """The sorted ids of the documents under ``prefix`` whose metadata holds ``filters``."""
-        must: list[models.Condition] = [_match("chunk", 0)]
+    async def _document_ids(self, prefix: str | None, filters: dict[str, FilterValue] | None, tenant: str) -> list[str]:
+        """The sorted ids of the tenant's documents under ``prefix`` whose metadata holds ``filters``."""
+        must: list[models.Condition] = [_of_tenant(tenant), _match("chunk", 0)]
         if prefix is not None:
             # Prefix matching on keyword fields needs Qdrant 1.19 or newer.
             must.append(models.FieldCondition(key="document_id", match=models.MatchPrefix(prefix=prefix)))
@@ -260,13 +278,15 @@ class ServerStore:
             if offset is None:
                 return sorted(ids)
 
-    async def get_document(self, document_id: str) -> DocumentInfo | None:
+    async def get_document(self, document_id: str, tenant: str = DEFAULT_TENANT) -> DocumentInfo | None:
         if not await self._has_collection():
             return None
         records, _ = await self._call(
             self._client.scroll(
                 self.collection,
-                scroll_filter=models.Filter(must=[_match("document_id", document_id), _match("chunk", 0)]),
+                scroll_filter=models.Filter(
+                    must=[_of_tenant(tenant), _match("document_id", document_id), _match("chunk", 0)]
+                ),
                 limit=1,
                 with_payload=_DOC_FIELDS,
                 with_vectors=False,
@@ -274,10 +294,10 @@ class ServerStore:
         )
         return document_info(dict(records[0].payload or {})) if records else None
 
-    async def delete_document(self, document_id: str) -> bool:
+    async def delete_document(self, document_id: str, tenant: str = DEFAULT_TENANT) -> bool:
         if not await self._has_collection():
             return False
-        flt = models.Filter(must=[_match("document_id", document_id)])
+        flt = models.Filter(must=[_of_tenant(tenant), _match("document_id", document_id)])
         found = await self._call(self._client.count(self.collection, count_filter=flt, exact=True))
         if found.count == 0:
             return False
@@ -286,13 +306,18 @@ class ServerStore:
         )
         return True
 
-    async def delete_documents(self, prefix: str | None, filters: dict[str, FilterValue] | None) -> int:
+    async def delete_documents(
+        self, prefix: str | None, filters: dict[str, FilterValue] | None, tenant: str = DEFAULT_TENANT
+    ) -> int:
         if not await self._has_collection():
             return 0
-        ids = await self._document_ids(prefix, filters)
+        ids = await self._document_ids(prefix, filters, tenant)
         for start in range(0, len(ids), ID_PAGE):
             flt = models.Filter(
-                must=[models.FieldCondition(key="document_id", match=models.MatchAny(any=ids[start : start + ID_PAGE]))]
+                must=[
+                    _of_tenant(tenant),
+                    models.FieldCondition(key="document_id", match=models.MatchAny(any=ids[start : start + ID_PAGE])),
+                ]
             )
             await self._call(
                 self._client.delete(self.collection, points_selector=models.FilterSelector(filter=flt), wait=True)
@@ -324,18 +349,28 @@ def _match(key: str, value: FilterValue) -> models.FieldCondition:
     return models.FieldCondition(key=key, match=models.MatchValue(value=value))
 
 
-def _metadata_filter(filters: dict[str, FilterValue] | None) -> models.Filter | None:
-    if not filters:
-        return None
-    return models.Filter(must=[_match(f"metadata.{key}", value) for key, value in filters.items()])
+def _of_tenant(tenant: str) -> models.Filter:
+    """The tenant's chunks; the default tenant's include those stored before tenants existed (no field)."""
+    if tenant == DEFAULT_TENANT:
+        return models.Filter(
+            should=[_match(TENANT, tenant), models.IsEmptyCondition(is_empty=models.PayloadField(key=TENANT))]
+        )
+    return models.Filter(must=[_match(TENANT, tenant)])
 
 
-def _stale_filter(chunk_counts: dict[str, int]) -> models.Filter:
+def _search_filter(filters: dict[str, FilterValue] | None, tenant: str) -> models.Filter:
+    must: list[models.Condition] = [_of_tenant(tenant)]
+    must.extend(_match(f"metadata.{key}", value) for key, value in (filters or {}).items())
+    return models.Filter(must=must)
+
+
+def _stale_filter(chunk_counts: dict[str, int], tenant: str) -> models.Filter:
     return models.Filter(
+        must=[_of_tenant(tenant)],
         should=[
             models.Filter(
                 must=[_match("document_id", doc), models.FieldCondition(key="chunk", range=models.Range(gte=n))]
             )
             for doc, n in chunk_counts.items()
-        ]
+        ],
     )
