@@ -21,14 +21,15 @@ from dataclasses import dataclass
 from services.gateway.attribution import SourceSentences, split_sentences
 
 
-def select_context(sources: SourceSentences, budget: int) -> list[str]:
+def select_context(sources: SourceSentences, budget: int) -> list[str] | None:
     """The text given to the model for each source (empty for a source none of whose sentences was chosen):
     the sentences most similar to the question first, the two best with their neighbours, until ``budget``
     characters are used; each source's sentences in their own order, a sentence that two overlapping chunks
-    share only once."""
+    share only once. None when there is nothing to rank (the question was not embedded, or the sources have
+    no sentence): the prompt then carries each source from its start."""
     support = sources.question_support()
     if not support:
-        raise ValueError("the question was not embedded with the sources")
+        return None
     chosen: set[int] = set()
     seen: set[str] = set()
     used = 0
