@@ -252,8 +252,11 @@ GOALS: dict[str, tuple[Goal, ...]] = {
         Goal("recall_at_5", ">=", 1.0, "the right document in the first five"),
     ),
     "answer_quality": (
-        Goal("refused_uncovered", ">=", 0.9, "uncovered questions refused without a job"),
-        Goal("refused_covered", "==", 0, "covered questions refused"),
+        Goal("heldout_fact_in_answer", ">=", 0.8, "held-out covered questions answered with their fact"),
+        Goal("heldout_refused_uncovered", ">=", 0.9, "held-out uncovered questions refused (before or after a job)"),
+        Goal("heldout_refused_covered", "==", 0, "held-out covered questions refused"),
+        Goal("heldout_grounded_precision", ">=", 0.9, "held-out answers marked grounded that are right"),
+        Goal("heldout_looping", "==", 0, "held-out answers that loop"),
     ),
     "ingest": (Goal("ratio", ">=", 0.8, "chunks/s through `POST /v1/documents` over the model alone"),),
     "queue_hop": (

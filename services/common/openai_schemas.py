@@ -40,6 +40,8 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=8192)
     max_completion_tokens: int | None = Field(None, ge=1, le=8192)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
+    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the answer.")
+    repetition_penalty: float | None = Field(None, ge=1.0, le=2.0, description="vLLM's extra sampling parameter.")
     n: int = Field(1, ge=1, le=1, description="One choice per request.")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -47,6 +49,11 @@ class ChatCompletionRequest(BaseModel):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return tuple(s for s in stop if s)
 
     @property
     def include_usage(self) -> bool:

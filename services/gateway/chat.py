@@ -211,6 +211,7 @@ def _extra(answer: Answer, replaced: str | None = None) -> RagpodExtra:
         sources=full.sources,
         citations=full.citations,
         grounded=full.grounded,
+        answer_kind=full.answer_kind,
         citation_warnings=full.citation_warnings,
         warnings=full.warnings,
         timings=full.timings,

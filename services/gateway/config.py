@@ -104,7 +104,12 @@ class Settings(ServiceSettings, QueueSettings, EmbeddingSettings):
     no_workers_retry_after_seconds: int = Field(
         60, ge=1, description="Retry-After sent with the 503 for no live LLM worker (RAG_REQUIRE_LLM_WORKERS)."
     )
-    max_context_chars: int = Field(6000, ge=100, description="Characters of retrieved text put into the prompt.")
+    max_context_chars: int = Field(
+        700,
+        ge=100,
+        description="Characters of the sources' sentences put into the prompt, those most similar to the question "
+        "first: a few sentences suit the packaged 135M model; raise it (e.g. 4000) for a larger model.",
+    )
     system_prompt: str = Field(SYSTEM, min_length=1, description="The system message put before the sources.")
     min_relevance: float = Field(
         0.25,
@@ -113,6 +118,11 @@ class Settings(ServiceSettings, QueueSettings, EmbeddingSettings):
     )
     min_support: float = Field(
         0.6, description="Support (0..1) every answer sentence needs for the answer to count as grounded."
+    )
+    min_question_support: float = Field(
+        0.53,
+        description="Similarity (0..1) to the question that some sentence of the sources needs for an answer to be "
+        "given; below it the question is answered as not covered, after generation.",
     )
 
     _key_entries: list[KeyEntry] = PrivateAttr(default_factory=list)
@@ -126,7 +136,7 @@ class Settings(ServiceSettings, QueueSettings, EmbeddingSettings):
         """How long indexing ``chars`` characters may take: the work grows with them, and so does the wait."""
         return self.upstream_timeout_seconds + chars / self.ingest_chars_per_second
 
-    @field_validator("min_relevance", "min_support")
+    @field_validator("min_relevance", "min_support", "min_question_support")
     @classmethod
     def _unit_interval(cls, value: float, info: ValidationInfo) -> float:
         if not 0.0 <= value <= 1.0:  # also refuses NaN

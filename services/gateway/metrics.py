@@ -15,10 +15,12 @@ UNANSWERED = Counter(
 )
 UNGROUNDED = Counter(
     "rag_ask_ungrounded",
-    "Generated answers with at least one sentence below RAG_MIN_SUPPORT (grounded: false).",
+    "Generated answers that did not pass the check (a sentence unsupported, a loop, nothing left): replaced by a "
+    "quote of the sources or refused.",
 )
 ATTRIBUTION_SKIPPED = Counter(
     "rag_ask_attribution_skipped",
     "Answers returned without citations because attribution failed (the embedding service down or slow).",
     ["error"],
 )
+ANSWER_KINDS = Counter("rag_ask_answers", "Answers after generation, by answer_kind.", ["kind"])

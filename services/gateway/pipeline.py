@@ -1,14 +1,19 @@
 """The path of one question, whichever route it came by (/v1/ask, /v1/chat/completions, /v1/search).
 
 ``retrieve`` validates the question, searches and keeps the sources above the relevance floor.
-``ask`` does that, then builds the prompt, admits one job to the queue and starts embedding the
-sources' sentences for attribution, to run while the job waits and is generated. The ``Pending``
-it returns follows the job: ``answer()`` for the whole answer, ``stream()`` for its tokens and then
-the answer; either way each sentence is attributed to the sources, whose sentences are already
-embedded by then, so only the answer's own sentences take one more call to the embedding service.
+``ask`` does that, then embeds the sources' sentences and the question in one call to the embedding
+service, gives the model the sentences that answer the question (``grounding.select_context``) and
+admits one job to the queue. The ``Pending`` it returns follows the job: ``answer()`` for the whole
+answer, ``stream()`` for its tokens and then the answer; either way the answer is cleaned
+(``grounding.clean_answer``) and each sentence checked against the sources, whose sentences are
+already embedded, so only the answer's own sentences take one more call to the embedding service.
 
-A question none of whose sources reaches ``RAG_MIN_RELEVANCE`` is answered at once as not covered
-by the documents: no job, no generation. The route modules only translate these into their formats.
+Every answer says what it is (``answer_kind``): ``generated``, the model's text, every sentence of
+which passed the check; ``extractive``, when it did not (unsupported, looping, empty), the best
+sentence or two of the sources quoted with its ``[n]``; ``not_covered``, when no source sentence is
+similar enough to the question (``RAG_MIN_QUESTION_SUPPORT``) to answer it, or, before any job, when
+none of the sources reaches ``RAG_MIN_RELEVANCE``. A streamed answer that is replaced is announced by
+a ``Reset`` before the replacement. The route modules only translate these into their formats.
 """
 
 from __future__ import annotations
@@ -40,9 +45,17 @@ from services.common.queue import Event, Job, JobQueue, PoolExhausted
 from services.common.schemas import SearchResponse, Source
 from services.gateway.attribution import Attribution, Embed, SourceSentences, attribute_to, embed_sources
 from services.gateway.config import Settings
-from services.gateway.metrics import ASK_STAGE_SECONDS, ATTRIBUTION_SKIPPED, REJECTED, UNANSWERED, UNGROUNDED
-from services.gateway.prompt import Conversation, build_messages, context_texts
-from services.gateway.schemas import AskResponse, Timings
+from services.gateway.grounding import clean_answer, extract, select_context
+from services.gateway.metrics import (
+    ANSWER_KINDS,
+    ASK_STAGE_SECONDS,
+    ATTRIBUTION_SKIPPED,
+    REJECTED,
+    UNANSWERED,
+    UNGROUNDED,
+)
+from services.gateway.prompt import Conversation, build_messages
+from services.gateway.schemas import AnswerKind, AskResponse, Timings
 
 log = structlog.get_logger(__name__)
 tracer = tracing.tracer(__name__)
@@ -223,7 +236,7 @@ class Pending:
     clients: Clients
     request_id: str
     job: Job | None = None  # None: not covered by the documents, nothing was queued
-    sources_embedded: asyncio.Task[SourceSentences] | None = None  # the head start on attribution
+    sources_embedded: SourceSentences | None = None  # embedded with the question before the job; None if that failed
     admitted_ns: int = 0  # wall clock when the job was admitted: where the queue_wait span starts
     trace_context: otel_context.Context | None = None  # the question's span: the stage spans' parent
 
@@ -241,25 +254,29 @@ class Pending:
         a ``Reset`` and its whole text come before the ``Answer``."""
         if self.job is None:
             yield Token(NOT_COVERED)
-            yield Answer(AskResponse(answer=NOT_COVERED, sources=[], grounded=False, timings=self._timings(None)))
+            yield Answer(self._not_covered(self._timings(None)))
             return
         attempt = 0
+        shown: list[str] = []
         async for event in self._follow(self.job):
             if event.type == "token":
                 if event.attempt > attempt:  # a retry started over: the client drops what it has shown
                     if attempt:
                         yield Reset(event.attempt)
+                        shown.clear()
                     attempt = event.attempt
                 if event.attempt == attempt:
-                    yield Token(str(event.data["text"]))
+                    shown.append(str(event.data["text"]))
+                    yield Token(shown[-1])
             elif event.type == "done":
-                text = str(event.data.get("answer", ""))
-                if event.attempt != attempt:  # another attempt than the one shown won: show its answer whole
-                    if attempt:
-                        yield Reset(event.attempt)
+                answer = await self._answered(event)
+                text = answer.response.answer
+                if "".join(shown).strip() != text:  # another attempt won, or the answer was cleaned or replaced
+                    if shown or attempt:
+                        yield Reset(max(event.attempt, attempt))
                     if text:
                         yield Token(text)
-                yield await self._answered(event)
+                yield answer
                 return
             else:
                 raise GenerationFailed(str(event.data.get("detail") or "generation failed"))
@@ -304,8 +321,6 @@ class Pending:
                         "the job was dropped and will not be generated"
                     ) from None
         finally:
-            if self.sources_embedded is not None:  # attributed already, or no answer is coming
-                self.sources_embedded.cancel()
             if not ended:
                 await abandon(queue, job.id)
             with contextlib.suppress(RedisError):
@@ -325,46 +340,82 @@ class Pending:
             span.end(end_time=end)
 
     async def _answered(self, done: Event) -> Answer:
-        """Each sentence of the answer attributed to the sources, whose sentences were embedded while it was
-        generated (again now if that failed); the answer's own sentences take one more call."""
+        """The model's answer cleaned and checked sentence by sentence against the sources, whose sentences were
+        embedded before the job (again now if that failed; the answer's own sentences take one more call); when
+        it does not pass, the quoted sentences of the sources that answer the question, or not covered."""
         self._record_worker_stages(done)
         with tracer.start_as_current_span("attribute", context=self.trace_context):
-            return await self._attributed(done)
+            return await self._checked(done)
 
-    async def _attributed(self, done: Event) -> Answer:
-        answer = str(done.data.get("answer", ""))
+    async def _checked(self, done: Event) -> Answer:
+        cleaned = clean_answer(str(done.data.get("answer", "")), cut_off=done.data.get("finish_reason") == "length")
         started = time.perf_counter()
         embed = embedder(self.clients.embedding, self.request_id)
+        text, min_support = cleaned.text, self.settings.min_support
+        kind: AnswerKind = "generated"
         grounded: bool | None
         warnings: list[str] = []
         try:
-            sources = await self._embedded_early()
+            sources = self.sources_embedded
             if sources is None:
-                texts = context_texts(self.retrieved.sources, self.settings.max_context_chars)
-                sources = await embed_sources(texts, embed)
-            attribution = await attribute_to(answer, sources, embed, self.settings.min_support)
+                sources = await embed_sources([s.text for s in self.retrieved.sources], embed, self.question.text)
+            attribution = await attribute_to(text, sources, embed, min_support, self.question.text)
+            passed = not cleaned.looped and attribution.grounded and bool(attribution.citations)
+            if max(sources.question_support(), default=0.0) < self.settings.min_question_support:
+                kind = "not_covered"
+            elif not passed:
+                quoted = extract(sources, self.settings.min_question_support)
+                kind = "not_covered" if quoted is None else "extractive"
+                if quoted is not None:
+                    text = quoted
+                    attribution = await attribute_to(quoted, sources, embed, min_support, self.question.text)
         except RagError as exc:
             if exc.status_code < 502:  # a 4xx or 500 from attribution is a bug, not a dependency's failure
                 raise
-            # Citations are an enrichment: the generated answer is kept, unattributed, rather than paid for again.
+            # Citations are an enrichment: the cleaned answer is kept, unchecked, rather than paid for again.
             ATTRIBUTION_SKIPPED.labels(exc.error).inc()
             log.warning("attribution_skipped", error=exc.error, detail=exc.detail[:200])
-            attribution, grounded = Attribution(), None
+            attribution, grounded, passed = Attribution(), None, not cleaned.looped
             warnings.append(f"attribution skipped: {exc.detail}")
         else:
             grounded = attribution.grounded
-            if not grounded:
-                UNGROUNDED.inc()
         ASK_STAGE_SECONDS.labels("attribute").observe(time.perf_counter() - started)
+        ANSWER_KINDS.labels(kind).inc()
+        if not passed:
+            UNGROUNDED.inc()
         log.info(
-            "answer_attributed",
+            "answer_checked",
+            answer_kind=kind,
             sentences=len(attribution.citations),
             grounded=grounded,
+            looped=cleaned.looped,
+            model_passed=passed,
             warnings=len(attribution.warnings),
             attribute_ms=round((time.perf_counter() - started) * 1000, 2),
         )
-        response = AskResponse(
-            answer=answer,
+        if kind == "not_covered":
+            response = self._not_covered(self._timings(done), str(done.data.get("model", "")))
+        else:
+            response = self._response(text, kind, attribution, grounded, warnings, done)
+        return Answer(
+            response,
+            finish_reason="length" if done.data.get("finish_reason") == "length" else "stop",
+            prompt_tokens=int(done.data.get("prompt_tokens", 0) or 0),
+            completion_tokens=int(done.data.get("completion_tokens", 0) or 0),
+        )
+
+    def _response(
+        self,
+        text: str,
+        kind: AnswerKind,
+        attribution: Attribution,
+        grounded: bool | None,
+        warnings: list[str],
+        done: Event,
+    ) -> AskResponse:
+        return AskResponse(
+            answer=text,
+            answer_kind=kind,
             sources=self.retrieved.sources,
             citations=attribution.citations,
             grounded=grounded,
@@ -373,23 +424,12 @@ class Pending:
             timings=self._timings(done),
             model=str(done.data.get("model", "")),
         )
-        return Answer(
-            response,
-            finish_reason="length" if done.data.get("finish_reason") == "length" else "stop",
-            prompt_tokens=int(done.data.get("prompt_tokens", 0) or 0),
-            completion_tokens=int(done.data.get("completion_tokens", 0) or 0),
-        )
 
-    async def _embedded_early(self) -> SourceSentences | None:
-        """The sources' sentences as embedded while the answer was generated; None if that failed (the
-        embedding service busy or down then: the answer tries again)."""
-        if self.sources_embedded is None:
-            return None
-        try:
-            return await self.sources_embedded
-        except (RagError, ValueError) as exc:
-            log.info("attribution_head_start_failed", error=str(exc)[:200])
-            return None
+    @staticmethod
+    def _not_covered(timings: Timings, model: str = "") -> AskResponse:
+        return AskResponse(
+            answer=NOT_COVERED, answer_kind="not_covered", sources=[], grounded=False, timings=timings, model=model
+        )
 
     def _timings(self, done: Event | None) -> Timings:
         total = self.retrieved.total_ms()
@@ -443,8 +483,15 @@ async def ask(question: Question, settings: Settings, clients: Clients, request_
         best = max((hit.score for hit in hits), default=None)
         log.info("ask_not_covered", hits=len(hits), best_score=best, min_relevance=settings.min_relevance)
         return pending
+    embedded = await _embed_for_prompt(question, retrieved.sources, clients.embedding, request_id)
+    context = None if embedded is None else select_context(embedded, settings.max_context_chars)
     messages = build_messages(
-        question.text, retrieved.sources, settings.max_context_chars, settings.system_prompt, question.conversation
+        question.text,
+        retrieved.sources,
+        settings.max_context_chars,
+        settings.system_prompt,
+        question.conversation,
+        context,
     )
     job = Job(
         messages=messages,
@@ -458,9 +505,21 @@ async def ask(question: Question, settings: Settings, clients: Clients, request_
     admitted_ns = time.time_ns()
     await admit(clients.queue, job, settings)
     pending.admitted_ns, pending.trace_context = admitted_ns, otel_context.get_current()
-    texts = context_texts(retrieved.sources, settings.max_context_chars)
-    task = asyncio.create_task(embed_sources(texts, embedder(clients.embedding, request_id)))
-    task.add_done_callback(lambda done: done.cancelled() or done.exception())  # a failure is kept, not logged
-    pending.job, pending.sources_embedded = job, task
+    pending.job, pending.sources_embedded = job, embedded
     log.info("question_queued", job_id=job.id, sources=len(retrieved.sources), chars=len(question.text))
     return pending
+
+
+async def _embed_for_prompt(
+    question: Question, sources: list[Source], embedding: EmbeddingClient, request_id: str
+) -> SourceSentences | None:
+    """The sources' sentences and the question, embedded in one call; None when the embedding service is busy or
+    down (the prompt then carries each source from its start, and the answer's check tries the call again)."""
+    started = time.perf_counter()
+    try:
+        embedded = await embed_sources([s.text for s in sources], embedder(embedding, request_id), question.text)
+    except (RagError, ValueError) as exc:
+        log.info("context_selection_skipped", error=str(exc)[:200])
+        return None
+    ASK_STAGE_SECONDS.labels("select").observe(time.perf_counter() - started)
+    return embedded

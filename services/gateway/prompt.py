@@ -11,7 +11,7 @@ from services.common.schemas import Source
 # Plain on purpose: the packaged 135M model copes with this and loses the thread when asked to cite
 # ([1] markers); a larger production model can be told to cite through RAG_SYSTEM_PROMPT.
 SYSTEM = (
-    "You are a helpful assistant. Answer the question in one or two sentences, using only the sources below. "
+    "You are a helpful assistant. Answer the question in one short sentence, using only the sources below. "
     "If the sources do not contain the answer, say that you do not know."
 )
 
@@ -44,16 +44,17 @@ def build_messages(
     max_context_chars: int,
     system: str = SYSTEM,
     conversation: Conversation | None = None,
+    context: list[str] | None = None,
 ) -> list[dict[str, str]]:
-    """Our system message (plus the caller's), the newest earlier turns that fit, then sources and question."""
-    blocks = [
-        f"[{number}] (source: {source.document_id}, chunk {source.chunk})\n{text}"
-        for number, (source, text) in enumerate(
-            zip(sources, context_texts(sources, max_context_chars), strict=False), start=1
-        )
-    ]
-    context = "\n\n".join(blocks) if blocks else "(no sources were found)"
-    user = {"role": "user", "content": f"Sources:\n{context}\n\nQuestion: {question.strip()}"}
+    """Our system message (plus the caller's), the newest earlier turns that fit, then sources and question.
+
+    ``context``: the text given for each source (``grounding.select_context``; empty for a source left out);
+    without it, each source's text from its start, ``max_context_chars`` in all. A source is only its
+    ``[n]`` and its text: labels such as the document id are what a small model copies into its answer."""
+    texts = context if context is not None else context_texts(sources, max_context_chars)
+    blocks = [f"[{number}] {text}" for number, text in enumerate(texts, start=1) if text]
+    given = "\n\n".join(blocks) if blocks else "(no sources were found)"
+    user = {"role": "user", "content": f"Sources:\n{given}\n\nQuestion: {question.strip()}"}
     if conversation is None:
         return [{"role": "system", "content": system}, user]
     system_message = {"role": "system", "content": "\n\n".join([system, *conversation.system])}

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -17,6 +17,13 @@ __all__ = [
     "Source",
     "Timings",
 ]
+
+
+AnswerKind = Literal["generated", "extractive", "not_covered"]
+ANSWER_KIND_DESCRIPTION = (
+    "generated: the model's text, every sentence of which passed the check; extractive: it did not, and the best "
+    "supporting sentences of the sources are quoted with their [n]; not_covered: refused, before or after generation."
+)
 
 
 class AskRequest(BaseModel):
@@ -50,12 +57,14 @@ class CitationWarning(BaseModel):
 
 class AskResponse(BaseModel):
     answer: str
+    answer_kind: AnswerKind = Field("generated", description=ANSWER_KIND_DESCRIPTION)
     sources: list[Source]
     citations: list[Citation] = Field(default_factory=list, description="One per sentence of the answer.")
     grounded: bool | None = Field(
         False,
-        description="Every sentence reaches RAG_MIN_SUPPORT (false when nothing was answered; null when the "
-        "answer could not be attributed, see warnings).",
+        description="Every sentence of the answer passes the check: support reaches RAG_MIN_SUPPORT and its numbers "
+        "and names are in its source (false when nothing was answered; null when the answer could not be "
+        "attributed, see warnings).",
     )
     citation_warnings: list[CitationWarning] = Field(
         default_factory=list, description="[n] markers that name no source or a source that does not support them."
@@ -139,8 +148,9 @@ class RagpodExtra(BaseModel):
     sources: list[Source] = Field(..., description="The chunks the answer was written from, as [n] numbers them.")
     citations: list[Citation] = Field(default_factory=list, description="One per sentence of the answer.")
     grounded: bool | None = Field(
-        False, description="Every sentence reaches RAG_MIN_SUPPORT (null: the answer could not be attributed)."
+        False, description="Every sentence of the answer passes the check (null: the answer could not be attributed)."
     )
+    answer_kind: AnswerKind = Field("generated", description=ANSWER_KIND_DESCRIPTION)
     citation_warnings: list[CitationWarning] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list, description="What the answer lacks and why.")
     timings: Timings

@@ -24,8 +24,19 @@ class Settings(ServiceSettings, QueueSettings):
     llm_openai_url: str = Field("http://127.0.0.1:8004/v1", description="Base URL of the OpenAI-compatible server.")
     llm_openai_api_key: str = Field("", description="Bearer token for the OpenAI-compatible server.")
     llm_model_name: str = Field("smollm2-135m-instruct", description="Model name sent to / served by the server.")
-    llm_max_new_tokens: int = Field(128, ge=1, le=8192)
+    llm_max_new_tokens: int = Field(64, ge=1, le=8192, description="Most tokens generated per answer.")
     llm_temperature: float = Field(0.0, ge=0.0, le=2.0)
+    llm_repetition_penalty: float = Field(
+        1.2,
+        ge=1.0,
+        le=2.0,
+        description="Penalty on tokens already in the prompt or the answer (1: off); stops a small model's loops. "
+        "Sent to an OpenAI-compatible server as vLLM's repetition_penalty.",
+    )
+    llm_stop: list[str] = Field(
+        default_factory=lambda: ["\n\n"],
+        description="Strings that end an answer (JSON list); the answer is the text before the first of them.",
+    )
     llm_concurrency: int = Field(
         4, ge=1, le=256, description="Jobs in flight per worker, handed to the engine together."
     )

@@ -21,6 +21,8 @@ class GenerationRequest:
     messages: list[dict[str, str]]
     max_tokens: int
     temperature: float = 0.0
+    repetition_penalty: float = 1.0  # > 1 makes a token already in the prompt or the answer less likely; 1: off
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these; they are not part of it
 
 
 @dataclass(frozen=True)

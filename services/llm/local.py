@@ -140,6 +140,7 @@ class _Pending:
     streaming: bool
     ids: list[int] = field(default_factory=list)
     text: str = ""
+    sent: int = 0  # characters of ``text`` handed to a streaming caller
     done: bool = False
     cancelled: bool = False
     finish_reason: str = "length"
@@ -151,6 +152,7 @@ class _Pending:
 
     def reset(self) -> None:
         self.ids, self.text, self.done, self.finish_reason, self.prompt_tokens = [], "", self.cancelled, "length", 0
+        self.sent = 0
 
     def generation(self) -> Generation:
         return Generation(
@@ -159,6 +161,28 @@ class _Pending:
             prompt_tokens=self.prompt_tokens,
             finish_reason="stop" if self.finish_reason == "stop" else "length",
         )
+
+
+def _before_stop(item: _Pending, stop: tuple[str, ...]) -> str | None:
+    """The text before the first stop string in it (looking only where new text can complete one), or None."""
+    if not stop:
+        return None
+    start = max(item.sent - max(len(s) for s in stop), 0)
+    found = [i for i in (item.text.find(s, start) for s in stop) if i >= 0]
+    return item.text[: min(found)] if found else None
+
+
+def _stop_prefix(text: str, stop: tuple[str, ...]) -> int:
+    """How many characters at the end of ``text`` could begin a stop string: held back from a stream until the
+    next tokens say whether they do."""
+    return max((n for s in stop for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
+
+
+def _flush(item: _Pending) -> None:
+    """Hands a streaming caller what was held back as a possible stop string, once the answer has ended."""
+    if item.streaming and len(item.text) > item.sent:
+        item.emit(item.text[item.sent :])
+        item.sent = len(item.text)
 
 
 class _BatchStreamer:
@@ -180,15 +204,23 @@ class _BatchStreamer:
                 continue
             if token in self.stop_ids:
                 item.done, item.finish_reason = True, "stop"
+                _flush(item)
                 continue
             item.ids.append(token)
             text = self.tokenizer.decode(item.ids, skip_special_tokens=True)
             if not text.endswith("\ufffd"):  # hold back half of a multi-byte character
-                delta, item.text = text[len(item.text) :], text
-                if delta and item.streaming:
-                    item.emit(delta)
-            if len(item.ids) >= item.request.max_tokens:
+                item.text = text
+                shown = _before_stop(item, item.request.stop)
+                if shown is not None:  # a stop string: the answer ends before it
+                    item.text, item.done, item.finish_reason = shown, True, "stop"
+                if item.streaming:
+                    end = len(item.text) if item.done else len(item.text) - _stop_prefix(item.text, item.request.stop)
+                    if end > item.sent:
+                        item.emit(item.text[item.sent : end])
+                        item.sent = end
+            if not item.done and len(item.ids) >= item.request.max_tokens:
                 item.done, item.finish_reason = True, "length"
+                _flush(item)
 
     def end(self) -> None:
         pass
@@ -261,13 +293,14 @@ class LocalEngine:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _process(self, batch: list[_Pending]) -> Sequence[Generation | BaseException]:
-        """Runs a batch (by sampling temperature); a failed batch's untouched items are tried alone."""
+        """Runs a batch (by sampling temperature and repetition penalty); a failed batch's untouched items are tried
+        alone."""
         loop = asyncio.get_running_loop()
         results: dict[int, Generation | BaseException] = {}
-        groups: dict[float, list[_Pending]] = {}
+        groups: dict[tuple[float, float], list[_Pending]] = {}
         for item in batch:
-            groups.setdefault(item.request.temperature, []).append(item)
-        for temperature, items in groups.items():
+            groups.setdefault((item.request.temperature, item.request.repetition_penalty), []).append(item)
+        for (temperature, _), items in groups.items():
             ENGINE_BATCH_SIZE.observe(len(items))
             try:
                 await loop.run_in_executor(self._executor, self._generate, items, temperature)
@@ -324,6 +357,9 @@ class LocalEngine:
         sampling: dict[str, Any] = {"do_sample": False}
         if temperature > 0:
             sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95}
+        penalty = items[0].request.repetition_penalty  # one per batch: _process groups by it
+        if penalty != 1.0:
+            sampling["repetition_penalty"] = penalty
         with torch.inference_mode():
             model.generate(
                 **encoded,

@@ -121,6 +121,13 @@ class OpenAIEngine:
             "messages": request.messages,
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
+            **({"stop": list(request.stop)} if request.stop else {}),
+            # Not OpenAI's: vLLM (and the CPU model server) take it as an extra sampling parameter.
+            **(
+                {"extra_body": {"repetition_penalty": request.repetition_penalty}}
+                if request.repetition_penalty != 1.0
+                else {}
+            ),
         }
 
     async def _complete(self, request: GenerationRequest) -> Generation:

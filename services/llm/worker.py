@@ -376,6 +376,8 @@ class Worker:
             messages=job.messages,
             max_tokens=job.max_tokens or self.settings.llm_max_new_tokens,
             temperature=self.settings.llm_temperature if job.temperature is None else job.temperature,
+            repetition_penalty=self.settings.llm_repetition_penalty,
+            stop=tuple(self.settings.llm_stop),
         )
 
         def publish(first: int, texts: list[str]) -> Awaitable[bool]:

@@ -66,14 +66,76 @@ async def test_ask_returns_the_answer_with_sources_and_timings(gateway: Gateway)
     assert response.headers["x-request-id"]
 
 
-async def test_the_prompt_carries_the_chunks_marked_with_their_sources(gateway: Gateway) -> None:
+async def test_the_prompt_carries_the_sources_sentences_with_their_numbers_and_no_labels(gateway: Gateway) -> None:
     await gateway.client.post("/v1/ask", json={"question": "When?", "top_k": 2})
     (request,) = gateway.engine.calls
     system, user = request.messages
     assert system["role"] == "system" and "using only the sources" in system["content"]
-    assert "[1] (source: zorblax, chunk 0)\nThe Zorblax was first sold in 1987." in user["content"]
-    assert "[2] (source: other, chunk 2)" in user["content"]
+    assert "[1] The Zorblax was first sold in 1987.\n\n[2] Unrelated." in user["content"]
+    assert "source:" not in user["content"] and "zorblax," not in user["content"]  # labels get copied
     assert user["content"].endswith("Question: When?")
+
+
+async def test_the_prompt_carries_the_sentences_that_answer_the_question_within_the_budget(
+    gateway: Gateway,
+) -> None:
+    """Of a long chunk, the sentences most similar to the question reach the model, with their neighbours, in
+    their order; the source returned is still the whole chunk; the question is embedded in the same call as
+    the sources' sentences."""
+    filler = [
+        f"Paragraph {n} of the manual is about cleaning the {thing}."
+        for n, thing in enumerate(
+            ["lid", "handle", "cable", "base", "window", "filter", "spout", "switch", "light", "plug"] * 3
+        )
+    ]
+    chunk = " ".join([*filler[:12], "The Zorblax was first sold in 1987.", "It cost 40 euros then.", *filler[12:]])
+    gateway.retriever.hits = [{**HITS[0], "text": chunk}]
+    question = "When was the Zorblax first sold?"
+    body = (await gateway.client.post("/v1/ask", json={"question": question, "top_k": 1})).json()
+    (request,) = gateway.engine.calls
+    context = request.messages[-1]["content"]
+    assert "The Zorblax was first sold in 1987. It cost 40 euros then." in context
+    assert len(context) < Settings().max_context_chars + 200 < len(chunk)
+    assert body["sources"][0]["text"] == chunk
+    assert question in embedded(gateway)[0] and len(embedded(gateway)) == 2  # sources + question, then the answer
+
+
+async def test_an_answer_with_a_number_not_in_its_source_falls_back_to_a_quote(gateway: Gateway) -> None:
+    gateway.engine.reply = "The Zorblax was first sold in 1990."
+    question = {"question": "When was the Zorblax first sold?", "top_k": 2}
+    body = (await gateway.client.post("/v1/ask", json=question)).json()
+    assert body["answer_kind"] == "extractive"
+    assert body["answer"] == '"The Zorblax was first sold in 1987." [1]'
+    assert body["grounded"] is True and [c["source"] for c in body["citations"]] == [1]
+    assert body["sources"] == HITS
+
+
+async def test_a_checked_answer_is_given_as_generated(gateway: Gateway) -> None:
+    gateway.engine.reply = "The Zorblax was first sold in 1987 [1]."
+    body = (await gateway.client.post("/v1/ask", json={"question": "When was the Zorblax first sold?"})).json()
+    assert (body["answer_kind"], body["grounded"]) == ("generated", True)
+    assert body["answer"] == "The Zorblax was first sold in 1987 [1]."
+
+
+async def test_a_looping_answer_is_replaced_and_the_stream_announces_it_with_a_reset(gateway: Gateway) -> None:
+    gateway.engine.reply = "The Zorblax was first sold in 1987, sold in 1987, sold in 1987, sold in 1987, sold in"
+    events = await stream_ask(gateway, {"question": "When was the Zorblax first sold?", "top_k": 2})
+    names = [name for name, _ in events]
+    assert names[0] == "token" and names[-3:] == ["reset", "token", "done"]
+    done = events[-1][1]
+    assert done["answer_kind"] == "extractive"
+    assert events[-2][1]["text"] == done["answer"] == '"The Zorblax was first sold in 1987." [1]'
+
+
+async def test_a_question_no_source_sentence_supports_is_refused_after_generation(gateway: Gateway) -> None:
+    """Sources above the floor, but no sentence of them answers the question: not covered, and the invention
+    the model wrote is not shown."""
+    gateway.engine.reply = "A Zorblax licence costs 300 euros per node."
+    question = {"question": "How much does a licence cost per node?", "top_k": 2}
+    body = (await gateway.client.post("/v1/ask", json=question)).json()
+    assert gateway.engine.calls  # it was generated
+    assert (body["answer_kind"], body["answer"], body["grounded"]) == ("not_covered", NOT_COVERED, False)
+    assert body["sources"] == [] and body["citations"] == []
 
 
 async def test_request_id_travels_to_the_retriever(gateway: Gateway) -> None:
@@ -95,7 +157,9 @@ async def test_the_job_is_acknowledged_and_its_events_cleaned_up(gateway: Gatewa
 
 
 async def test_streaming_sends_tokens_then_sources_and_timings(gateway: Gateway) -> None:
-    async with gateway.client.stream("POST", "/v1/ask", json={"question": "stream me", "stream": True}) as response:
+    async with gateway.client.stream(
+        "POST", "/v1/ask", json={"question": "When did the Zorblax sell?", "stream": True}
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         raw = (await response.aread()).decode()
     events = [block for block in raw.split("\n\n") if block]
@@ -103,7 +167,7 @@ async def test_streaming_sends_tokens_then_sources_and_timings(gateway: Gateway)
     datas = [json.loads(e.split("\n")[1].removeprefix("data: ")) for e in events]
     assert names[-1] == "done" and set(names[:-1]) == {"token"}
     joined = "".join(d["text"] for d in datas[:-1])
-    assert joined == datas[-1]["answer"] == "answer to: Question: stream me"
+    assert joined == datas[-1]["answer"] == "answer to: Question: When did the Zorblax sell?"
     assert datas[-1]["sources"] == HITS[:5]
     assert set(datas[-1]["timings"]) == {"embed_ms", "search_ms", "queue_ms", "generate_ms", "total_ms"}
 
@@ -175,7 +239,8 @@ async def test_an_uncovered_question_streams_the_same_answer_without_a_job(gatew
 
 async def test_sources_below_the_floor_are_neither_in_the_prompt_nor_in_the_answer(gateway: Gateway) -> None:
     gateway.retriever.hits = [*HITS, *FAR]
-    body = (await gateway.client.post("/v1/ask", json={"question": "When?", "top_k": 4})).json()
+    question = {"question": "When was the Zorblax first sold?", "top_k": 4}
+    body = (await gateway.client.post("/v1/ask", json=question)).json()
     assert [s["document_id"] for s in body["sources"]] == ["zorblax", "other"]
     (request,) = gateway.engine.calls
     assert "far" not in request.messages[-1]["content"] and "[3]" not in request.messages[-1]["content"]
@@ -192,11 +257,11 @@ async def test_a_covered_answer_has_one_citation_per_sentence_naming_existing_so
     assert body["grounded"] == (citation["support"] >= Settings().min_support)
     assert body["citation_warnings"] == []
     sources_texts, answer_texts = embedded(gateway)
-    assert sources_texts == ["The Zorblax was first sold in 1987.", "Unrelated."]
+    assert sources_texts == ["The Zorblax was first sold in 1987.", "Unrelated.", "When was the Zorblax first sold?"]
     assert answer_texts == [body["answer"]]
 
 
-async def test_the_sources_are_embedded_for_attribution_while_the_answer_is_generated(gateway: Gateway) -> None:
+async def test_the_sources_are_embedded_before_the_answer_is_generated(gateway: Gateway) -> None:
     asking = await ask_while_generating(gateway)
     assert not asking.done()
     (sources_texts,) = embedded(gateway)
@@ -242,7 +307,8 @@ async def test_sources_not_embedded_ahead_are_embedded_with_the_answer(gateway: 
     citation = response.json()["citations"][0]
     assert citation["source"] == 1 and citation["support"] > 0.5
     texts = embedded(gateway)
-    assert texts[0] == texts[1] == ["The Zorblax was first sold in 1987.", "Unrelated."]  # refused, then again
+    sources_and_question = ["The Zorblax was first sold in 1987.", "Unrelated.", "When was the Zorblax first sold?"]
+    assert texts[0] == texts[1] == sources_and_question  # refused, then again
 
 
 async def test_an_answer_that_repeats_a_source_sentence_needs_no_second_embedding_call(gateway: Gateway) -> None:

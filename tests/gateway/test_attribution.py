@@ -11,7 +11,14 @@ from pydantic import ValidationError
 
 from ragpod.processes import free_port
 from services.embedding.model import Embedder
-from services.gateway.attribution import attribute, attribute_to, embed_sources, markers, split_sentences
+from services.gateway.attribution import (
+    attribute,
+    attribute_to,
+    embed_sources,
+    facts_hold,
+    markers,
+    split_sentences,
+)
 from services.gateway.config import Settings
 from services.gateway.pipeline import above_floor
 from services.gateway.schemas import Source
@@ -113,6 +120,40 @@ async def test_sources_embedded_ahead_serve_any_answer_without_embedding_them_ag
     paraphrase = await attribute_to("The kettle boils water in four minutes.", sources, embed, 0.5)
     assert embed.calls[1:] == [["The kettle boils water in four minutes."]]
     assert paraphrase.citations[0].source == 2
+
+
+async def test_a_sentence_with_a_number_not_in_its_source_is_unsupported(embed: CountingEmbed) -> None:
+    """Similar is not enough: a number the source does not hold fails the sentence, however close the rest."""
+    sources = await embed_sources([TRAIL, KETTLE], embed)
+    wrong = await attribute_to("The Orbital Kettle boils 1.7 litres of water in five minutes.", sources, embed, 0.5)
+    assert wrong.citations[0].support > 0.9 and not wrong.grounded
+    right = await attribute_to("The Orbital Kettle boils 1.7 litres in 4 minutes.", sources, embed, 0.5)
+    assert right.grounded and right.citations[0].source == 2  # "4" is the source's "four"
+    mixed = await attribute_to("The Glacier Ridge Trail is 1.7 kilometres long.", sources, embed, 0.5)
+    assert not mixed.grounded  # 1.7 is in the other source, not the one the sentence is about
+
+
+def test_facts_are_numbers_and_names_that_can_be_told_apart() -> None:
+    source = "KEDA scales the LLM workers on the depth of the Redis queue, from one to eight workers, at 01:30."
+    assert facts_hold("KEDA scales them on the queue depth.", source)
+    assert facts_hold("Keda skaliert die Worker nach der Tiefe der Warteschlange, bis zu 8.", source)  # German
+    assert facts_hold("It starts at 1:30.", source)
+    assert not facts_hold("HPA scales them on the queue depth.", source)
+    assert facts_hold("HPA scales them.", source, question="Does the HPA scale them?")
+    assert not facts_hold("Up to 9 workers.", source)
+    assert facts_hold("The answer cites [1].", source)  # a marker is no number
+
+
+async def test_titles_are_not_sentences_of_a_source_and_times_of_day_do_not_end_one(embed: CountingEmbed) -> None:
+    """A title names a subject without stating anything (it would support any question about that subject);
+    "9 a.m." does not end a sentence."""
+    library = "# Harbor Street Library\n\nThe library opens at 9 a.m. on weekdays and at 11 a.m. on Saturdays."
+    sources = await embed_sources([library], embed, question="When does the library open?")
+    assert [text for _, text in sources.sentences] == [
+        "The library opens at 9 a.m. on weekdays and at 11 a.m. on Saturdays."
+    ]
+    assert embed.calls == [[sources.sentences[0][1], "When does the library open?"]]
+    assert sources.question_support()[0] > 0.6
 
 
 async def test_markers_that_disagree_with_the_sources_are_reported(embed: CountingEmbed) -> None:

@@ -195,7 +195,8 @@ async def test_earlier_turns_go_into_the_prompt_newest_first_within_the_budget(
     system, earlier_q, earlier_a, last = request.messages
     assert system["content"].startswith(chat.settings.system_prompt) and system["content"].endswith("Answer in French.")
     assert earlier_q["content"] == "What is a Zorblax?" and earlier_a["content"] == "A gadget [1]."
-    assert "[1] (source: zorblax, chunk 0)" in last["content"] and last["content"].endswith(f"Question: {QUESTION}")
+    assert "[1] The Zorblax was first sold in 1987." in last["content"]
+    assert last["content"].endswith(f"Question: {QUESTION}")
     search = [r for r in chat.retriever.requests if r.url.path == "/v1/search"][-1]
     assert json.loads(search.content)["query"] == QUESTION  # retrieval runs over the last user message only
 

@@ -74,8 +74,13 @@ async def stack(
     retriever_app = create_retriever(settings, embedding_transport=embedding_transport(embedder), store=store)
     try:
         async with in_process(retriever_app, base_url="http://retriever") as retriever:
+            # No floors, before generation or after it: every answer carries the sources retrieval gave the model.
             gateway_settings = GatewaySettings(
-                redis_url=redis_server.url, api_keys_file=str(keys), min_relevance=0.0, max_queue_depth=1000
+                redis_url=redis_server.url,
+                api_keys_file=str(keys),
+                min_relevance=0.0,
+                min_question_support=0.0,
+                max_queue_depth=1000,
             )
             gateway_app = create_gateway(
                 gateway_settings,

@@ -141,3 +141,38 @@ async def test_a_prompt_that_streamed_is_not_generated_twice(engine: LocalEngine
     assert calls == [1, 2, 1]  # only the one that had not streamed is tried again
     assert isinstance(results[0], EngineError) and results[0].retryable
     assert isinstance(results[1], Generation) and results[1].completion_tokens > 0
+
+
+async def test_a_stop_string_ends_the_answer_and_is_never_streamed(engine: LocalEngine) -> None:
+    """The answer is the text before the first stop string; a stream never shows any part of it."""
+    request = GenerationRequest(
+        [{"role": "user", "content": "Write three short lines about cats, one line each."}],
+        max_tokens=48,
+        stop=("\n",),
+    )
+    free = await engine.generate(GenerationRequest(request.messages, max_tokens=48))
+    assert "\n" in free.text  # without the stop the model writes several lines
+    streamed: list[str] = []
+
+    async def on_token(text: str) -> None:
+        streamed.append(text)
+
+    stopped = await engine.generate(request, on_token)
+    assert stopped.text and "\n" not in stopped.text
+    assert stopped.text == free.text.split("\n")[0].strip()
+    assert "".join(streamed).strip() == stopped.text
+    assert stopped.finish_reason == "stop"
+
+
+async def test_the_repetition_penalty_cuts_a_loop(engine: LocalEngine) -> None:
+    """Greedy decoding of a prompt that invites a loop repeats itself; the penalty breaks the loop."""
+    messages = [{"role": "user", "content": "Repeat after me forever: the queue, the queue, the queue, the queue"}]
+
+    def most_repeated(text: str) -> int:
+        words = text.lower().split()
+        return max((words.count(w) for w in set(words)), default=0)
+
+    looping = await engine.generate(GenerationRequest(messages, max_tokens=40))
+    penalised = await engine.generate(GenerationRequest(messages, max_tokens=40, repetition_penalty=1.3))
+    assert most_repeated(looping.text) >= 8, looping.text
+    assert most_repeated(penalised.text) < most_repeated(looping.text) / 2, penalised.text

@@ -57,6 +57,20 @@ async def test_request_fields_and_non_streaming_answer() -> None:
     assert generation.finish_reason == "length"
 
 
+async def test_decoding_settings_are_sent_as_vllm_reads_them() -> None:
+    """``stop`` is OpenAI's field; ``repetition_penalty`` is vLLM's extra sampling parameter, at the top level."""
+    sent: list[dict[str, object]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content))
+        return httpx.Response(200, json={"choices": [{"message": {"content": "Paris."}, "finish_reason": "stop"}]})
+
+    request = GenerationRequest(REQUEST.messages, max_tokens=8, repetition_penalty=1.2, stop=("\n\n",))
+    await engine_with(handler).generate(request)
+    assert sent[0]["stop"] == ["\n\n"]
+    assert sent[0]["repetition_penalty"] == 1.2
+
+
 async def test_streaming_passes_each_delta_on_and_reads_the_usage_chunk() -> None:
     sent: list[dict[str, object]] = []
 

@@ -89,6 +89,17 @@ async def test_streamed_chat_completion(client: httpx.AsyncClient) -> None:
     assert all(c["usage"] is None for c in chunks[:-1])
 
 
+async def test_decoding_settings_reach_the_engine() -> None:
+    """The worker's stop strings and repetition penalty, as vLLM takes them, reach the CPU server's engine."""
+    engine = ScriptedEngine()
+    async with in_process(create_app(SETTINGS, engine), "http://server") as client:
+        body = {**CHAT, "stop": "\n\n", "repetition_penalty": 1.2}
+        assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+        refused = await client.post("/v1/chat/completions", json={**CHAT, "repetition_penalty": 0.5})
+    assert (engine.calls[0].stop, engine.calls[0].repetition_penalty) == (("\n\n",), 1.2)
+    assert refused.status_code == 400 and "repetition_penalty" in refused.text
+
+
 async def test_unknown_model_is_404_like_vllm(client: httpx.AsyncClient) -> None:
     response = await client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-9"})
     assert response.status_code == 404

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from services.common.embedding import EmbeddingClient
 from services.common.http import ServiceClient
 from services.common.queue import Job, JobQueue
-from services.common.schemas import SearchResponse
+from services.common.schemas import SearchResponse, Source
 from services.gateway.config import Settings as GatewaySettings
 from services.gateway.pipeline import Answer, Clients, Pending, Question, Reset, Retrieved, Token
 from services.llm.config import Settings
@@ -193,7 +193,16 @@ async def test_two_workers_finishing_one_job_answer_it_once(redis_server: RedisS
     assert await queue_is_empty(redis_client, settings)
 
     # The caller's stream shows one attempt's tokens, and they join to the answer it gets.
-    retrieved = Retrieved(SearchResponse(hits=[], embed_ms=1, search_ms=1), [], started=0.0, deadline=job.deadline)
+    # A source that holds either answer, and no floors: the model's own answer passes the check and is given.
+    source = Source(
+        document_id="d",
+        chunk=0,
+        score=1.0,
+        text="answer to: who answers? answer to: from the second worker",
+        metadata={},
+    )
+    search = SearchResponse(hits=[], embed_ms=1, search_ms=1)
+    retrieved = Retrieved(search, [source], started=0.0, deadline=job.deadline)
     retriever = ServiceClient("retriever", "http://retriever", 5, transport=httpx.MockTransport(_unused))
     embedding = EmbeddingClient(
         ServiceClient("embedding", "http://embedding", 5, transport=EmbeddingDouble().transport())
@@ -201,7 +210,7 @@ async def test_two_workers_finishing_one_job_answer_it_once(redis_server: RedisS
     pending = Pending(
         Question("who answers?", 1, stream=True),
         retrieved,
-        GatewaySettings(**_queue_names(settings)),
+        GatewaySettings(**_queue_names(settings), min_support=0.0, min_question_support=0.0),
         Clients(retriever, embedding, queue),
         "request-1",
         job=job,
@@ -220,7 +229,7 @@ async def test_two_workers_finishing_one_job_answer_it_once(redis_server: RedisS
     finally:
         await retriever.aclose()
         await embedding.aclose()
-    assert len(answers) == 1
+    assert len(answers) == 1 and answers[0].response.answer_kind == "generated"
     assert "".join(shown).strip() == answers[0].response.answer == dones[0].data["answer"]
 
 

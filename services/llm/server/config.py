@@ -33,7 +33,7 @@ class Settings(ServiceSettings):
         "data/models", description="Where a GGUF model is kept converted for fast reloads; empty disables."
     )
     llm_model_name: str = Field("smollm2-135m-instruct", description="The served model name (--served-model-name).")
-    llm_max_new_tokens: int = Field(128, ge=1, le=8192, description="Tokens per answer when a request sets none.")
+    llm_max_new_tokens: int = Field(64, ge=1, le=8192, description="Tokens per answer when a request sets none.")
     llm_temperature: float = Field(0.0, ge=0.0, le=2.0, description="Temperature when a request sets none.")
     llm_concurrency: int = Field(4, ge=1, le=256, description="Sequences decoded together (vLLM's --max-num-seqs).")
     llm_batch_wait_ms: float = Field(10.0, ge=0, le=1000, description="How long a batch waits to fill.")

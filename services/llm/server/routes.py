@@ -65,6 +65,8 @@ async def chat_completions(body: ChatCompletionRequest, engine: EngineDep, setti
         messages=messages,
         max_tokens=body.token_limit or settings.llm_max_new_tokens,
         temperature=settings.llm_temperature if body.temperature is None else body.temperature,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        stop=body.stop_strings,
     )
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
