@@ -94,7 +94,6 @@ class ApiKeys:
             if entry.digest in digests:  # whose would it be? refused at start, not settled by order
                 raise ValueError(f"RAG_API_KEYS_FILE: entry {index}: the same key as one in RAG_API_KEYS")
         self.entries = [KeyEntry(known, DEFAULT_TENANT, BOTH) for known in digests] + list(entries)
-        self.digests = [entry.digest for entry in self.entries]
 
     @property
     def enabled(self) -> bool:
